@@ -1,0 +1,23 @@
+"""pyro_mi: tight mutual-information bounds for Pyro models.
+
+Reads log p(z), log p(x|z) and a guide's log q(z|x) from Pyro traces and returns
+lower and upper bounds on I(x; z) in nats (Brekelmans et al. 2022).
+"""
+
+from .density import ModelDensity
+from .estimate import METHODS, estimate_mi, make_proposal
+from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
+from .result import MIResult
+
+__all__ = [
+    "METHODS",
+    "GaussianEncoder",
+    "GuideDensity",
+    "MIResult",
+    "ModelDensity",
+    "PriorProposal",
+    "estimate_mi",
+    "fit_guide",
+    "make_proposal",
+]
+__version__ = "0.1.0"
