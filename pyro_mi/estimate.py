@@ -8,14 +8,10 @@ from typing import Callable, Sequence
 import pyro
 import torch
 
-from .bounds import ba_bounds, iwae_bounds
+from .bounds import METHODS
 from .density import Data, ModelDensity
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
 from .result import MIResult
-
-#: method name -> bound function ``fn(density, proposal, x, z, *, progress, **options) -> MIResult``.
-#: Bound modules register themselves here; options unknown to a method raise TypeError.
-METHODS: dict[str, Callable[..., MIResult]] = {"ba": ba_bounds, "iwae": iwae_bounds}
 
 
 def make_proposal(

@@ -1,0 +1,82 @@
+"""Critic functions T(x, z) for contrastive and dual MI bounds.
+
+* :class:`JointCritic`: an MLP on the concatenation [x, z] (Belghazi et al. 2018,
+  sec. 4; Brekelmans et al. 2022, App. O.2 use ReLU layers of width 2000 — width
+  and depth are parameters here).
+* :class:`SeparableCritic`: T(x, z) = f(x)ᵀ g(z) (Poole et al. 2019), which
+  scores all B×B pairs of a batch with one matrix product.
+
+Critics are ``torch.nn.Module``s; any module with the same call signature can be
+passed where a critic is expected.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """An MLP with the given layer sizes and an activation between layers (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class JointCritic(nn.Module):
+    """T(x, z) = MLP([x, z]) -> scalar.
+
+    Args:
+        x_dim, z_dim: feature sizes of x and z.
+        hidden_sizes: widths of the hidden layers (default two of 256).
+        activation: activation module class (default ReLU).
+
+    Call: ``critic(x, z)`` with x (..., x_dim) and z (..., z_dim) broadcasting
+    over leading dims; returns (...,) scores. ``critic.pairwise(x, z)`` scores
+    all pairs: x (B, x_dim), z (M, z_dim) -> (B, M), entry [i, j] = T(x_i, z_j).
+    """
+
+    def __init__(self, x_dim: int, z_dim: int, hidden_sizes: tuple[int, ...] = (256, 256), activation=nn.ReLU):
+        super().__init__()
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.net = mlp((x_dim + z_dim, *hidden_sizes, 1), activation)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(x.shape[:-1], z.shape[:-1])
+        xz = torch.cat([x.expand(shape + x.shape[-1:]), z.expand(shape + z.shape[-1:])], -1)
+        return self.net(xz).squeeze(-1)
+
+    def pairwise(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scores of all pairs: (B, x_dim), (M, z_dim) -> (B, M)."""
+        return self(x.unsqueeze(1), z.unsqueeze(0))
+
+
+class SeparableCritic(nn.Module):
+    """T(x, z) = f(x)ᵀ g(z) with MLP embeddings f, g of size ``embed_dim``.
+
+    Args:
+        x_dim, z_dim: feature sizes.
+        embed_dim: size of the embeddings.
+        hidden_sizes, activation: as for :class:`JointCritic`.
+
+    Call: ``critic(x, z)`` -> (...,) scores of matched pairs; ``critic.pairwise(x, z)``
+    -> (B, M) scores of all pairs in one matrix product.
+    """
+
+    def __init__(
+        self, x_dim: int, z_dim: int, embed_dim: int = 32, hidden_sizes: tuple[int, ...] = (256,), activation=nn.ReLU
+    ):
+        super().__init__()
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.f = mlp((x_dim, *hidden_sizes, embed_dim), activation)
+        self.g = mlp((z_dim, *hidden_sizes, embed_dim), activation)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return (self.f(x) * self.g(z)).sum(-1)
+
+    def pairwise(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Scores of all pairs: (B, x_dim), (M, z_dim) -> (B, M)."""
+        return self.f(x) @ self.g(z).T

@@ -1,0 +1,84 @@
+"""Built-in example models for :mod:`pyro_mi`.
+
+Every example is a *one-data-point* Pyro model ``model(x=None)``: it has no data
+plate, samples its latent site(s) and then its observed site(s), which sample
+when not conditioned.  ``pyro_mi`` conditions the observed sites with
+``poutine.condition`` and vectorises with its own plates, so every site
+broadcasts over arbitrary leading batch dimensions.
+
+Available examples (see :data:`EXAMPLES`):
+
+* ``"linear-vae"`` -- linear-Gaussian VAE with an analytic MI
+  (:func:`pyro_mi.examples.linear_vae.make_linear_vae`).
+* ``"digits-vae"`` -- a small nonlinear VAE trained on scikit-learn's 8x8
+  digits, shipped with weights (:func:`pyro_mi.examples.digits_vae.make_digits_vae`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+__all__ = ["EXAMPLES", "Example", "get_example"]
+
+#: Names accepted by :func:`get_example`.
+EXAMPLES: tuple[str, ...] = ("linear-vae", "digits-vae")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A ready-to-use one-data-point Pyro model, with its ground truth if known.
+
+    Attributes:
+        name: registry name, e.g. ``"linear-vae"``.
+        model: ``model(x=None)``, a Pyro model of one data point with latent
+            site(s) and the observed site(s) named in ``obs_sites``; every site
+            broadcasts over leading batch dims (vector sites use
+            ``.to_event(1)``).
+        obs_sites: names of the observed sites, e.g. ``("x",)``.
+        guide: ``guide(x)``, an amortised posterior q(z|x) over the same latent
+            sites taking the observed value as keyword ``x`` (broadcasting over
+            its leading batch dims), or ``None`` if the example has none.
+        true_mi: the exact generative mutual information I(x; z) in nats, or
+            ``None`` when it is not known analytically.
+        description: one-line human-readable description.
+        params: the fixed tensors that define the model (e.g. ``{"W": ..., "b":
+            ...}`` for the linear VAE); informational, empty if not useful.
+    """
+
+    name: str
+    model: Callable[..., Any]
+    obs_sites: tuple[str, ...]
+    guide: Optional[Callable[..., Any]] = None
+    true_mi: Optional[float] = None
+    description: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def get_example(name: str, **kwargs: Any) -> Example:
+    """Build the built-in example called ``name``.
+
+    Args:
+        name: one of :data:`EXAMPLES` (``"linear-vae"``, ``"digits-vae"``).
+        **kwargs: forwarded to the example's factory
+            (:func:`~pyro_mi.examples.linear_vae.make_linear_vae` or
+            :func:`~pyro_mi.examples.digits_vae.make_digits_vae`).
+
+    Returns:
+        The :class:`Example`.
+
+    Raises:
+        ValueError: if ``name`` is not a known example (the message lists the
+            valid names).
+    """
+    if name == "linear-vae":
+        from .linear_vae import make_linear_vae
+
+        return make_linear_vae(**kwargs)
+    if name == "digits-vae":
+        from .digits_vae import make_digits_vae
+
+        return make_digits_vae(**kwargs)
+    raise ValueError(
+        f"unknown example {name!r}; valid names are: {', '.join(EXAMPLES)}"
+    )
