@@ -135,8 +135,11 @@ class ModelDensity:
 
     # ------------------------------------------------------------------ probe
     def _probe(self) -> None:
-        """Traces the model once to learn sites, shapes and plate dims."""
-        with torch.no_grad(), poutine.block():
+        """Traces the model once to learn sites, shapes and plate dims.
+
+        Runs under ``fork_rng`` so that building a density does not move the RNG:
+        a seed gives the same simulated data whichever way the model is written."""
+        with torch.random.fork_rng(), torch.no_grad(), poutine.block():
             if self.has_data_plate:
                 n = next(iter(self._template.values())).shape[0]
                 trace = poutine.trace(poutine.uncondition(self._call)).get_trace(self._template)
@@ -150,7 +153,8 @@ class ModelDensity:
                 f"observed site {missing[0]!r} is not a sample site of the model; "
                 f"its sample sites are {sorted(sites)}"
             )
-        latents = [s for name, s in sites.items() if name not in self.obs_sites]
+        # pyro.factor sites (Unit) add to the joint density but are not latent variables
+        latents = [s for n, s in sites.items() if n not in self.obs_sites and not isinstance(s["fn"], dist.Unit)]
         if not latents:
             raise ValueError("the model has no latent sample sites besides the observed sites")
         for s in latents:
@@ -168,7 +172,8 @@ class ModelDensity:
         self._chains_dim = min(self._data_dim, -self._rank) - 1
         self._latent_names = tuple(s["name"] for s in latents)
         # Re-trace inside our plates (2 chains, 2 data points) to read packed shapes.
-        x, z_sites = self._simulate_sites(2, 2)
+        with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+            x, z_sites = self._simulate_sites(2, 2)
         layout, offset = [], 0
         for s in latents:
             v = z_sites[s["name"]]

@@ -70,8 +70,9 @@ class GuideDensity:
             raise TypeError(f"guide must be callable, got {type(guide).__name__}")
         self.density = density
         self.guide = guide
-        x, _ = density.sample(2)
-        trace = self._trace(x, 1, {})
+        with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+            x, _ = density.sample(2)
+            trace = self._trace(x, 1, {})
         names = [s["name"] for s in _sample_sites(trace)]
         latents = [s.name for s in density.latent_sites]
         missing = [n for n in latents if n not in names]
@@ -111,8 +112,9 @@ class GuideDensity:
 
     def parameters(self) -> list[torch.Tensor]:
         """The guide's Pyro parameters (unconstrained), for :func:`fit_guide`."""
-        x, _ = self.density.sample(2)
-        trace = poutine.trace(lambda: self._trace(x, 1, {})).get_trace()
+        with torch.random.fork_rng(), torch.no_grad():
+            x, _ = self.density.sample(2)
+            trace = poutine.trace(lambda: self._trace(x, 1, {})).get_trace()
         return [s["value"].unconstrained() for s in trace.nodes.values() if s["type"] == "param"]
 
 

@@ -36,10 +36,10 @@ class MIResult:
     """
 
     method: str
-    lower_per_point: torch.Tensor | None
-    upper_per_point: torch.Tensor | None
+    lower_per_point: torch.Tensor | None = field(repr=False)
+    upper_per_point: torch.Tensor | None = field(repr=False)
     settings: dict[str, Any] = field(default_factory=dict)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict, repr=False)
     seconds: float | None = None
     true_mi: float | None = None
 

@@ -1,0 +1,167 @@
+"""The density layer against hand-written log densities, and its input errors."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from models import beta_binomial, linear_gaussian, two_sites
+from pyro_mi import GuideDensity, ModelDensity
+
+
+def test_linear_gaussian_log_terms_match_torch():
+    pyro.set_rng_seed(0)
+    model, _, _, _ = linear_gaussian()
+    d = ModelDensity(model, "x")
+    assert d.latent_dim == 2 and d.obs_shapes == {"x": torch.Size([3])}
+    x, z = d.sample(5)
+    zz = torch.randn(4, 3, 5, 2)  # arbitrary leading dims
+    lp, ll = d.log_terms(x, zz)
+    assert lp.shape == ll.shape == (4, 3, 5)
+    torch.testing.assert_close(lp, dist.Normal(0.0, 1.0).log_prob(zz).sum(-1))
+    tr = pyro.poutine.trace(pyro.poutine.condition(model, {"z": zz[0, 0]})).get_trace(x=x["x"])
+    torch.testing.assert_close(ll[0, 0], tr.nodes["x"]["fn"].log_prob(x["x"]))
+
+
+def test_constrained_latents_include_log_jacobian():
+    pyro.set_rng_seed(1)
+
+    def model(x=None):
+        p = pyro.sample("p", dist.Beta(2.0, 3.0))
+        s = pyro.sample("s", dist.Gamma(torch.full((2,), 2.0), 1.0).to_event(1))
+        return pyro.sample("x", dist.Binomial(10, p), obs=x)
+
+    d = ModelDensity(model, ("x",))
+    assert [s.name for s in d.latent_sites] == ["p", "s"] and d.latent_dim == 3
+    x, z = d.sample(6)
+    lp, ll = d.log_terms(x, z)
+    p, s = torch.sigmoid(z[:, 0]), z[:, 1:].exp()
+    expected = (
+        dist.Beta(2.0, 3.0).log_prob(p) + torch.log(p * (1 - p))
+        + dist.Gamma(2.0, 1.0).log_prob(s).sum(-1) + z[:, 1:].sum(-1)
+    )
+    torch.testing.assert_close(lp, expected)
+    torch.testing.assert_close(ll, dist.Binomial(10, p).log_prob(x["x"]))
+    c = d.constrained(z)
+    torch.testing.assert_close(c["p"], p)
+    assert c["s"].shape == (6, 2)
+
+
+def test_plate_model_matches_one_point_model():
+    model, model_plate, _, _ = linear_gaussian()
+    pyro.set_rng_seed(2)
+    d1 = ModelDensity(model, "x")
+    x1, z1 = d1.sample(7)
+    pyro.set_rng_seed(2)
+    d2 = ModelDensity(model_plate, "x", data=x1["x"])
+    x2, z2 = d2.sample(7)
+    torch.testing.assert_close(x1["x"], x2["x"])
+    torch.testing.assert_close(z1, z2)
+    zz = torch.randn(3, 7, 2)
+    for a, b in zip(d1.log_terms(x1, zz), d2.log_terms(x1, zz)):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradients_flow_to_z():
+    model, _ = two_sites()
+    d = ModelDensity(model, "x")
+    x, z = d.sample(4)
+    z = z.expand(3, 4, 2).clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(d.log_joint(x, z).sum(), z)
+    assert g.shape == z.shape and torch.isfinite(g).all()
+
+
+def test_guide_density_matches_distribution():
+    model, _, guide, _ = linear_gaussian()
+    d = ModelDensity(model, "x")
+    q = GuideDensity(d, guide)
+    x, _ = d.sample(5)
+    z, log_q = q.rsample(x, 4)
+    assert z.shape == (4, 5, 2) and log_q.shape == (4, 5)
+    torch.testing.assert_close(log_q, q.log_prob(z, x))
+
+
+# --------------------------------------------------------------- bad input
+def test_missing_observed_site():
+    model, _ = two_sites()
+    with pytest.raises(ValueError, match="observed site 'y' is not a sample site"):
+        ModelDensity(model, "y")
+
+
+def test_discrete_latent_site():
+    def model(x=None):
+        k = pyro.sample("k", dist.Bernoulli(0.3))
+        return pyro.sample("x", dist.Normal(k, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match="latent site 'k' is discrete"):
+        ModelDensity(model, "x")
+
+
+def test_guide_missing_or_extra_site():
+    model, _ = two_sites()
+    d = ModelDensity(model, "x")
+
+    def guide_missing(x):
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    def guide_extra(x):
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(0.0, 1.0))
+        pyro.sample("c", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="does not sample latent site 'b'"):
+        GuideDensity(d, guide_missing)
+    with pytest.raises(ValueError, match="samples site 'c', which is not a latent site"):
+        GuideDensity(d, guide_extra)
+
+
+def test_non_finite_log_density_names_site():
+    def model(x=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        # a zero scale for z < 0 makes log p(x|z) non-finite at some simulated points
+        return pyro.sample("x", dist.Normal(z, torch.relu(z)), obs=x)
+
+    with pyro.validation_enabled(False), pytest.raises(ValueError, match="site 'x' is not finite"):
+        ModelDensity(model, "x").sample(50)
+
+
+def test_factor_site_is_not_a_latent():
+    def model(x=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("penalty", -0.5 * z**2)
+        return pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    d = ModelDensity(model, "x")
+    assert [s.name for s in d.latent_sites] == ["z"]
+    x, z = d.sample(3)
+    torch.testing.assert_close(d.log_prior(z, x), dist.Normal(0.0, 1.0).log_prob(z[:, 0]) - 0.5 * z[:, 0] ** 2)
+
+
+def test_mismatched_shapes():
+    model, _, _, _ = linear_gaussian()
+    d = ModelDensity(model, "x")
+    x, z = d.sample(4)
+    with pytest.raises(ValueError, match="z has shape"):
+        d.log_terms(x, torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="z has shape"):
+        d.log_terms(x, torch.zeros(5, 2))
+    with pytest.raises(ValueError, match=r"x\['x'\] has per-point shape"):
+        d.log_terms({"x": torch.zeros(4, 5)}, z)
+    with pytest.raises(ValueError, match="observed sites are"):
+        d.log_terms({"y": torch.zeros(4, 3)}, z)
+
+
+def test_mismatched_data_points_between_sites():
+    def model(x=None, y=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    d = ModelDensity(model, ("x", "y"))
+    with pytest.raises(ValueError, match=r"x\['y'\] has 3 data points but x\['x'\] has 4"):
+        d.log_terms({"x": torch.zeros(4), "y": torch.zeros(3)}, torch.zeros(4, 1))
+
+
+def test_beta_binomial_truth_is_sane():
+    _, mi = beta_binomial()
+    assert 0.0 < mi < torch.log(torch.tensor(11.0))
