@@ -1,0 +1,100 @@
+"""The `pyro-mi estimate` contract: JSON fields, model files, examples, errors."""
+
+import json
+import textwrap
+
+import pytest
+
+from models import beta_binomial, two_sites
+from pyro_mi.cli import main
+
+MODEL_FILE = textwrap.dedent(
+    """
+    import pyro, pyro.distributions as dist
+
+    def beta_binomial(x=None):
+        p = pyro.sample("p", dist.Beta(2.0, 3.0))
+        return pyro.sample("x", dist.Binomial(10, p), obs=x)
+
+    def two_sites(x=None):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        return pyro.sample("x", dist.Normal(a + 2 * b, 0.7), obs=x)
+
+    def guide(x):
+        pyro.sample("a", dist.Normal(0.2 * x, 0.4))
+        pyro.sample("b", dist.Normal(0.4 * x, 0.3))
+    """
+)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "my_models.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_contract_and_brackets(capsys, model_file):
+    code, out, _ = run(capsys, "estimate", f"{model_file}:beta_binomial", "--obs", "x", "--method", "iwae",
+                       "--num-particles", "100", "--num-data", "500", "--fit-steps", "200", "--json")
+    assert code == 0
+    res = json.loads(out)
+    for key in ("method", "lower", "upper", "lower_stderr", "upper_stderr", "num_data", "seconds", "true_mi"):
+        assert key in res
+    assert res["method"] == "iwae" and res["num_data"] == 500 and res["true_mi"] is None
+    _, truth = beta_binomial()
+    assert res["lower"] - 3 * res["lower_stderr"] <= truth <= res["upper"] + 3 * res["upper_stderr"]
+
+
+def test_two_sites_with_guide_file(capsys, model_file):
+    code, out, _ = run(capsys, "estimate", f"{model_file}:two_sites", "--obs", "x", "--guide", f"{model_file}:guide",
+                       "--method", "ba", "--num-data", "400", "--num-particles", "10", "--json")
+    assert code == 0
+    res = json.loads(out)
+    _, truth = two_sites()
+    assert res["lower"] - 3 * res["lower_stderr"] <= truth <= res["upper"] + 3 * res["upper_stderr"]
+
+
+def test_same_seed_same_json(capsys, model_file):
+    args = ("estimate", f"{model_file}:two_sites", "--obs", "x", "--num-data", "16", "--num-particles", "5",
+            "--fit-steps", "10", "--seed", "7", "--json")
+    a = json.loads(run(capsys, *args)[1])
+    b = json.loads(run(capsys, *args)[1])
+    assert (a["lower"], a["upper"]) == (b["lower"], b["upper"])
+
+
+def test_table_output(capsys):
+    code, out, _ = run(capsys, "estimate", "--example", "linear-vae", "--num-data", "8", "--num-particles", "5",
+                       "--fit-steps", "5")
+    assert code == 0 and "lower (nats)" in out and "true MI" in out
+
+
+def test_example_json_reports_true_mi(capsys):
+    code, out, _ = run(capsys, "estimate", "--example", "linear-vae", "--num-data", "8", "--num-particles", "5",
+                       "--fit-steps", "5", "--json")
+    assert json.loads(out)["true_mi"] == pytest.approx(23.1028, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("estimate", "nofile.py:model", "--obs", "x"), "target file 'nofile.py' does not exist"),
+        (("estimate", "{f}:missing", "--obs", "x"), "has no function 'missing'"),
+        (("estimate", "{f}:two_sites", "--obs", "y"), "observed site 'y' is not a sample site"),
+        (("estimate", "{f}:two_sites"), "--obs is required"),
+        (("estimate", "{f}", "--obs", "x"), "must be 'path/to/file.py:function'"),
+        (("estimate", "--example", "nope"), "unknown example 'nope'"),
+        (("estimate", "not_a_module_xyz:model", "--obs", "x"), "cannot import module"),
+    ],
+)
+def test_errors_are_one_line(capsys, model_file, argv, message):
+    argv = [a.replace("{f}", str(model_file)) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
