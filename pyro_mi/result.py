@@ -56,6 +56,15 @@ class MIResult:
             return None
         return self.upper - self.lower
 
+    def to_arviz(self):
+        """The recorded chains of an AIS result as ArviZ InferenceData (see :mod:`pyro_mi.diagnostics`).
+
+        Raises ValueError for results without recorded chains.
+        """
+        from .diagnostics import to_inference_data
+
+        return to_inference_data(self)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: method, lower, upper, their stderrs, gap, num_data, seconds, true_mi, settings."""
         out = {

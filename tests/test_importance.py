@@ -141,3 +141,29 @@ def test_bad_method_and_particles():
         estimate_mi(model, "x", num_particles=0, fit_steps=1, progress=False)
     with pytest.raises(ValueError, match="proposal must be 'prior' or 'guide'"):
         estimate_mi(model, "x", proposal="posterior", progress=False)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    latent_dim=st.integers(1, 3),
+    obs_dim=st.integers(1, 4),
+    num_data=st.integers(1, 6),
+    K=st.integers(1, 40),
+    seed=st.integers(0, 1000),
+)
+def test_property_shapes_and_log_K_ordering(latent_dim, obs_dim, num_data, K, seed):
+    model, _, _, _ = linear_gaussian(latent_dim, obs_dim, noise=0.5, seed=seed)
+    pyro.set_rng_seed(seed)
+    d = ModelDensity(model, "x")
+    x, z = d.sample(num_data)
+    q = PriorProposal(d)
+    ba = ba_bounds(d, q, x, z, progress=False)
+    r = iwae_bounds(d, q, x, z, num_particles=K, progress=False)
+    assert r.lower_per_point.shape == r.upper_per_point.shape == (num_data,)
+    assert torch.isfinite(r.lower_per_point).all() and torch.isfinite(r.upper_per_point).all()
+    assert (r.lower_per_point <= ba.lower_per_point + math.log(K) + 1e-4).all()
+    zz = torch.randn(2, 3, num_data, latent_dim)
+    assert d.log_joint(x, zz).shape == (2, 3, num_data)

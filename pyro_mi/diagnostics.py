@@ -1,0 +1,114 @@
+"""ArviZ conversion of recorded AIS chains.
+
+:func:`to_inference_data` turns the ``diagnostics["chains"]`` of an AIS result
+(:mod:`pyro_mi.bounds.ais`) into an ArviZ ``InferenceData`` with
+
+* ``posterior``: the latent sites under their own names, in constrained space, at
+  thinned annealing steps: dims (chain, draw, data, *site dims); the draw coordinate
+  is the annealing step j (a forward chain is then at beta_j, a reverse chain at
+  beta_{T-j});
+* ``sample_stats``: ``accept_prob``, ``step_size``, ``diverging`` and
+  ``log_weight_increment`` per chain, annealing step (draw) and data point; the
+  last step has no HMC transition (accept_prob nan there);
+* attributes: the run's method, settings and bounds; the ``chain`` dim has a
+  ``direction`` coordinate (forward / reverse).
+
+All ArviZ-version specifics live in :func:`_make_inference_data` (the one seam to
+change when ArviZ's container type changes, e.g. to ``xarray.DataTree`` in ArviZ 1.x).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: sample_stats variables taken from the recorded chain statistics
+STATS = ("accept_prob", "step_size", "diverging", "log_weight_increment")
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _attrs(result) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"method": result.method, "inference_library": "pyro_mi"}
+    for k, v in {**result.settings, "lower": result.lower, "upper": result.upper, "num_data": result.num_data}.items():
+        if isinstance(v, bool):
+            attrs[k] = int(v)
+        elif isinstance(v, (int, float, str)):
+            attrs[k] = v
+    for k in ("ess", "accept_rate", "divergences"):
+        v = result.diagnostics.get(k)
+        if isinstance(v, (int, float)):
+            attrs[k] = v
+    return attrs
+
+
+def _make_inference_data(groups: dict, attrs: dict):
+    """Builds the ArviZ container from ``{group: xarray.Dataset}``: the compatibility seam."""
+    import arviz as az
+
+    for ds in groups.values():
+        ds.attrs.update(attrs)
+    if hasattr(az, "InferenceData"):
+        return az.InferenceData(**groups)
+    import xarray as xr  # ArviZ >= 1.0 uses xarray.DataTree  # pragma: no cover
+
+    return xr.DataTree.from_dict(groups)  # pragma: no cover
+
+
+def to_inference_data(result):
+    """ArviZ ``InferenceData`` of the chains of an AIS :class:`~pyro_mi.result.MIResult`.
+
+    Args:
+        result: the result of an AIS method run with ``record=True`` (the default).
+
+    Returns:
+        InferenceData with ``posterior`` and ``sample_stats`` groups as described in
+        the module docstring; ``az.summary``, ``az.ess``, ``az.rhat`` and
+        ``az.plot_trace`` accept it.
+
+    Raises:
+        ValueError: if the result has no recorded chains (not an AIS method, or
+            ``record=False``).
+        ImportError: if ArviZ is not installed.
+    """
+    chains = result.diagnostics.get("chains") if result.diagnostics else None
+    if not chains:
+        raise ValueError(
+            f"result of method {result.method!r} has no recorded chains; to_arviz needs an AIS method "
+            "(ais, im-ais, cr-ais, bdmc) run with record=True"
+        )
+    try:
+        import xarray as xr
+    except ImportError as e:  # pragma: no cover - arviz depends on xarray
+        raise ImportError("to_arviz needs arviz: pip install arviz") from e
+    stats = chains["stats"]
+    T, C, N = stats["accept_prob"].shape
+    base = {"chain": np.arange(C), "data": np.arange(N)}
+    direction = ("chain", np.array(chains["direction"]))
+    ss = xr.Dataset(
+        {k: (("chain", "draw", "data"), np.moveaxis(_numpy(stats[k]), 0, 1)) for k in STATS if k in stats},
+        coords={**base, "draw": np.arange(1, T + 1), "direction": direction, "beta": ("draw", _numpy(chains["betas"])[1:])},
+    )
+    post_vars, coords = {}, {**base, "draw": np.asarray(chains["record_steps"], dtype=np.int64), "direction": direction}
+    for name, v in chains["states"].items():  # (R, C, N, *shape)
+        arr = np.moveaxis(_numpy(v), 0, 1)
+        extra = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - 3))
+        post_vars[name] = (("chain", "draw", "data") + extra, arr)
+    post = xr.Dataset(post_vars, coords=coords)
+    return _make_inference_data({"posterior": post, "sample_stats": ss}, _attrs(result))
+
+
+def save_chains(result, path: str) -> None:
+    """Writes :func:`to_inference_data` of ``result`` to a netCDF file ``path`` (e.g. ``chains.nc``).
+
+    Raises:
+        ValueError: as :func:`to_inference_data`, or if the file cannot be written.
+    """
+    idata = to_inference_data(result)
+    try:
+        idata.to_netcdf(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot write chains to {str(path)!r}: {e}") from e

@@ -1,0 +1,322 @@
+"""Tests of the multi-sample AIS bounds (pyro_mi.bounds.ais) against exact ground truth.
+
+Per-point ground truth: for each simulated (x_i, z_i), m_i = log p(x_i|z_i) - log p(x_i)
+with the exact marginal p(x_i), so E[m_i] = I(x; z). A lower (upper) bound must have
+mean(lower_i - m_i) <= 0 (mean(upper_i - m_i) >= 0) up to its Monte-Carlo error; the
+paired difference removes the data-sampling noise, so small N suffices.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_mi import estimate_mi
+from pyro_mi.bounds import METHODS, ais_bounds, bdmc_bounds, cr_ais_bounds, im_ais_bounds, iwae_bounds
+from pyro_mi.density import ModelDensity
+from pyro_mi.examples.linear_vae import make_linear_vae
+from pyro_mi.proposal import PriorProposal
+from pyro_mi.samplers import anneal, get_schedule
+from pyro_mi.bounds.ais import components_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small tensors: one thread avoids thread thrashing on shared CPUs (results do not depend on it).
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- models with exact log p(x)
+def linear_setup(num_data=32, seed=0):
+    ex = make_linear_vae(seed=0, latent_dim=2, obs_dim=4, noise_scale=0.5)
+    d = ModelDensity(ex.model, ex.obs_sites)
+    pyro.set_rng_seed(seed)
+    x, z = d.sample(num_data)
+    W, b = ex.params["W"], ex.params["b"]
+    cov = 0.25 * torch.eye(4) + W @ W.T
+    truth = d.log_likelihood(x, z) - dist.MultivariateNormal(b, cov).log_prob(x["x"])
+    return ex, d, x, z, truth
+
+
+A, B = 3.0, 1.0  # Gamma(shape A, rate B) prior on a Poisson rate
+
+
+def gamma_poisson(x=None):
+    lam = pyro.sample("lam", dist.Gamma(A, B))
+    return pyro.sample("x", dist.Poisson(lam), obs=x)
+
+
+def gamma_poisson_log_px(x):
+    """Exact marginal: negative binomial with A failures and success probability 1 / (1 + B)."""
+    return dist.NegativeBinomial(total_count=torch.tensor(A), probs=torch.tensor(1 / (1 + B))).log_prob(x)
+
+
+def gamma_poisson_mi():
+    """I = E[lam log lam] - E[lam] - E[log x!] - E[log p(x)], the sums over x exact to 1e-12."""
+    xs = torch.arange(0, 400, dtype=torch.float64)
+    lpx = gamma_poisson_log_px(xs).double()
+    px = lpx.exp()
+    e_lam_log_lam = A / B * (torch.digamma(torch.tensor(A + 1.0, dtype=torch.float64)) - math.log(B))
+    e_log_fact = (px * torch.lgamma(xs + 1)).sum()
+    return float(e_lam_log_lam - A / B - e_log_fact - (px * lpx).sum())
+
+
+def wall_model(x=None):
+    """x | z ~ Uniform(z - 1, z + 1): log p(x|z) = -inf outside a window of z."""
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    return pyro.sample("x", dist.Uniform(z - 1.0, z + 1.0), obs=x)
+
+
+def wall_log_px(x):
+    n = torch.distributions.Normal(0.0, 1.0)
+    return torch.log(0.5 * (n.cdf(x + 1) - n.cdf(x - 1)))
+
+
+def check_bracket(result, truth, slack=0.02):
+    dl = result.lower_per_point - truth
+    du = result.upper_per_point - truth
+    se_l = float(dl.std() / math.sqrt(dl.numel()))
+    se_u = float(du.std() / math.sqrt(du.numel()))
+    assert float(dl.mean()) <= 3 * se_l + slack, (float(dl.mean()), se_l)
+    assert float(du.mean()) >= -3 * se_u - slack, (float(du.mean()), se_u)
+    return float(dl.mean()), float(du.mean())
+
+
+# ---------------------------------------------------------------- reductions
+def test_t1_equals_iwae_on_same_draws():
+    ex, d, x, z, _ = linear_setup()
+    q = PriorProposal(d)
+    pyro.set_rng_seed(5)
+    iw = iwae_bounds(d, q, x, z, num_particles=8, progress=False)
+    pyro.set_rng_seed(5)
+    ais = im_ais_bounds(d, q, x, z, num_chains=8, num_steps=1, progress=False)
+    torch.testing.assert_close(ais.lower_per_point, iw.lower_per_point)
+    torch.testing.assert_close(ais.upper_per_point, iw.upper_per_point)
+
+
+def test_k1_is_single_chain_ais_for_every_method():
+    ex, d, x, z, _ = linear_setup(num_data=8)
+    q = PriorProposal(d)
+    res = []
+    for fn in (im_ais_bounds, cr_ais_bounds, bdmc_bounds):
+        pyro.set_rng_seed(2)
+        res.append(fn(d, q, x, z, num_chains=1, num_steps=10, adapt="none", progress=False))
+    for r in res[1:]:
+        torch.testing.assert_close(r.lower_per_point, res[0].lower_per_point)
+        torch.testing.assert_close(r.upper_per_point, res[0].upper_per_point)
+    # ... and equal a hand-run pair of one forward and one reverse chain
+    pyro.set_rng_seed(2)
+    comps = components_fn(d, q, x)
+    z0 = q.rsample(x, 1)[0]
+    st = anneal(comps, torch.cat([z0, z.unsqueeze(0)]), torch.tensor([False, True]), get_schedule("sigmoid", 10),
+                adapt=False, step_size=0.05)
+    ll = d.log_likelihood(x, z)
+    torch.testing.assert_close(res[0].upper_per_point, ll - st.log_weights[0])
+    torch.testing.assert_close(res[0].lower_per_point, ll - st.log_weights[1])
+
+
+# ---------------------------------------------------------------- ground truth
+@pytest.mark.parametrize("method,max_gap", [("ais", 0.5), ("im-ais", 0.5), ("cr-ais", 2.0), ("bdmc", 0.6)])
+def test_brackets_linear_gaussian(method, max_gap):
+    # prior as pi0, true MI 3.07 nats; measured gaps 0.26 (ais), 1.54 (cr-ais), 0.42 (bdmc)
+    ex, d, x, z, truth = linear_setup(num_data=32)
+    pyro.set_rng_seed(1)
+    r = METHODS[method](d, PriorProposal(d), x, z, num_chains=8, num_steps=200, progress=False)
+    check_bracket(r, truth)
+    assert r.gap < max_gap
+    assert abs(float(truth.mean()) - ex.true_mi) < 1.0  # the 32 points are a fair sample
+
+
+def test_brackets_conjugate_constrained_latent():
+    true_mi = gamma_poisson_mi()
+    d = ModelDensity(gamma_poisson, "x")
+    pyro.set_rng_seed(0)
+    x, z = d.sample(200)
+    truth = d.log_likelihood(x, z) - gamma_poisson_log_px(x["x"])
+    assert abs(float(truth.mean()) - true_mi) < 4 * float(truth.std()) / math.sqrt(200)
+    r = ais_bounds(d, PriorProposal(d), x, z, num_chains=8, num_steps=50, progress=False)
+    check_bracket(r, truth)
+    assert r.gap < 0.1
+    assert r.lower - 0.1 < true_mi < r.upper + 0.1
+
+
+def test_gap_shrinks_with_num_steps():
+    ex, d, x, z, truth = linear_setup(num_data=32)
+    gaps = []
+    for T in (3, 15, 75):
+        pyro.set_rng_seed(1)
+        gaps.append(im_ais_bounds(d, PriorProposal(d), x, z, num_chains=4, num_steps=T, progress=False).gap)
+    assert gaps[0] > gaps[1] > gaps[2]
+
+
+def test_two_round_adaptation_brackets_and_freezes_step_sizes():
+    ex, d, x, z, truth = linear_setup(num_data=32)
+    pyro.set_rng_seed(1)
+    r = ais_bounds(d, PriorProposal(d), x, z, num_chains=8, num_steps=40, adapt="two-round", progress=False)
+    check_bracket(r, truth)
+    assert r.diagnostics["frozen_step_sizes"].shape == (41, 32)
+    assert r.settings["adapt"] == "two-round"
+
+
+def test_non_finite_density_region_does_not_crash():
+    d = ModelDensity(wall_model, "x")
+    pyro.set_rng_seed(0)
+    x, z = d.sample(32)
+    truth = d.log_likelihood(x, z) - wall_log_px(x["x"])
+    pyro.set_rng_seed(1)
+    # forward chains that start outside the window carry zero weight; with 32 chains every
+    # data point has some inside (else its MI upper bound would be +inf, still a valid bound)
+    r = ais_bounds(d, PriorProposal(d), x, z, num_chains=32, num_steps=30, progress=False)
+    assert math.isfinite(r.lower) and math.isfinite(r.upper)
+    assert r.diagnostics["divergences"] > 0
+    check_bracket(r, truth, slack=0.05)
+
+
+# ---------------------------------------------------------------- determinism, resume, chunks
+def test_determinism():
+    ex, d, x, z, _ = linear_setup(num_data=8)
+    out = []
+    for _ in range(2):
+        pyro.set_rng_seed(3)
+        out.append(ais_bounds(d, PriorProposal(d), x, z, num_chains=4, num_steps=10, progress=False))
+    assert torch.equal(out[0].lower_per_point, out[1].lower_per_point)
+    assert torch.equal(out[0].upper_per_point, out[1].upper_per_point)
+
+
+@pytest.mark.parametrize("method,adapt", [("ais", "online"), ("cr-ais", "two-round")])
+def test_checkpoint_resume_equals_uninterrupted(tmp_path, method, adapt):
+    ex, d, x, z, _ = linear_setup(num_data=8)
+    opts = dict(num_chains=3, num_steps=12, adapt=adapt, progress=False, max_chains_per_chunk=2)
+    pyro.set_rng_seed(4)
+    full = METHODS[method](d, PriorProposal(d), x, z, **opts)
+    ckpt = tmp_path / "run.pt"
+    seen = []
+
+    def interrupt(key, state):
+        seen.append(key)
+        if len(seen) == 17:  # in the middle of the second chunk
+            raise KeyboardInterrupt
+
+    pyro.set_rng_seed(4)
+    with pytest.raises(KeyboardInterrupt):
+        METHODS[method](d, PriorProposal(d), x, z, checkpoint=str(ckpt), checkpoint_every=1e9, callback=interrupt, **opts)
+    assert ckpt.exists()
+    pyro.set_rng_seed(123)  # the resumed run restores the RNG itself
+    resumed = METHODS[method](d, PriorProposal(d), x, z, checkpoint=str(ckpt), **opts)
+    assert torch.equal(resumed.lower_per_point, full.lower_per_point)
+    assert torch.equal(resumed.upper_per_point, full.upper_per_point)
+    assert not ckpt.exists()
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    ex, d, x, z, _ = linear_setup(num_data=4)
+    ckpt = tmp_path / "c.pt"
+
+    def stop(key, state):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ais_bounds(d, PriorProposal(d), x, z, num_steps=5, checkpoint=str(ckpt), callback=stop, progress=False)
+    with pytest.raises(ValueError, match="different run"):
+        ais_bounds(d, PriorProposal(d), x, z, num_steps=6, checkpoint=str(ckpt), progress=False)
+
+
+def test_chunks_give_valid_bounds():
+    ex, d, x, z, truth = linear_setup(num_data=32)
+    pyro.set_rng_seed(1)
+    r = ais_bounds(d, PriorProposal(d), x, z, num_chains=8, num_steps=60, max_chains_per_chunk=3, progress=False)
+    check_bracket(r, truth)
+    assert r.diagnostics["log_weights_forward"].shape == (8, 32)
+
+
+# ---------------------------------------------------------------- errors and front ends
+def test_bad_options():
+    ex, d, x, z, _ = linear_setup(num_data=4)
+    q = PriorProposal(d)
+    with pytest.raises(ValueError, match="num_chains"):
+        ais_bounds(d, q, x, z, num_chains=0)
+    with pytest.raises(ValueError, match="step_size"):
+        ais_bounds(d, q, x, z, step_size=-0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        ais_bounds(d, q, x, z, schedule="cosine", num_steps=3, progress=False)
+    with pytest.raises(ValueError, match="adapt"):
+        ais_bounds(d, q, x, z, adapt="sometimes")
+
+
+def test_estimate_mi_with_guide_and_arviz(tmp_path):
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ex = make_linear_vae(seed=0, latent_dim=2, obs_dim=4, noise_scale=0.5, exact_guide=True)
+    path = tmp_path / "chains.nc"
+    r = estimate_mi(ex.model, "x", guide=ex.guide, method="ais", num_data=16, num_chains=4, num_steps=10,
+                    save_chains=str(path), progress=False)
+    assert r.lower - 0.3 < ex.true_mi < r.upper + 0.3 and r.gap < 0.2  # exact posterior as pi0
+    assert 0 < r.diagnostics["ess"] <= 4
+    idata = r.to_arviz()
+    assert set(idata.posterior.data_vars) == {"z"}
+    assert idata.posterior["z"].shape[:3] == (5, len(idata.posterior.draw), 16)  # 4 forward + 1 reverse chain
+    assert idata.sample_stats["accept_prob"].shape == (5, 10, 16)
+    assert list(idata.posterior.direction.values) == ["forward"] * 4 + ["reverse"]
+    assert idata.posterior.attrs["method"] == "ais"
+    az.summary(idata)
+    az.ess(idata)
+    az.rhat(idata)
+    az.plot_trace(idata, var_names=["z"], coords={"data": [0]})
+    loaded = az.from_netcdf(str(path))
+    assert loaded.sample_stats["diverging"].shape == (5, 10, 16)
+
+
+def test_to_arviz_refuses_results_without_chains():
+    ex, d, x, z, _ = linear_setup(num_data=4)
+    r = iwae_bounds(d, PriorProposal(d), x, z, num_particles=2, progress=False)
+    with pytest.raises(ValueError, match="no recorded chains"):
+        r.to_arviz()
+
+
+def test_cli_ais_json(tmp_path):
+    import json
+
+    from pyro_mi.cli import main
+
+    model_file = tmp_path / "gp.py"
+    model_file.write_text(
+        "import pyro, pyro.distributions as dist\n"
+        "def model(x=None):\n"
+        "    lam = pyro.sample('lam', dist.Gamma(3.0, 1.0))\n"
+        "    return pyro.sample('x', dist.Poisson(lam), obs=x)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pyro_mi.cli", "estimate", f"{model_file}:model", "--obs", "x", "--method", "bdmc",
+         "--proposal", "prior", "--num-data", "32", "--num-chains", "4", "--num-steps", "20", "--num-leapfrog", "2",
+         "--step-size", "0.1", "--schedule", "linear", "--save-chains", str(tmp_path / "c.nc"), "--json"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["method"] == "bdmc" and res["num_chains"] == 4 and res["schedule"] == "linear"
+    assert res["lower"] < res["upper"] + 0.1
+    assert (tmp_path / "c.nc").exists()
+    assert main(["estimate", f"{model_file}:model", "--obs", "x", "--method", "ais", "--num-chains", "0",
+                 "--proposal", "prior", "--json"]) == 2
+
+
+@pytest.mark.slow
+def test_tutorial_runs_fast():
+    out_dir = ROOT / "tutorials" / "output"
+    target = out_dir / "02_ais_vs_iwae_digits.csv"
+    if target.exists():
+        target.unlink()
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "tutorials" / "02_ais_vs_iwae_digits.py")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "PYRO_MI_TUTORIAL_FAST": "1", "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert target.exists()
+    assert (out_dir / "02_ais_vs_iwae_digits.png").exists()
