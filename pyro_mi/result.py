@@ -65,8 +65,21 @@ class MIResult:
 
         return to_inference_data(self)
 
+    @property
+    def interval(self) -> tuple[float | None, float | None]:
+        """(lower - 1.96 lower_stderr, upper + 1.96 upper_stderr), nats.
+
+        The bounds are means over N simulated data points, so they bracket the MI
+        of those points exactly (up to the bounds' own slack) and the true MI up
+        to Monte-Carlo error: this interval contains it with about 95% probability.
+        """
+        lo = None if self.lower is None else self.lower - 1.96 * self.lower_stderr
+        up = None if self.upper is None else self.upper + 1.96 * self.upper_stderr
+        return lo, up
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: method, lower, upper, their stderrs, gap, num_data, seconds, true_mi, settings."""
+        """A JSON-ready dict: method, lower, upper, their stderrs, gap, interval_95, num_data,
+        seconds, true_mi, the scalar settings and the scalar diagnostics."""
         out = {
             "method": self.method,
             "lower": self.lower,
@@ -74,11 +87,14 @@ class MIResult:
             "lower_stderr": self.lower_stderr,
             "upper_stderr": self.upper_stderr,
             "gap": self.gap,
+            "interval_95": list(self.interval),
             "num_data": self.num_data,
             "seconds": self.seconds,
             "true_mi": self.true_mi,
         }
-        out.update({k: v for k, v in self.settings.items() if isinstance(v, (int, float, str, bool, type(None)))})
+        scalar = (int, float, str, bool, type(None))
+        out.update({k: v for k, v in self.settings.items() if isinstance(v, scalar)})
+        out["diagnostics"] = {k: v for k, v in self.diagnostics.items() if isinstance(v, scalar)}
         return out
 
     def __str__(self) -> str:
@@ -92,6 +108,10 @@ class MIResult:
         ]
         if self.gap is not None:
             rows.append(f"gap (nats)    {self.gap:9.3f}")
+        lo, up = self.interval
+        if lo is not None or up is not None:
+            fmt_end = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            rows.append(f"95% interval  [{fmt_end(lo)}, {fmt_end(up)}]  (bounds ± Monte-Carlo error over data points)")
         if self.true_mi is not None:
             rows.append(f"true MI       {self.true_mi:9.3f}")
         rows.append(f"num_data      {self.num_data:9d}")

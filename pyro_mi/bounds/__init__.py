@@ -2,13 +2,26 @@
 
 :data:`METHODS` maps each method name of ``estimate_mi`` / ``pyro-mi estimate`` to
 its bound function ``fn(density, proposal, x, z, *, progress, **options) -> MIResult``.
+
+``giwae`` trains its own q_θ jointly with a critic: it starts from a copy of the
+passed proposal when that is a GaussianEncoder (the caller's is unchanged) and
+keeps any other proposal fixed; ``infonce`` ignores the proposal and uses the prior.
 """
 
+from .giwae import giwae_bounds, infonce_bounds
+from .ais import ais_bounds, bdmc_bounds, cr_ais_bounds, im_ais_bounds
 from .importance import ba_bounds, iwae_bounds
 
 METHODS = {
     "ba": ba_bounds,
     "iwae": iwae_bounds,
+    "ais": ais_bounds,
+    "im-ais": im_ais_bounds,
+    "cr-ais": cr_ais_bounds,
+    "bdmc": bdmc_bounds,
+    "giwae": giwae_bounds,
+    "infonce": infonce_bounds,
 }
 
-__all__ = ["METHODS", "ba_bounds", "iwae_bounds"]
+__all__ = ["METHODS", "ba_bounds", "giwae_bounds", "infonce_bounds", "iwae_bounds"]
+__all__ += ["ais_bounds", "bdmc_bounds", "cr_ais_bounds", "im_ais_bounds"]

@@ -1,0 +1,441 @@
+"""Sample-only MI lower bounds from dual representations of the KL divergence.
+
+I(x; z) = KL[p(x, z) || p(x) p(z)]. For any critic T(x, z), with P the joint
+and Q = p(x) p(z) (negative pairs made by re-pairing samples, Belghazi et al.
+2018, footnote 5):
+
+* **MINE** (Donsker–Varadhan; Belghazi et al. 2018, eq. 6, 10–11):
+  E_P[T] - log E_Q[e^T]. Trained with the moving-average gradient correction of
+  sec. 3.2: the minibatch gradient E_B[∇T] - E_B[∇T e^T] / E_B[e^T] (eq. 12) is
+  biased, so the denominator is replaced by an exponential moving average of
+  E_B[e^T] (rate ``ema_rate``; 0 gives the naive biased gradient).
+* **MINE-f** (f-divergence form; Belghazi et al. 2018, eq. 8):
+  E_P[T] - E_Q[e^(T-1)].
+* **NWJ** (Nguyen, Wainwright & Jordan 2010): the same functional as MINE-f;
+  both names are kept because both papers' names are in use.
+* **ξ-bound** (VAE-MINE appendix, eq. 2): E_P[T] - ξ E_Q[e^T] + log ξ + 1 for
+  ξ > 0, from log u <= ξu - log ξ - 1. ξ = 1/e is NWJ / MINE-f; the optimal ξ
+  for a fixed T is 1 / E_Q[e^T], where the bound equals Donsker–Varadhan (eq. 3–4).
+  ξ is either fixed or optimised jointly with T.
+* **InfoNCE** (van den Oord et al. 2018; Brekelmans et al. 2022, sec. 2.4 with
+  q = p(z)): (1/K) sum_i [T(x_i, z_i) - log (1/K) sum_j e^T(x_i, z_j)] over a batch
+  of K pairs; always <= log K. Default critic: separable f(x)ᵀg(z), all K x K
+  pairs in one matrix product.
+
+For every bound, DV >= ξ-bound for any ξ (and so DV >= MINE-f = NWJ) for the same
+critic and the same negative pairs, because log u <= ξu - log ξ - 1.
+
+Per-point values and standard errors. The reported numbers are means of per-sample
+values whose mean is exactly the bound on the evaluation set and whose standard
+deviation / sqrt(n) is the delta-method (Hájek projection) standard error of the
+bound: with negatives (x_i, z_j) for pairs (i, j) in a set where every sample is
+used equally often as x and as z, a_k / b_k the mean of e^T over the negative pairs
+where sample k gives the x / the z, and Ẑ the mean of e^T over all of them,
+
+* DV:  v_k = T(x_k, z_k) - log Ẑ + 2 - (a_k + b_k) / Ẑ
+* ξ:   v_k = T(x_k, z_k) - ξ (a_k + b_k) + ξ Ẑ + log ξ + 1
+
+Negative pairs come from the cyclic shifts of a random order of the samples
+(pair i with i + r, r = 1..m), so m = n - 1 shifts score all pairs and m = 1 is
+"shuffling within the batch" (with no sample paired with itself).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..critics import JointCritic, SeparableCritic
+from ..result import MIResult
+from ..training import TrainingLog, split_indices, train
+
+#: the sample-only methods of :func:`fit_dual_bound` (and ``pyro-mi estimate-samples``)
+DUAL_METHODS = ("mine", "mine-f", "nwj", "infonce", "xi")
+NEGATIVES = ("shuffle", "all")
+
+#: critic evaluations per chunk when scoring many pairs
+CHUNK_EVALS = 1 << 16
+
+
+# --------------------------------------------------------------------- bounds on scores
+def logmeanexp(t: torch.Tensor, dim=None) -> torch.Tensor:
+    """log mean exp of ``t`` over ``dim`` (all dims if None), by logsumexp."""
+    if dim is None:
+        return torch.logsumexp(t.flatten(), 0) - math.log(t.numel())
+    return torch.logsumexp(t, dim) - math.log(t.shape[dim])
+
+
+def dv_bound(t_pos: torch.Tensor, t_neg: torch.Tensor) -> torch.Tensor:
+    """Donsker–Varadhan bound mean(t_pos) - log mean(exp t_neg), nats (Belghazi et al. 2018, eq. 6).
+
+    Args:
+        t_pos: critic scores of joint pairs, any shape.
+        t_neg: critic scores of negative (product-of-marginals) pairs, any shape.
+    Returns: a scalar tensor.
+    """
+    return t_pos.mean() - logmeanexp(t_neg)
+
+
+def xi_bound(t_pos: torch.Tensor, t_neg: torch.Tensor, log_xi: torch.Tensor | float) -> torch.Tensor:
+    """ξ-bound mean(t_pos) - ξ mean(exp t_neg) + log ξ + 1, nats (VAE-MINE appendix, eq. 2).
+
+    Args:
+        t_pos, t_neg: critic scores of joint and negative pairs.
+        log_xi: log ξ (a float or a tensor, so that ξ > 0 can be optimised).
+    Returns: a scalar tensor. ``log_xi = -1`` gives :func:`nwj_bound`.
+    """
+    log_xi = torch.as_tensor(log_xi, dtype=t_neg.dtype, device=t_neg.device)
+    return t_pos.mean() - torch.exp(logmeanexp(t_neg) + log_xi) + log_xi + 1
+
+
+def nwj_bound(t_pos: torch.Tensor, t_neg: torch.Tensor) -> torch.Tensor:
+    """NWJ / MINE-f bound mean(t_pos) - mean(exp(t_neg - 1)), nats (Belghazi et al. 2018, eq. 8)."""
+    return t_pos.mean() - torch.exp(logmeanexp(t_neg) - 1)
+
+
+def infonce_bound(scores: torch.Tensor) -> torch.Tensor:
+    """InfoNCE mean_i [s_ii - log (1/K) sum_j exp s_ij] for scores (K, K), nats; <= log K.
+
+    ``scores[i, j] = T(x_i, z_j)``; the diagonal holds the joint pairs
+    (Brekelmans et al. 2022, eq. 7 with q = p(z); van den Oord et al. 2018).
+    """
+    return (scores.diagonal() - logmeanexp(scores, 1)).mean()
+
+
+class MovingAverage:
+    """Exponential moving average of E_B[e^T] in log space, for MINE's corrected gradient.
+
+    Belghazi et al. 2018, sec. 3.2: the DV minibatch gradient
+    E_B[∇T] - E_B[∇T e^T] / E_B[e^T] (eq. 12) is biased; replacing the
+    denominator by a moving average reduces the bias.
+
+    Args:
+        rate: weight of the newest batch (0 < rate <= 1; 1 gives the naive gradient).
+    """
+
+    def __init__(self, rate: float = 0.01):
+        if not 0 < rate <= 1:
+            raise ValueError(f"ema_rate must be in (0, 1], got {rate!r}")
+        self.rate = rate
+        self.log_value: torch.Tensor | None = None
+
+    def surrogate(self, t_pos: torch.Tensor, t_neg: torch.Tensor) -> torch.Tensor:
+        """A scalar whose value is the DV bound on the batch and whose gradient is MINE's corrected one.
+
+        Gradient: E_B[∇T(pos)] - E_B[∇T(neg) e^T(neg)] / ema, where ema is the
+        moving average of E_B[e^T(neg)] including this batch (no gradient through it).
+        """
+        lme = logmeanexp(t_neg)
+        with torch.no_grad():
+            if self.log_value is None:
+                self.log_value = lme.detach().clone()
+            else:
+                self.log_value = torch.logaddexp(
+                    self.log_value + math.log1p(-self.rate) if self.rate < 1 else torch.full_like(lme, -math.inf),
+                    lme.detach() + math.log(self.rate),
+                )
+        # d/dθ exp(lme - c) = E_B[e^T ∇T] / e^c
+        corrected = t_pos.mean() - torch.exp(lme - self.log_value)
+        value = t_pos.mean() - lme
+        return corrected + (value - corrected).detach()
+
+
+# --------------------------------------------------------------------- negatives and scoring
+def shift_pairs(n: int, num_shifts: int, *, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (ix, iz), each (num_shifts, n), of negatives from cyclic shifts of a random order.
+
+    Pair ``(ix[r, i], iz[r, i]) = (p_i, p_{(i + r + 1) mod n})`` for a random
+    permutation p: no sample is paired with itself, every sample appears
+    ``num_shifts`` times as x and as z; ``num_shifts = n - 1`` gives all pairs.
+
+    Raises:
+        ValueError: ``num_shifts`` not in [1, n - 1].
+    """
+    if not 1 <= num_shifts <= n - 1:
+        raise ValueError(f"num_shifts must be in [1, {n - 1}] for {n} samples, got {num_shifts}")
+    p = torch.randperm(n, generator=generator).to(device)
+    ar = torch.arange(n, device=p.device)
+    r = torch.arange(1, num_shifts + 1, device=p.device)[:, None]
+    return p.expand(num_shifts, n), p[(ar + r) % n]
+
+
+def _score_pairs(critic, x, z, ix, iz) -> torch.Tensor:
+    """critic(x[ix], z[iz]) in chunks of rows: (m, n)."""
+    m, n = ix.shape
+    rows = max(1, CHUNK_EVALS // max(n, 1))
+    out = [critic(x[ix[s : s + rows]], z[iz[s : s + rows]]) for s in range(0, m, rows)]
+    return torch.cat(out, 0)
+
+
+def _marginal_stats(t_neg: torch.Tensor, ix: torch.Tensor, iz: torch.Tensor, n: int):
+    """log a_k, log b_k (n,) and log Ẑ from negative scores (m, n) of pairs (ix, iz)."""
+    m = t_neg.shape[0]
+    flat = t_neg.reshape(-1)
+    log_z = logmeanexp(flat)
+    # scatter a logsumexp: shift by the max so that the sums are of numbers <= 1
+    c = flat.max()
+    e = torch.exp(flat - c)
+    a = torch.zeros(n, dtype=e.dtype, device=e.device).index_add_(0, ix.reshape(-1), e)
+    b = torch.zeros(n, dtype=e.dtype, device=e.device).index_add_(0, iz.reshape(-1), e)
+    return torch.log(a / m) + c, torch.log(b / m) + c, log_z
+
+
+def per_point_values(
+    method: str,
+    critic: Callable,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    log_xi: float | None = None,
+    num_shifts: int | None = None,
+    num_negatives: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample values (n,) whose mean is the bound on (x, z) and whose std/√n is its standard error.
+
+    Args:
+        method: one of :data:`DUAL_METHODS`.
+        critic: T(x, z) (a :mod:`pyro_mi.critics` module or any callable with
+            ``critic(x, z)`` and, for InfoNCE, ``critic.pairwise``).
+        x: (n, dx), z: (n, dz) joint samples.
+        log_xi: log ξ for ``"xi"`` (default -1, i.e. NWJ).
+        num_shifts: negatives per sample for the DV/ξ-type bounds (default all
+            n - 1 other samples, capped so that n * num_shifts <= 2^18).
+        num_negatives: K, the InfoNCE batch: each x_i is scored against its own
+            z_i and K - 1 other z's (default min(n, 256)).
+        generator: torch generator for the random order.
+
+    Returns:
+        (n,) values in nats. For DV and ξ they are the Hájek influence values
+        described in the module docstring; for InfoNCE
+        T(x_i, z_i) - log (1/K) sum_j e^T(x_i, z_j), each <= log K.
+    """
+    n = x.shape[0]
+    if method == "infonce":
+        K = min(n, num_negatives or 256)
+        p = torch.randperm(n, generator=generator).to(x.device)
+        vals = torch.empty(n, dtype=x.dtype, device=x.device)
+        pair = getattr(critic, "pairwise", None) or (lambda a, b: critic(a.unsqueeze(1), b.unsqueeze(0)))
+        for s in range(0, n, K):
+            r = min(K, n - s)
+            idx = p[(s + torch.arange(K, device=p.device)) % n]
+            scores = pair(x[idx[:r]], z[idx])  # (r, K), the positives on the diagonal
+            vals[p[s : s + r]] = scores.diagonal() - logmeanexp(scores, 1)
+        return vals
+    if num_shifts is None:
+        num_shifts = max(1, min(n - 1, (1 << 18) // n))
+    ix, iz = shift_pairs(n, num_shifts, generator=generator, device=x.device)
+    t_pos = critic(x, z)
+    t_neg = _score_pairs(critic, x, z, ix, iz)
+    log_a, log_b, log_z = _marginal_stats(t_neg, ix, iz, n)
+    if method == "mine":
+        return t_pos - log_z + 2 - torch.exp(log_a - log_z) - torch.exp(log_b - log_z)
+    if method in ("mine-f", "nwj", "xi"):
+        lx = -1.0 if (method != "xi" or log_xi is None) else float(log_xi)
+        return t_pos - torch.exp(log_a + lx) - torch.exp(log_b + lx) + torch.exp(log_z + lx) + lx + 1
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DUAL_METHODS)}")
+
+
+# --------------------------------------------------------------------- training
+class _LogXi(nn.Module):
+    """log ξ as a trainable parameter of the ξ-bound."""
+
+    def __init__(self, init: float, trainable: bool, dtype, device):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(init, dtype=dtype, device=device), requires_grad=trainable)
+
+
+def default_critic(method: str, x_dim: int, z_dim: int, hidden_sizes=(256, 256), embed_dim: int = 32) -> nn.Module:
+    """The default critic of a method: separable f(x)ᵀg(z) for InfoNCE, joint MLP otherwise."""
+    if method == "infonce":
+        return SeparableCritic(x_dim, z_dim, embed_dim=embed_dim, hidden_sizes=tuple(hidden_sizes))
+    return JointCritic(x_dim, z_dim, hidden_sizes=tuple(hidden_sizes))
+
+
+def _check_method(method: str, negatives: str) -> None:
+    if method not in DUAL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DUAL_METHODS)}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+
+
+def fit_dual_bound(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    method: str = "mine",
+    *,
+    critic: nn.Module | None = None,
+    negatives: str = "shuffle",
+    xi: float | None = None,
+    max_steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    hidden_sizes: tuple[int, ...] = (256, 256),
+    embed_dim: int = 32,
+    ema_rate: float = 0.01,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    eval_every: int = 50,
+    patience: int = 10,
+    eval_negatives: int | None = None,
+    standardize: bool = True,
+    progress: bool = True,
+) -> MIResult:
+    """Fits a critic by a sample-only bound and reports the bound on held-out samples.
+
+    Splits the n samples into train / validation / test parts, standardises x
+    and z with the training part's mean and std (an invertible affine map, which
+    leaves MI unchanged), trains the critic on minibatches of the training part
+    (:func:`pyro_mi.training.train`, early stopping on the validation bound) and
+    evaluates the bound on the test part.
+
+    Args:
+        x: (n, dx) and z: (n, dz) float tensors of paired samples (validated by
+            :func:`pyro_mi.samples.estimate_mi_samples`); the critic is built on
+            their device and dtype.
+        method: ``"mine"`` (DV with the moving-average gradient), ``"mine-f"``,
+            ``"nwj"``, ``"infonce"`` or ``"xi"``.
+        critic: a critic module ``critic(x, z) -> (...,)`` (default:
+            :func:`default_critic`). It is trained in place.
+        negatives: for the DV/ξ-type bounds in training, ``"shuffle"`` (one
+            re-pairing per sample, B negatives) or ``"all"`` (all B(B-1) pairs of
+            the batch). InfoNCE always scores all pairs of its batch.
+        xi: for ``"xi"``, a fixed ξ > 0, or None to optimise log ξ jointly with
+            the critic (starting at ξ = 1/e, i.e. NWJ).
+        max_steps, batch_size, lr: optimisation settings (batch_size is also the
+            InfoNCE K at evaluation; it is capped at the size of the training part).
+        hidden_sizes, embed_dim: sizes of the default critic.
+        ema_rate: MINE's moving-average rate (1: the naive biased gradient).
+        val_fraction, test_fraction: fractions of the samples held out for early
+            stopping and for the reported bound. ``test_fraction=0`` reports the
+            bound on the training samples, which is optimistic (it can exceed the
+            true MI); a warning says so.
+        eval_every, patience: validation schedule and early-stopping patience.
+        eval_negatives: negatives per sample at evaluation (default: all pairs,
+            capped at 2^18 scored pairs on the test part and 2^16 on the validation part).
+        standardize: standardise x and z before training.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`~pyro_mi.result.MIResult` with ``lower`` (nats) and
+        ``lower_stderr``; ``upper`` is None. ``settings`` hold the sizes and
+        options (``num_samples``, ``num_train``, ``num_val``, ``num_test``,
+        ``xi``...), ``diagnostics`` the critic, the :class:`TrainingLog` and
+        ``train_lower`` (the bound on the training samples, for comparison).
+
+    Raises:
+        ValueError: unknown method/negatives, bad ξ, too few samples for the splits.
+    """
+    _check_method(method, negatives)
+    if xi is not None and not (isinstance(xi, (int, float)) and xi > 0 and math.isfinite(xi)):
+        raise ValueError(f"xi must be a positive number or None, got {xi!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+    n, dx = x.shape
+    dz = z.shape[1]
+    device, dtype = x.device, x.dtype
+    tr, va, te = split_indices(n, val_fraction, test_fraction, device=device)
+    if standardize:
+        mx, sx = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)
+        mz, sz = z[tr].mean(0), z[tr].std(0).clamp_min(1e-8)
+        x, z = (x - mx) / sx, (z - mz) / sz
+    xt, zt = x[tr], z[tr]
+    n_train = xt.shape[0]
+    B = min(batch_size, n_train)
+    if critic is None:
+        critic = default_critic(method, dx, dz, hidden_sizes, embed_dim)
+    if not callable(critic):
+        raise TypeError(f"critic must be a callable module critic(x, z), got {type(critic).__name__}")
+    if isinstance(critic, nn.Module):
+        critic.to(device=device, dtype=dtype)
+    log_xi_mod = _LogXi(-1.0 if xi is None else math.log(xi), method == "xi" and xi is None, dtype, device)
+    ema = MovingAverage(ema_rate)
+
+    def log_xi() -> float | None:
+        return float(log_xi_mod.value.detach()) if method == "xi" else None
+
+    def objective(step: int) -> torch.Tensor:
+        idx = torch.randperm(n_train, device=device)[:B]
+        xb, zb = xt[idx], zt[idx]
+        if method == "infonce":
+            pair = getattr(critic, "pairwise", None) or (lambda a, b: critic(a.unsqueeze(1), b.unsqueeze(0)))
+            return infonce_bound(pair(xb, zb))
+        t_pos = critic(xb, zb)
+        if negatives == "all":
+            scores = critic.pairwise(xb, zb) if hasattr(critic, "pairwise") else critic(xb[:, None], zb[None])
+            t_neg = scores[~torch.eye(B, dtype=torch.bool, device=device)]
+        else:
+            t_neg = critic(xb, zb.roll(1, 0))  # the batch is in random order: a random re-pairing
+        if method == "mine":
+            return ema.surrogate(t_pos, t_neg)
+        if method == "xi":
+            return xi_bound(t_pos, t_neg, log_xi_mod.value)
+        return nwj_bound(t_pos, t_neg)
+
+    def values_on(idx: torch.Tensor, seed: int, budget: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return per_point_values(
+            method, critic, x[idx], z[idx], log_xi=log_xi(), num_shifts=_shifts(idx.numel(), eval_negatives, budget),
+            num_negatives=B, generator=g,
+        )
+
+    validate = (lambda: float(values_on(va, 1, 1 << 16).mean())) if va.numel() else None
+    modules = [m for m in (critic, log_xi_mod) if isinstance(m, nn.Module)]
+    log: TrainingLog = train(
+        modules, objective, validate=validate, max_steps=max_steps, lr=lr, eval_every=eval_every,
+        patience=patience, progress=progress, desc=f"fit critic ({method})",
+    )
+    with torch.no_grad():
+        for m in modules:
+            m.eval()
+        train_vals = values_on(tr, 2, 1 << 16)
+        if te.numel():
+            vals, evaluated_on = values_on(te, 3, 1 << 18), "test split"
+        else:
+            warnings.warn(
+                "test_fraction=0: the bound is evaluated on the samples the critic was fitted to, "
+                "which is optimistic (it can exceed the true MI); hold out a test split for an honest bound",
+                stacklevel=2,
+            )
+            vals, evaluated_on = train_vals, "training samples (optimistic)"
+    settings = {
+        "num_samples": n,
+        "num_train": int(tr.numel()),
+        "num_val": int(va.numel()),
+        "num_test": int(te.numel()),
+        "batch_size": B,
+        "negatives": "all" if method == "infonce" else negatives,
+        "max_steps": max_steps,
+        "steps": log.steps,
+        "lr": lr,
+        "evaluated_on": evaluated_on,
+    }
+    if method == "mine":
+        settings["ema_rate"] = ema_rate
+    if method == "xi":
+        settings["xi"] = math.exp(log_xi())
+        settings["xi_optimised"] = xi is None
+    if method == "infonce":
+        settings["num_negatives"] = min(B, vals.numel())
+        settings["log_num_negatives"] = math.log(settings["num_negatives"])
+    return MIResult(
+        method,
+        lower_per_point=vals.detach(),
+        upper_per_point=None,
+        settings=settings,
+        diagnostics={"critic": critic, "training": log, "train_lower": float(train_vals.mean())},
+    )
+
+
+def _shifts(n: int, eval_negatives: int | None, budget: int) -> int:
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to form negative pairs, got {n}")
+    if eval_negatives is None:
+        return max(1, min(n - 1, budget // n))
+    if isinstance(eval_negatives, bool) or not isinstance(eval_negatives, int) or eval_negatives < 1:
+        raise ValueError(f"eval_negatives must be a positive integer, got {eval_negatives!r}")
+    return min(n - 1, eval_negatives)

@@ -1,0 +1,229 @@
+"""The shared training loop of the learned-critic MI bounds (GIWAE, InfoNCE, MINE, NWJ, ...).
+
+:func:`train` maximises a stochastic objective over the parameters of some
+``torch.nn.Module``s with Adam, shows a tqdm progress bar, evaluates a
+validation score every ``eval_every`` steps, keeps the parameters of the best
+validation score, stops early after ``patience`` evaluations without
+improvement and restores the best parameters at the end.
+
+:func:`split_indices` splits N samples into train / validation / test parts.
+A critic bound must be *reported* on samples used neither to fit the critic
+nor to choose its stopping step: a bound fitted and evaluated on the same
+samples is optimistic (it can exceed the true MI).
+
+Device and dtype follow the data: the loop never moves tensors; callers build
+their modules on the data's device. The only host syncs are at validation
+steps (one float per evaluation), never per training step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainingLog:
+    """What happened in :func:`train`.
+
+    Attributes:
+        steps: optimisation steps taken.
+        best_step: the step whose parameters were kept (0: the initial ones).
+        best_value: the validation score of the kept parameters (nats; None
+            without validation).
+        stopped_early: whether ``patience`` ran out before ``max_steps``.
+        objective: the training objective of every step (nats, higher is better).
+        validation: ``(step, score)`` of every validation evaluation.
+    """
+
+    steps: int = 0
+    best_step: int = 0
+    best_value: float | None = None
+    stopped_early: bool = False
+    objective: list[float] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Scalar summary for JSON (no per-step lists)."""
+        return {
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "best_value": self.best_value,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def train(
+    modules: Sequence[nn.Module],
+    objective: Callable[[int], torch.Tensor],
+    *,
+    validate: Callable[[], float] | None = None,
+    max_steps: int = 2000,
+    lr: float = 1e-3,
+    eval_every: int = 100,
+    patience: int = 5,
+    max_grad_norm: float | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainingLog:
+    """Maximises ``objective`` over the parameters of ``modules`` with Adam and early stopping.
+
+    Args:
+        modules: the modules whose parameters are trained (critic, encoder, ...);
+            their ``state_dict`` is what early stopping saves and restores.
+        objective: ``objective(step) -> scalar tensor`` to *maximise* (a surrogate
+            whose gradient is the estimator's gradient, e.g. MINE's corrected one);
+            it draws its own minibatch.
+        validate: ``validate() -> float``, a score to maximise on held-out samples
+            (called under ``torch.no_grad``, modules in eval mode); None trains for
+            ``max_steps`` with no early stopping.
+        max_steps: maximum number of optimisation steps (0: no training).
+        lr: Adam learning rate.
+        eval_every: steps between validation evaluations.
+        patience: evaluations without improvement before stopping.
+        max_grad_norm: clip the global gradient norm to this value (None: no clipping).
+        progress: show a tqdm progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        :class:`TrainingLog`. The modules hold the parameters of the best
+        validation score (or the last ones without ``validate``).
+
+    Raises:
+        ValueError: non-positive ``eval_every``/``patience``, negative
+            ``max_steps``, non-positive ``lr``, or a non-finite objective
+            (names the step; usually a learning rate that is too large).
+    """
+    _check_positive_int("max_steps", max_steps, 0)
+    _check_positive_int("eval_every", eval_every)
+    _check_positive_int("patience", patience)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    log = TrainingLog()
+    if not params or max_steps == 0:
+        if validate is not None:
+            log.best_value = _evaluate(modules, validate)
+            log.validation.append((0, log.best_value))
+        return log
+
+    opt = torch.optim.Adam(params, lr=lr)
+    best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+    if validate is not None:
+        log.best_value = _evaluate(modules, validate)
+        log.validation.append((0, log.best_value))
+    bad_evals = 0
+    values: list[torch.Tensor] = []
+    bar = tqdm(range(1, max_steps + 1), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        value = objective(step)
+        opt.zero_grad(set_to_none=True)
+        (-value).backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        values.append(value.detach())
+        log.steps = step
+        if step % eval_every == 0 or step == max_steps:
+            recent = float(torch.stack(values[-eval_every:]).mean())
+            if not math.isfinite(recent):
+                raise ValueError(
+                    f"{desc}: the training objective became non-finite near step {step}; "
+                    "try a smaller lr or a smaller critic"
+                )
+            if validate is None:
+                continue
+            score = _evaluate(modules, validate)
+            log.validation.append((step, score))
+            bar.set_postfix(val=f"{score:.3f}", best=f"{log.best_value:.3f}")
+            if math.isfinite(score) and (not math.isfinite(log.best_value) or score > log.best_value):
+                log.best_value, log.best_step, bad_evals = score, step, 0
+                best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+            else:
+                bad_evals += 1
+                if bad_evals >= patience:
+                    log.stopped_early = True
+                    break
+    bar.close()
+    log.objective = [float(v) for v in torch.stack(values)] if values else []
+    if validate is not None:
+        for m, s in zip(modules, best_state):
+            m.load_state_dict(s)
+    else:
+        log.best_step = log.steps
+    return log
+
+
+def _evaluate(modules: Sequence[nn.Module], validate: Callable[[], float]) -> float:
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            return float(validate())
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def split_indices(
+    num_samples: int,
+    val_fraction: float,
+    test_fraction: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    min_size: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomly splits ``range(num_samples)`` into train, validation and test indices.
+
+    Args:
+        num_samples: N.
+        val_fraction, test_fraction: fractions of N for validation (early stopping)
+            and test (the reported bound); each in [0, 1), summing to < 1. A zero
+            fraction gives an empty part.
+        generator: torch generator for the permutation (reproducible splits).
+        device: device of the returned index tensors.
+        min_size: the smallest allowed non-empty part (and training part).
+
+    Returns:
+        ``(train, val, test)`` index tensors (int64).
+
+    Raises:
+        ValueError: fractions out of range, or a part smaller than ``min_size``
+            (the message says how many samples are needed).
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (isinstance(f, (int, float)) and 0 <= f < 1):
+            raise ValueError(f"{name} must be in [0, 1), got {f!r}")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    n_val = int(round(num_samples * val_fraction))
+    n_test = int(round(num_samples * test_fraction))
+    n_train = num_samples - n_val - n_test
+    for name, size, frac in (("validation", n_val, val_fraction), ("test", n_test, test_fraction)):
+        if frac > 0 and size < min_size:
+            need = math.ceil(min_size / frac)
+            raise ValueError(
+                f"too few samples for the {name} split: {num_samples} samples x {name} fraction {frac} "
+                f"gives {size} {name} samples, need at least {min_size} (at least {need} samples in all)"
+            )
+    if n_train < min_size:
+        raise ValueError(
+            f"too few samples: {num_samples} samples leave {n_train} for training after the "
+            f"validation/test splits, need at least {min_size}"
+        )
+    perm = torch.randperm(num_samples, generator=generator).to(device)
+    return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]

@@ -1,0 +1,186 @@
+"""Sample-only dual bounds (MINE, MINE-f, NWJ, InfoNCE, ξ) on correlated Gaussians (Belghazi et al. 2018, sec. 4.1)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_mi.bounds import dual
+from pyro_mi.critics import JointCritic
+from pyro_mi.samples import estimate_mi_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gaussians(n, d, rho, seed=0):
+    """x, z standard normal with corr(x_i, z_j) = δ_ij ρ; MI = -(d/2) log(1 - ρ²)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    z = rho * x + math.sqrt(1 - rho**2) * torch.randn(n, d, generator=g)
+    return x, z, -d / 2 * math.log(1 - rho**2)
+
+
+SMALL = dict(hidden_sizes=(64, 64), lr=3e-3, batch_size=256, eval_every=50, progress=False)
+
+
+# ----------------------------------------------------------------- the bounds as functions of scores
+def test_score_bounds_identities():
+    g = torch.Generator().manual_seed(0)
+    t_pos, t_neg = torch.randn(100, generator=g) + 1, torch.randn(300, generator=g)
+    dv = dual.dv_bound(t_pos, t_neg)
+    nwj = dual.nwj_bound(t_pos, t_neg)
+    # ξ = 1/e is NWJ / MINE-f; the optimal ξ = 1 / mean e^T gives DV (appendix eq. 2-4)
+    assert torch.allclose(dual.xi_bound(t_pos, t_neg, -1.0), nwj, atol=1e-6)
+    assert torch.allclose(dual.xi_bound(t_pos, t_neg, -dual.logmeanexp(t_neg)), dv, atol=1e-6)
+    for log_xi in torch.linspace(-4, 3, 15):
+        assert dual.xi_bound(t_pos, t_neg, log_xi) <= dv + 1e-6
+    scores = torch.randn(16, 16, generator=g, dtype=torch.float64) * 5
+    scores.diagonal().add_(100.0)
+    assert dual.infonce_bound(scores) <= math.log(16) + 1e-5
+    assert dual.infonce_bound(scores) > math.log(16) - 1e-3
+
+
+def test_mine_moving_average_gradient():
+    critic = JointCritic(2, 2, (8,))
+    g = torch.Generator().manual_seed(1)
+    x, z = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
+
+    def grads(fn):
+        critic.zero_grad()
+        fn(critic(x, z), critic(x, z.roll(1, 0))).backward()
+        return [p.grad.clone() for p in critic.parameters()]
+
+    # rate 1: the naive minibatch gradient of DV (Belghazi et al. eq. 12); the value is always DV
+    ema = dual.MovingAverage(1.0)
+    val = ema.surrogate(critic(x, z), critic(x, z.roll(1, 0)))
+    assert torch.allclose(val, dual.dv_bound(critic(x, z), critic(x, z.roll(1, 0))))
+    for a, b in zip(grads(dual.MovingAverage(1.0).surrogate), grads(dual.dv_bound)):
+        assert torch.allclose(a, b, atol=1e-6)
+    # with a stale average the gradient's denominator is the average, not the batch mean
+    ema = dual.MovingAverage(0.01)
+    ema.log_value = torch.tensor(5.0)
+    critic.zero_grad()
+    t_neg = critic(x, z.roll(1, 0))
+    ema.surrogate(critic(x, z), t_neg).backward()
+    assert math.isclose(float(ema.log_value), float(torch.logaddexp(torch.tensor(5.0) + math.log(0.99),
+                                                                   dual.logmeanexp(t_neg.detach()) + math.log(0.01))),
+                        rel_tol=1e-6)
+
+
+def test_shift_pairs_and_per_point_values():
+    ix, iz = dual.shift_pairs(7, 6, generator=torch.Generator().manual_seed(0))
+    pairs = set(zip(ix.flatten().tolist(), iz.flatten().tolist()))
+    assert len(pairs) == 42 and all(i != j for i, j in pairs)  # all off-diagonal pairs, once each
+    # with all pairs, the mean of the per-point values is exactly the bound on all pairs
+    x, z, _ = gaussians(40, 2, 0.5)
+    critic = JointCritic(2, 2, (16,))
+    with torch.no_grad():
+        t = critic.pairwise(x, z)
+        off = t[~torch.eye(40, dtype=torch.bool)]
+        pos = t.diagonal()
+        for method, expect in (("mine", dual.dv_bound(pos, off)), ("nwj", dual.nwj_bound(pos, off)),
+                               ("mine-f", dual.nwj_bound(pos, off)), ("xi", dual.xi_bound(pos, off, 0.3))):
+            v = dual.per_point_values(method, critic, x, z, log_xi=0.3, num_shifts=39)
+            assert v.shape == (40,)
+            assert torch.allclose(v.mean(), expect, atol=1e-5), method
+        v = dual.per_point_values("infonce", critic, x, z, num_negatives=8)
+        assert (v <= math.log(8) + 1e-6).all()
+
+
+# ----------------------------------------------------------------- correlated Gaussians, d = 2
+@pytest.mark.parametrize("method", ["mine", "mine-f", "nwj", "xi", "infonce"])
+def test_gaussian_d2_close_to_truth(method):
+    x, z, mi = gaussians(4000, 2, 0.8)  # MI = 1.022 nats
+    r = estimate_mi_samples(x, z, method, max_steps=400, **SMALL)
+    assert r.upper is None and r.num_data == 800 and r.settings["num_samples"] == 4000
+    # a lower bound: below truth within 3 standard errors, and within 0.15 nats of it
+    assert r.lower <= mi + 3 * r.lower_stderr
+    assert r.lower >= mi - 0.15, (r.lower, mi)
+    assert 0.01 < r.lower_stderr < 0.1
+
+
+def test_dv_above_mine_f_for_the_same_critic_and_mine_f_equals_nwj():
+    x, z, mi = gaussians(3000, 2, 0.8)
+    r = estimate_mi_samples(x, z, "mine", max_steps=300, **SMALL)
+    critic = r.diagnostics["critic"]
+    xs, zs = (x - x.mean(0)) / x.std(0), (z - z.mean(0)) / z.std(0)
+    with torch.no_grad():
+        vals = {m: dual.per_point_values(m, critic, xs, zs, generator=torch.Generator().manual_seed(0)).mean()
+                for m in ("mine", "mine-f", "nwj")}
+        vals["xi"] = dual.per_point_values("xi", critic, xs, zs, log_xi=-1.0,
+                                           generator=torch.Generator().manual_seed(0)).mean()
+    assert vals["mine"] >= vals["mine-f"]
+    assert torch.allclose(vals["mine-f"], vals["nwj"]) and torch.allclose(vals["nwj"], vals["xi"], atol=1e-6)
+    # same seed, same objective: the fitted MINE-f and NWJ runs are identical
+    a = estimate_mi_samples(x, z, "mine-f", max_steps=100, **SMALL)
+    b = estimate_mi_samples(x, z, "nwj", max_steps=100, **SMALL)
+    assert a.lower == b.lower
+
+
+def test_infonce_at_most_log_batch_size():
+    x, z, mi = gaussians(3000, 20, 0.9)  # MI = 16.6 nats >> log 32
+    r = estimate_mi_samples(x, z, "infonce", max_steps=300, **{**SMALL, "batch_size": 32})
+    assert r.settings["num_negatives"] == 32
+    assert (r.lower_per_point <= math.log(32) + 1e-5).all()
+    assert r.lower <= math.log(32)
+    assert r.lower > math.log(32) - 0.6  # saturates near log K (Brekelmans et al. 2022, Fig. 3a)
+
+
+def test_xi_fixed_and_optimised():
+    x, z, mi = gaussians(3000, 2, 0.8)
+    fixed = estimate_mi_samples(x, z, "xi", xi=0.5, max_steps=100, **SMALL)
+    assert fixed.settings["xi"] == pytest.approx(0.5) and not fixed.settings["xi_optimised"]
+    opt = estimate_mi_samples(x, z, "xi", max_steps=300, **SMALL)
+    assert opt.settings["xi_optimised"] and opt.settings["xi"] != pytest.approx(1 / math.e)
+    assert opt.lower <= mi + 3 * opt.lower_stderr
+
+
+def test_all_pairs_negatives_and_bad_options():
+    x, z, mi = gaussians(2000, 2, 0.8)
+    r = estimate_mi_samples(x, z, "mine", negatives="all", max_steps=200, **{**SMALL, "batch_size": 64})
+    assert r.settings["negatives"] == "all"
+    assert abs(r.lower - mi) < 0.2
+    with pytest.raises(ValueError, match="negatives"):
+        estimate_mi_samples(x, z, "mine", negatives="pairs", **SMALL)
+    with pytest.raises(ValueError, match="xi must be a positive"):
+        estimate_mi_samples(x, z, "xi", xi=-1.0, **SMALL)
+    with pytest.raises(ValueError, match="unknown method"):
+        estimate_mi_samples(x, z, "kraskov")
+
+
+def test_evaluating_on_training_samples_warns():
+    x, z, _ = gaussians(500, 2, 0.8)
+    with pytest.warns(UserWarning, match="optimistic"):
+        r = estimate_mi_samples(x, z, "nwj", test_fraction=0.0, max_steps=20, **SMALL)
+    assert r.settings["evaluated_on"].startswith("training samples")
+
+
+def test_device_and_dtype_follow_the_data():
+    x, z, _ = gaussians(400, 2, 0.5)
+    r = estimate_mi_samples(x.double(), z.double(), "mine", max_steps=10, **SMALL)
+    assert r.lower_per_point.dtype == torch.float64
+    assert next(r.diagnostics["critic"].parameters()).dtype == torch.float64
+
+
+# ----------------------------------------------------------------- correlated Gaussians, d = 20
+@pytest.mark.slow
+@pytest.mark.parametrize("method,tol", [("mine", 0.6), ("infonce", 0.6), ("nwj", 0.9)])
+def test_gaussian_d20(method, tol):
+    x, z, mi = gaussians(20000, 20, 0.5)  # MI = 2.877 nats
+    r = estimate_mi_samples(x, z, method, max_steps=1500, hidden_sizes=(128, 128), lr=1e-3,
+                            batch_size=256, progress=False)
+    assert r.lower <= mi + 3 * r.lower_stderr
+    assert r.lower >= mi - tol, (method, r.lower, mi)
+
+
+@pytest.mark.slow
+def test_tutorial_03_runs_fast(tmp_path):
+    env = {**os.environ, "PYRO_MI_TUTORIAL_FAST": "1", "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    subprocess.run([sys.executable, "tutorials/03_mine_correlated_gaussians.py"], cwd=ROOT, env=env, check=True,
+                   timeout=600)
+    assert (ROOT / "tutorials/output/03_mine_correlated_gaussians.csv").is_file()
+    assert (ROOT / "tutorials/output/03_mine_correlated_gaussians.png").is_file()
