@@ -23,7 +23,6 @@ Observed data travel as a dict ``{site: tensor of shape (num_data, *shape)}``.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -453,13 +452,3 @@ class ModelDensity:
     def obs_dim(self) -> int:
         """Length of the flattened observed vector of one data point."""
         return sum(max(1, math.prod(s)) for s in self.obs_shapes.values())
-
-    def accepts_obs_kwargs(self, fn: Callable) -> bool:
-        """Whether ``fn`` takes every observed site as a keyword argument."""
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            return True
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return True
-        return all(o in params for o in self.obs_sites)
