@@ -6,8 +6,10 @@ lower and upper bounds on I(x; z) in nats (Brekelmans et al. 2022).
 
 from .density import ModelDensity
 from .estimate import METHODS, estimate_mi, make_proposal
+from .infer import TraceMI_ELBO, Trace_MIM
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
 from .result import MIResult
+from .samples import estimate_mi_samples
 
 __all__ = [
     "METHODS",
@@ -16,7 +18,10 @@ __all__ = [
     "MIResult",
     "ModelDensity",
     "PriorProposal",
+    "TraceMI_ELBO",
+    "Trace_MIM",
     "estimate_mi",
+    "estimate_mi_samples",
     "fit_guide",
     "make_proposal",
 ]

@@ -1,0 +1,427 @@
+"""The Mutual Information Machine loss, MIM and A-MIM, as a Pyro ELBO.
+
+Livne, Swersky & Fleet (2019), "MIM: Mutual Information Machine" (the paper in
+``shared/papers/livne2019_mutual_information_machine.txt``). Equation numbers
+below refer to it.
+
+With the anchors P(x) (the data) and P(z) (the model's prior), the encoder
+q_θ(z|x) (the Pyro guide) and the decoder p_θ(x|z) (the model's likelihood),
+MIM samples (x, z) from the mixture M_S = ½ (q_θ(z|x) P(x) + p_θ(x|z) P(z))
+(eq. 4) and minimises the average of two cross-entropies (eq. 8)::
+
+    L_MIM = ½ ( CE(M_S, q_θ(x, z)) + CE(M_S, p_θ(x, z)) )
+          = -½ E_{M_S} [ log q_θ(z|x) + log q_θ(x) + log p_θ(x|z) + log p_θ(z) ]
+
+with p_θ(z) = P(z) and q_θ(x) = E_{p_θ(z')}[p_θ(x|z')] the decoder's marginal
+(eq. 16, sec. 4.2), estimated by importance sampling with the guide (Alg. 2)::
+
+    log q_θ(x) ≈ log (1/K) Σ_k p_θ(x|z'_k) p_θ(z'_k) / q_θ(z'_k|x),   z'_k ~ q_θ(z'|x).
+
+The z' draws are separate from the z of the (x, z) sample: were the same
+reparameterised z reused, log q_θ(z|x) + log q_θ(x) would collapse to
+log p_θ(x, z) and the encoder's entropy term, which is what drives MIM's
+high mutual information (eq. 11, R_H), would vanish.
+
+A-MIM (eq. 12-13, ``asymmetric=True``) samples from the encoding distribution
+M_S^q = q_θ(z|x) P(x) only.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import torch_item
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import warn_if_nan
+
+__all__ = ["Trace_MIM"]
+
+_MARGINAL_PLATE = "_pyro_mi_mim_marginal"
+
+
+class _Half(NamedTuple):
+    """The traces of one half of the MIM mixture (encoding or decoding samples).
+
+    ``model_trace``/``guide_trace`` hold log p_θ(x, z) and log q_θ(z|x) at the (x, z)
+    sample; ``marginal_model_trace``/``marginal_guide_trace`` hold the separate
+    z' ~ q_θ(z'|x) draws (K of them in a plate when ``marginal_particles > 1``)
+    of the importance-sampled log q_θ(x).
+    """
+
+    model_trace: poutine.Trace
+    guide_trace: poutine.Trace
+    marginal_model_trace: poutine.Trace
+    marginal_guide_trace: poutine.Trace
+
+
+class _MIMTraces(NamedTuple):
+    """One particle: the encoding half and the decoding halves (none for A-MIM)."""
+
+    encoding: _Half
+    decoding: tuple
+
+
+def _sample_sites(trace):
+    return [s for s in trace.nodes.values() if s["type"] == "sample"]
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class Trace_MIM(ELBO):
+    """MIM / A-MIM loss for :class:`pyro.infer.SVI` (Livne et al. 2019, eq. 8, 12; Alg. 1-2).
+
+    A drop-in replacement for :class:`~pyro.infer.Trace_ELBO`: the usual VAE model
+    (a data plate, the observed tensor passed as an argument, ``obs=x``) and guide
+    are used unchanged::
+
+        svi = SVI(model, guide, Adam({"lr": 1e-3}), loss=pyro_mi.Trace_MIM())
+        svi.step(x)
+
+    Per particle, with the data x of the batch (sums over the data plate, as
+    :class:`~pyro.infer.Trace_ELBO` sums; nats)::
+
+        L_enc = -Σ_n [ ½ (log q(z_n|x_n) + log q̂(x_n)) + β (log p(x_n|z_n) + log p(z_n)) ]
+                with z_n ~ q(z|x_n)                               (encoding samples)
+        L_dec = the same at x̃_n ~ p(x|z̃_n), z̃_n ~ p(z)         (decoding samples)
+        loss  = ½ (L_enc + L_dec)      (MIM, eq. 8 and Alg. 2, M_S an equal mixture)
+        loss  = L_enc                  (A-MIM, eq. 12: encoding samples only)
+
+    where log q̂(x) is the K-sample importance estimate of the decoder marginal
+    log q_θ(x) with fresh z' ~ q(z'|x) (Alg. 2; a lower bound on log q_θ(x) in
+    expectation, so the loss is an upper bound on eq. 8), and β is the warm-up
+    weight. Decoding samples come from the model run under
+    :func:`pyro.poutine.uncondition`; the guide then scores the prior's z̃ at x̃
+    (log q(z̃|x̃), Alg. 2 line 5) and draws the z' of q̂(x̃). Every half uses the
+    whole batch, so the mixture weights are ½ exactly, with lower variance than
+    Alg. 1's N/2 + N/2 split.
+
+    **Warm-up** (sec. 5, after Alemi et al. 2017): β, the weight of the second,
+    decoder cross-entropy term CE(M_S, p_θ(x, z)) = -E[log p_θ(x|z) + log p_θ(z)]
+    of eq. 8, rises linearly from 0 to ½ over ``warmup_steps`` training steps
+    (β = ½ min(1, t / warmup_steps) at step t; ½ throughout when
+    ``warmup_steps=0``). The first term, ½ CE(M_S, q_θ(x, z)), keeps weight ½.
+    A step is one call of :meth:`loss_and_grads` (one ``svi.step``) or of
+    :meth:`differentiable_loss`; :meth:`loss` does not advance it. ``num_steps``
+    can be set to resume.
+
+    Args:
+        num_particles: number of (encoding, decoding) sample sets averaged.
+        max_plate_nesting: as for :class:`~pyro.infer.ELBO` (guessed if omitted).
+        vectorize_particles: draw the particles in one vectorised pass
+            (Pyro's outermost particle plate). The encoding half (all of A-MIM) is
+            fully vectorised; the decoding half re-encodes data sets generated by
+            the model, which a guide written as ``guide(x)`` takes one at a time,
+            so it loops over particles.
+        asymmetric: A-MIM (eq. 12-13) instead of MIM.
+        marginal_particles: K, the number of z' draws in the importance estimate
+            of log q_θ(x) (Alg. 2 uses K = 1). With K > 1 the log-mean-exp is
+            taken per element of the plates shared by every site (the data plate:
+            q_θ(x) factorises over it), and every site must carry the same
+            ``poutine.scale``.
+        warmup_steps: length of the linear warm-up of β (see above).
+        strict_enumeration_warning, ignore_jit_warnings, retain_graph: as for
+            :class:`~pyro.infer.ELBO`.
+
+    Raises (at the first loss evaluation):
+        ValueError: the model has no observed site; the guide does not sample a
+            latent site of the model, or samples a site that is not one (named);
+            a guide site (or, for MIM, a model site) is not reparameterisable
+            (MIM's gradients are pathwise, App. D.2; for a discrete likelihood use
+            ``asymmetric=True``); for MIM, an observed site's value is not one of
+            the model's tensor arguments (the decoding half must substitute
+            generated data for it); sites with different scales when K > 1.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        asymmetric: bool = False,
+        marginal_particles: int = 1,
+        warmup_steps: int = 0,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        retain_graph: Optional[bool] = None,
+    ):
+        _check_int("num_particles", num_particles, 1)
+        self.marginal_particles = _check_int("marginal_particles", marginal_particles, 1)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        if not isinstance(asymmetric, bool):
+            raise TypeError(f"asymmetric must be a bool, got {type(asymmetric).__name__}")
+        self.asymmetric = asymmetric
+        self.num_steps = 0
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            strict_enumeration_warning=strict_enumeration_warning,
+            ignore_jit_warnings=ignore_jit_warnings,
+            retain_graph=retain_graph,
+        )
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def warmup_weight(self) -> float:
+        """β, the current weight of the decoder cross-entropy term (0 → ½ over ``warmup_steps``)."""
+        if self.warmup_steps == 0:
+            return 0.5
+        return 0.5 * min(1.0, self.num_steps / self.warmup_steps)
+
+    # ------------------------------------------------------------------- traces
+    def _get_trace(self, model, guide, args, kwargs):
+        """One particle: the traces of the encoding half and, for MIM, the decoding half."""
+        self._ensure_plate_nesting(model, guide, args, kwargs)
+        encoding = self._encoding_half(model, guide, args, kwargs)
+        decoding = () if self.asymmetric else (self._decoding_half(model, guide, args, kwargs),)
+        return _MIMTraces(encoding, decoding)
+
+    def _get_vectorized_trace(self, model, guide, args, kwargs):
+        """All particles at once: the encoding half in Pyro's particle plate; the
+        decoding half once per particle (its guide takes one generated data set)."""
+        self._ensure_plate_nesting(model, guide, args, kwargs)
+        encoding = self._encoding_half(
+            self._vectorized_num_particles(model), self._vectorized_num_particles(guide), args, kwargs
+        )
+        decoding = ()
+        if not self.asymmetric:
+            decoding = tuple(self._decoding_half(model, guide, args, kwargs) for _ in range(self.num_particles))
+        return _MIMTraces(encoding, decoding)
+
+    def _ensure_plate_nesting(self, model, guide, args, kwargs):
+        # The K-sample marginal needs a free batch dim left of the model's plates.
+        # The guess runs the model and guide once; fork the RNG so that it draws nothing
+        # from the user's random stream (a seed then reproduces the same loss).
+        if self.marginal_particles > 1 and self.max_plate_nesting == float("inf"):
+            with torch.random.fork_rng(devices=[]):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+
+    def _encoding_half(self, model, guide, args, kwargs) -> _Half:
+        # (x, z) ~ P(x) q(z|x): z from the guide at the data, the model replayed on it.
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
+            *args, **kwargs
+        )
+        guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+        self._check_traces(model_trace, guide_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        marginal = self._marginal_traces(model, guide, args, kwargs)
+        return _Half(model_trace, guide_trace, *marginal)
+
+    def _decoding_half(self, model, guide, args, kwargs) -> _Half:
+        # (x, z) ~ p(x|z) P(z): the model with its observed sites sampled (reparameterised).
+        model_trace = poutine.trace(poutine.uncondition(model), graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = prune_subsample_sites(model_trace)
+        for site in _sample_sites(model_trace):
+            if not site["fn"].has_rsample:
+                kind = "observed" if site["infer"].get("was_observed") else "latent"
+                raise ValueError(
+                    f"Trace_MIM: {kind} site {site['name']!r} of the model ({type(site['fn']).__name__}) "
+                    "cannot be sampled with reparameterisation, which the decoding half of MIM needs "
+                    "(Livne et al. 2019, App. D.2); use Trace_MIM(asymmetric=True) (A-MIM, encoding "
+                    "samples only)"
+                )
+        dec_args, dec_kwargs = _substitute_data(model_trace, args, kwargs)
+        # log q(z|x̃) of the prior's z at the generated x̃ (Alg. 2 line 5): replay the guide.
+        guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace), graph_type="flat").get_trace(
+            *dec_args, **dec_kwargs
+        )
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        marginal = self._marginal_traces(model, guide, dec_args, dec_kwargs)
+        return _Half(model_trace, guide_trace, *marginal)
+
+    def _marginal_traces(self, model, guide, args, kwargs):
+        # Fresh z' ~ q(z'|x) for the importance estimate of log q_θ(x) (Alg. 2).
+        K = self.marginal_particles
+        if K > 1:
+            plate = pyro.plate(_MARGINAL_PLATE, K, dim=-(self.max_plate_nesting + 1))
+            model, guide = plate(model), plate(guide)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
+            *args, **kwargs
+        )
+        guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        return model_trace, guide_trace
+
+    @staticmethod
+    def _check_traces(model_trace, guide_trace):
+        model_sites = _sample_sites(model_trace)
+        observed = [s["name"] for s in model_sites if s["is_observed"]]
+        if not observed:
+            raise ValueError(
+                "Trace_MIM: the model has no observed sites; MIM needs data, passed to the model and "
+                "observed with pyro.sample(name, dist, obs=x)"
+            )
+        latents = [s["name"] for s in model_sites if not s["is_observed"]]
+        guide_names = [s["name"] for s in _sample_sites(guide_trace)]
+        for name in latents:
+            if name not in guide_names:
+                raise ValueError(f"Trace_MIM: the guide does not sample latent site {name!r} of the model")
+        for name in guide_names:
+            if name not in latents:
+                raise ValueError(
+                    f"Trace_MIM: the guide samples site {name!r}, which is not a latent site of the model "
+                    f"(latent sites: {latents}, observed: {observed})"
+                )
+        for site in _sample_sites(guide_trace):
+            if not site["fn"].has_rsample:
+                raise ValueError(
+                    f"Trace_MIM: guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
+                    "reparameterisable; MIM's gradients are pathwise (Livne et al. 2019, App. D.2)"
+                )
+
+    # --------------------------------------------------------------- estimators
+    def _log_marginal(self, model_trace, guide_trace) -> torch.Tensor:
+        """Σ over data of log q̂(x) = log (1/K) Σ_k p(x, z'_k) / q(z'_k|x) (Alg. 2), a scalar."""
+        model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+        if self.marginal_particles == 1:
+            return sum(s["log_prob_sum"] for s in model_sites) - sum(s["log_prob_sum"] for s in guide_sites)
+        ndim = self.max_plate_nesting + 1
+        sites = model_sites + guide_sites
+        # q_θ(x) factorises over the plates that every site is in (the data plate).
+        stacks = [{(f.name, f.dim) for f in s["cond_indep_stack"] if f.vectorized} for s in sites]
+        common = set.intersection(*stacks)
+        keep = {dim for _, dim in common}
+        scale = sites[0]["scale"]
+        for s in sites[1:]:
+            if not _same_scale(s["scale"], scale):
+                raise ValueError(
+                    f"Trace_MIM(marginal_particles>1): site {s['name']!r} has scale {s['scale']!r} but site "
+                    f"{sites[0]['name']!r} has {scale!r}; the K-sample log q(x) needs one poutine.scale for "
+                    "all sites"
+                )
+        log_w = 0.0
+        for sign, group in ((1.0, model_sites), (-1.0, guide_sites)):
+            for s in group:
+                lp = scale_and_mask(s["unscaled_log_prob"], mask=s["mask"])
+                log_w = log_w + sign * _sum_except(lp, keep, ndim)
+        log_qx = torch.logsumexp(log_w, dim=-ndim) - math.log(self.marginal_particles)
+        return scale_and_mask(log_qx.sum(), scale)
+
+    def _half_loss(self, half: _Half) -> torch.Tensor:
+        """-[½ (log q(z|x) + log q̂(x)) + β log p(x, z)], summed over the batch (nats)."""
+        log_q = sum(s["log_prob_sum"] for s in _sample_sites(half.guide_trace))
+        log_p = sum(s["log_prob_sum"] for s in _sample_sites(half.model_trace))
+        log_qx = self._log_marginal(half.marginal_model_trace, half.marginal_guide_trace)
+        return -(0.5 * (log_q + log_qx) + self.warmup_weight * log_p)
+
+    def _differentiable_loss_particle(self, traces: _MIMTraces) -> torch.Tensor:
+        loss = self._half_loss(traces.encoding)
+        if traces.decoding:
+            dec = sum(self._half_loss(h) for h in traces.decoding)
+            # A vectorised encoding half holds all particles; so do the decoding halves together.
+            loss = 0.5 * (loss + dec)
+        return loss
+
+    # --------------------------------------------------------------- interface
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """An estimate of the MIM (or A-MIM) loss, in nats summed over the data plate.
+
+        Does not advance the warm-up. Returns a float.
+        """
+        loss = 0.0
+        with torch.no_grad():
+            for traces in self._get_traces(model, guide, args, kwargs):
+                loss += torch_item(self._differentiable_loss_particle(traces)) / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The MIM (or A-MIM) loss as a differentiable scalar tensor (all gradients pathwise).
+
+        Counts as one training step for the warm-up.
+        """
+        loss = 0.0
+        for traces in self._get_traces(model, guide, args, kwargs):
+            loss = loss + self._differentiable_loss_particle(traces) / self.num_particles
+        warn_if_nan(loss, "loss")
+        self.num_steps += 1
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Computes the loss, backpropagates it into the model's and guide's parameters and
+        returns it as a float (one training step for the warm-up)."""
+        loss = 0.0
+        for traces in self._get_traces(model, guide, args, kwargs):
+            loss_particle = self._differentiable_loss_particle(traces) / self.num_particles
+            loss += torch_item(loss_particle)
+            trainable = any(
+                site["type"] == "param"
+                for half in (traces.encoding, *traces.decoding)
+                for trace in half
+                for site in trace.nodes.values()
+            )
+            if trainable and getattr(loss_particle, "requires_grad", False):
+                loss_particle.backward(retain_graph=self.retain_graph)
+        warn_if_nan(loss, "loss")
+        self.num_steps += 1
+        return loss
+
+
+def _same_scale(a, b) -> bool:
+    if isinstance(a, numbers.Number) and isinstance(b, numbers.Number):
+        return a == b
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def _sum_except(log_prob, keep: set, ndim: int):
+    """Sums a site's log_prob over every batch dim not in ``keep`` (negative dims), keeping
+    ``ndim`` dims, so that sites of different plates add up elementwise."""
+    if not torch.is_tensor(log_prob) or log_prob.dim() == 0:
+        return log_prob
+    if log_prob.dim() > ndim:
+        raise ValueError(f"log_prob of shape {tuple(log_prob.shape)} has more than {ndim} batch dims")
+    lp = log_prob.reshape((1,) * (ndim - log_prob.dim()) + log_prob.shape)
+    dims = [d for d in range(-ndim + 1, 0) if d not in keep]
+    return lp.sum(dims, keepdim=True) if dims else lp
+
+
+def _substitute_data(model_trace, args, kwargs):
+    """The model's arguments with each observed tensor replaced by the generated one.
+
+    ``pyro.poutine.uncondition`` keeps the observed value of each site in
+    ``site["infer"]["obs"]``; it is found among ``args``/``kwargs`` by identity.
+    """
+    args, kwargs = list(args), dict(kwargs)
+    for site in _sample_sites(model_trace):
+        if not site["infer"].get("was_observed"):
+            continue
+        obs, value = site["infer"]["obs"], site["value"]
+        where = [("arg", i) for i, a in enumerate(args) if a is obs]
+        where += [("kwarg", k) for k, a in kwargs.items() if a is obs]
+        if not where:
+            raise ValueError(
+                f"Trace_MIM: the observed value of site {site['name']!r} is not one of the model's tensor "
+                "arguments; symmetric MIM re-runs the guide on data generated by the model and must pass "
+                "them in place of the data, so pass the observed tensor itself (def model(x): ... "
+                "obs=x), or use Trace_MIM(asymmetric=True)"
+            )
+        if value.shape != obs.shape:
+            raise ValueError(
+                f"Trace_MIM: observed site {site['name']!r} generates values of shape {tuple(value.shape)} "
+                f"but its data have shape {tuple(obs.shape)}; the likelihood's batch shape must match "
+                "the data (use .to_event() for the event dims)"
+            )
+        for kind, key in where:
+            if kind == "arg":
+                args[key] = value
+            else:
+                kwargs[key] = value
+    return tuple(args), kwargs

@@ -1,0 +1,340 @@
+"""Tests of pyro_mi.Trace_MIM (Livne et al. 2019, MIM eq. 8, A-MIM eq. 12, Alg. 2).
+
+The model is linear-Gaussian, z ~ N(0, I_2), x | z ~ N(W z + b, σ² I_3), and the
+guide q(z|x) = N(A x + c, diag(s²)); all of W, b, σ, A, c, s are Pyro params.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam
+from torch.distributions import Normal, constraints
+
+import pyro_mi
+from pyro_mi import Trace_MIM
+
+D, d = 3, 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread avoids thread thrashing on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def init_params(exact_posterior=False, W=None):
+    """Fills Pyro's param store; returns the initial values (a dict of tensors)."""
+    pyro.clear_param_store()
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(D, d, generator=g) if W is None else W
+    p = {
+        "W": W,
+        "b": torch.randn(D, generator=g),
+        "sigma": torch.tensor(0.7),
+        "A": 0.3 * torch.randn(d, D, generator=g),
+        "c": 0.1 * torch.randn(d, generator=g),
+        "q_scale": torch.tensor([0.5, 0.8]),
+    }
+    if exact_posterior:
+        # Posterior of the linear-Gaussian model (needs WᵀW diagonal for a diagonal guide).
+        prec = torch.eye(d) + p["W"].T @ p["W"] / p["sigma"] ** 2
+        assert torch.allclose(prec, torch.diag(torch.diagonal(prec)))
+        cov = torch.linalg.inv(prec)
+        p["A"] = cov @ p["W"].T / p["sigma"] ** 2
+        p["c"] = -p["A"] @ p["b"]
+        p["q_scale"] = torch.diagonal(cov).sqrt()
+    for k, v in p.items():
+        pyro.param(k, v.clone(), constraint=constraints.positive if k in ("sigma", "q_scale") else constraints.real)
+    return p
+
+
+def model(x):
+    W, b, sigma = pyro.param("W"), pyro.param("b"), pyro.param("sigma")
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
+
+
+def guide(x):
+    A, c, s = pyro.param("A"), pyro.param("c"), pyro.param("q_scale")
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x @ A.T + c, s).to_event(1))
+
+
+def data(n=5, seed=0):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed)) * 2.0
+
+
+# ----------------------------------------------------------------- by hand
+def hand_loss(p, x, asymmetric=False, K=1, beta=0.5):
+    """Eq. 8 / 12 with Alg. 2's estimate of log q(x), drawing the same random numbers in
+    the same order as Trace_MIM: enc z, enc z'; prior z̃, x̃, dec z̃'."""
+    W, b, sigma, A, c, s = (p[k] for k in ("W", "b", "sigma", "A", "c", "q_scale"))
+    prior = Normal(torch.zeros(x.shape[0], d), 1.0)
+
+    def log_p(x, z):  # log p(x|z) + log p(z), per point (…, N)
+        return Normal(z @ W.T + b, sigma).log_prob(x).sum(-1) + Normal(0.0, 1.0).log_prob(z).sum(-1)
+
+    def q(x):
+        return Normal(x @ A.T + c, s)
+
+    def log_qx(x):  # log (1/K) Σ_k p(x, z'_k) / q(z'_k|x), z'_k a fresh draw
+        zp = q(x).rsample((K,)) if K > 1 else q(x).rsample()
+        lw = log_p(x, zp) - q(x).log_prob(zp).sum(-1)
+        return torch.logsumexp(lw, 0) - math.log(K) if K > 1 else lw
+
+    def half(x, z):
+        return -(0.5 * (q(x).log_prob(z).sum(-1) + log_qx(x)) + beta * log_p(x, z)).sum()
+
+    z = q(x).rsample()
+    enc = half(x, z)
+    if asymmetric:
+        return enc
+    z0 = prior.rsample()
+    x0 = Normal(z0 @ W.T + b, sigma).rsample()
+    return 0.5 * (enc + half(x0, z0))
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("K", [1, 3])
+def test_loss_matches_hand_formula(asymmetric, K):
+    p = init_params()
+    x = data()
+    loss = Trace_MIM(asymmetric=asymmetric, marginal_particles=K)
+    torch.manual_seed(7)
+    value = loss.loss(model, guide, x)
+    torch.manual_seed(7)
+    expected = hand_loss(p, x, asymmetric=asymmetric, K=K).item()
+    assert value == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    # differentiable_loss gives the same number from the same draws.
+    torch.manual_seed(7)
+    assert loss.differentiable_loss(model, guide, x).item() == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_warmup_scales_decoder_cross_entropy():
+    """β (the weight of CE(M_S, p(x,z)), sec. 5) rises 0 → ½ over warmup_steps; loss() does not step it."""
+    p = init_params()
+    x = data()
+    loss = Trace_MIM(warmup_steps=4)
+    assert loss.warmup_weight == 0.0
+    torch.manual_seed(3)
+    value = loss.loss(model, guide, x)
+    torch.manual_seed(3)
+    assert value == pytest.approx(hand_loss(p, x, beta=0.0).item(), rel=1e-5)
+    for _ in range(2):
+        loss.differentiable_loss(model, guide, x)
+    assert loss.num_steps == 2 and loss.warmup_weight == 0.25
+    torch.manual_seed(3)
+    value = loss.loss(model, guide, x)
+    torch.manual_seed(3)
+    assert value == pytest.approx(hand_loss(p, x, beta=0.25).item(), rel=1e-5)
+    loss.num_steps = 10
+    assert loss.warmup_weight == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"asymmetric": True},
+        {"marginal_particles": 4},
+        {"num_particles": 3, "vectorize_particles": True},
+        {"num_particles": 2, "vectorize_particles": True, "marginal_particles": 3},
+    ],
+)
+def test_gradients_reach_every_parameter(kwargs):
+    init_params()
+    x = data(8)
+    torch.manual_seed(0)
+    Trace_MIM(**kwargs).loss_and_grads(model, guide, x)
+    store = pyro.get_param_store()
+    for name in ("W", "b", "sigma", "A", "c", "q_scale"):
+        grad = store.get_param(name).unconstrained().grad
+        assert grad is not None and torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, name
+
+
+def test_marginal_estimate_is_exact_with_the_true_posterior():
+    """With q(z|x) = p(z|x), p(x, z') / q(z'|x) = p(x) for every z' (Alg. 2's estimate has no variance)."""
+    W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    p = init_params(exact_posterior=True, W=W)
+    x = data(6)
+    for K in (1, 5):
+        mim = Trace_MIM(marginal_particles=K)
+        mim._ensure_plate_nesting(model, guide, (x,), {})
+        log_qx = mim._log_marginal(*mim._marginal_traces(model, guide, (x,), {}))
+        cov = p["W"] @ p["W"].T + p["sigma"] ** 2 * torch.eye(D)
+        exact = dist.MultivariateNormal(p["b"], cov).log_prob(x).sum()
+        assert log_qx.item() == pytest.approx(exact.item(), abs=1e-3)
+
+
+def test_amim_equals_mim_when_encoding_and_decoding_distributions_agree():
+    """Sec. 3.3: MIM and A-MIM differ only in the sampling distribution (M_S vs M_S^q), so with
+    a consistent model (q(z|x) P(x) = p(x|z) P(z): data from the model, exact posterior) eq. 8 and
+    eq. 12 are the same expectation. Checked to Monte-Carlo error; an inconsistent guide breaks it."""
+    W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    p = init_params(exact_posterior=True, W=W)
+    N = 20000
+    torch.manual_seed(0)
+    z = torch.randn(N, d)
+    x = z @ p["W"].T + p["b"] + p["sigma"] * torch.randn(N, D)
+    torch.manual_seed(1)
+    mim = Trace_MIM().loss(model, guide, x) / N
+    amim = Trace_MIM(asymmetric=True).loss(model, guide, x) / N
+    # per-point loss = -log p(x, z), sd ≈ 1.6 nats; the difference has sd ≈ 0.008.
+    assert abs(mim - amim) < 0.04
+    # Power: a guide twice as wide makes the two sampling distributions differ.
+    pyro.get_param_store()["q_scale"] = 2.0 * p["q_scale"]
+    torch.manual_seed(1)
+    mim = Trace_MIM().loss(model, guide, x) / N
+    amim = Trace_MIM(asymmetric=True).loss(model, guide, x) / N
+    assert abs(mim - amim) > 0.2
+
+
+def test_vectorized_particles_match_sequential_particles():
+    init_params()
+    x = data(20)
+    torch.manual_seed(0)
+    seq = Trace_MIM(num_particles=400).loss(model, guide, x)
+    torch.manual_seed(1)
+    vec = Trace_MIM(num_particles=400, vectorize_particles=True).loss(model, guide, x)
+    # per-particle loss sd is ~10 nats at N = 20: the mean of 400 has sd ~0.5.
+    assert vec == pytest.approx(seq, abs=3.0)
+
+
+def test_svi_steps_lower_the_loss():
+    init_params()
+    torch.manual_seed(0)
+    x = torch.randn(200, d) @ torch.randn(D, d).T + 0.3 * torch.randn(200, D)
+    mim = Trace_MIM(num_particles=20, vectorize_particles=True)
+    torch.manual_seed(1)
+    before = mim.loss(model, guide, x)
+    svi = SVI(model, guide, Adam({"lr": 0.05}), loss=Trace_MIM())
+    for _ in range(100):
+        svi.step(x)
+    torch.manual_seed(1)
+    after = mim.loss(model, guide, x)
+    assert after < before - 100.0, (before, after)
+
+
+# ------------------------------------------------------------------- errors
+def test_model_without_observed_sites_raises():
+    init_params()
+
+    def latent_only(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match="no observed sites"):
+        Trace_MIM().loss(latent_only, guide, data())
+
+
+def test_guide_missing_a_latent_site_raises():
+    init_params()
+
+    def model2(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+            u = pyro.sample("u", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True) + u.unsqueeze(-1), 1.0).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="latent site 'u'"):
+        Trace_MIM().loss(model2, guide, data())
+
+    def guide2(x):
+        guide(x)
+        pyro.sample("extra", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'extra'"):
+        Trace_MIM().loss(model, guide2, data())
+
+
+def test_discrete_likelihood_needs_asymmetric():
+    init_params()
+
+    def bern_model(x):
+        W, b = pyro.param("W"), pyro.param("b")
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z @ W.T + b).to_event(1), obs=x)
+
+    x = (data() > 0).float()
+    with pytest.raises(ValueError, match="observed site 'x'.*asymmetric=True"):
+        Trace_MIM().loss(bern_model, guide, x)
+    assert math.isfinite(Trace_MIM(asymmetric=True).loss(bern_model, guide, x))
+
+
+def test_observed_value_not_an_argument_raises():
+    init_params()
+
+    def model_t(x):
+        W, b = pyro.param("W"), pyro.param("b")
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ W.T + b, 1.0).to_event(1), obs=x * 1.0)
+
+    with pytest.raises(ValueError, match="not one of the model's tensor arguments"):
+        Trace_MIM().loss(model_t, guide, data())
+    assert math.isfinite(Trace_MIM(asymmetric=True).loss(model_t, guide, data()))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="marginal_particles"):
+        Trace_MIM(marginal_particles=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        Trace_MIM(warmup_steps=-1)
+    with pytest.raises(TypeError, match="asymmetric"):
+        Trace_MIM(asymmetric="yes")
+
+
+def test_swap_in_for_trace_elbo_in_a_standard_vae_script():
+    """A standard Pyro VAE (pyro.module networks, data plate) trains with Trace_MIM unchanged."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2 * d))
+    dec = torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2 * D))
+
+    def vae_model(x):
+        pyro.module("decoder", dec)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(d), 1.0).to_event(1))
+            loc, log_scale = dec(z).chunk(2, -1)
+            pyro.sample("x", dist.Normal(loc, log_scale.exp()).to_event(1), obs=x)
+
+    def vae_guide(x):
+        pyro.module("encoder", enc)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = enc(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    x = data(64)
+    for loss in (Trace_ELBO(), Trace_MIM()):
+        svi = SVI(vae_model, vae_guide, Adam({"lr": 1e-2}), loss=loss)
+        losses = [svi.step(x) for _ in range(30)]
+        assert all(math.isfinite(v) for v in losses)
+    assert pyro_mi.Trace_MIM is Trace_MIM
+
+
+def test_tutorial_runs_fast(tmp_path):
+    env = dict(os.environ, PYRO_MI_TUTORIAL_FAST="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    script = ROOT / "tutorials" / "05_mim_mixture.py"
+    out = ROOT / "tutorials" / "output"
+    for name in ("05_mim_mixture.png", "05_mim_mixture.json"):
+        (out / name).unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "05_mim_mixture.png").exists()
+    assert (out / "05_mim_mixture.json").exists()
