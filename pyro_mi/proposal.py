@@ -92,7 +92,7 @@ class GuideDensity:
     def _trace(self, x: Data, num_samples: int, cond: dict):
         x = self.density.check_data(x)
         n = next(iter(x.values())).shape[0]
-        return self.density.trace_program(poutine.condition(self._call, data=cond), num_samples, n, x)
+        return self.density.trace_program(poutine.condition(self._call, data=cond), num_samples, n, x, "guide")
 
     def rsample(self, x: Data, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """z ~ q(z|x): returns z (K, N, D) and log q(z|x) (K, N), reparameterised where the guide is."""
@@ -151,8 +151,11 @@ class GaussianEncoder(nn.Module):
 
     def forward(self, x: Data) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (mu, sigma), each (N, D)."""
-        h = self.net((self.density.flatten_data(x) - self.x_mean) / self.x_std)
-        mu, log_sigma = h.chunk(2, -1)
+        return self.loc_scale(self.density.flatten_data(x))
+
+    def loc_scale(self, x_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma), each (..., D), from already flattened x (..., obs_dim)."""
+        mu, log_sigma = self.net((x_flat - self.x_mean) / self.x_std).chunk(2, -1)
         return mu, log_sigma.clamp(-12.0, 6.0).exp()
 
     def rsample(self, x: Data, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

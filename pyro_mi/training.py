@@ -77,6 +77,7 @@ def train(
     max_grad_norm: float | None = None,
     progress: bool = True,
     desc: str = "train",
+    module_lrs: Sequence[float | None] | None = None,
 ) -> TrainingLog:
     """Maximises ``objective`` over the parameters of ``modules`` with Adam and early stopping.
 
@@ -96,6 +97,9 @@ def train(
         max_grad_norm: clip the global gradient norm to this value (None: no clipping).
         progress: show a tqdm progress bar.
         desc: the progress bar's label.
+        module_lrs: optional per-module learning rates, one per entry of
+            ``modules`` (None entries use ``lr``), e.g. a smaller one for a
+            pre-fitted encoder trained jointly with a fresh critic.
 
     Returns:
         :class:`TrainingLog`. The modules hold the parameters of the best
@@ -111,7 +115,18 @@ def train(
     _check_positive_int("patience", patience)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if module_lrs is not None and len(module_lrs) != len(modules):
+        raise ValueError(f"module_lrs must have one entry per module ({len(modules)}), got {len(module_lrs)}")
+    groups, seen = [], set()
+    for i, m in enumerate(modules):
+        ps = [p for p in m.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        m_lr = lr if module_lrs is None or module_lrs[i] is None else module_lrs[i]
+        if not m_lr > 0:
+            raise ValueError(f"module_lrs[{i}] must be > 0, got {m_lr!r}")
+        if ps:
+            groups.append({"params": ps, "lr": m_lr})
+    params = [p for g in groups for p in g["params"]]
     log = TrainingLog()
     if not params or max_steps == 0:
         if validate is not None:
@@ -119,7 +134,7 @@ def train(
             log.validation.append((0, log.best_value))
         return log
 
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(groups, lr=lr)
     best_state = [copy.deepcopy(m.state_dict()) for m in modules]
     if validate is not None:
         log.best_value = _evaluate(modules, validate)

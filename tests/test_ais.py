@@ -176,6 +176,44 @@ def test_non_finite_density_region_does_not_crash():
     check_bracket(r, truth, slack=0.05)
 
 
+def test_fast_normal_log_prob_matches_torch():
+    # the density layer's fast path for Normal / Independent(Normal) sites (the AIS hot path)
+    from pyro_mi.density import site_log_prob
+
+    torch.manual_seed(0)
+    loc = torch.randn(4, 3, 5, requires_grad=True)
+    scale = torch.rand(4, 3, 5).add(0.5).requires_grad_(True)
+    z = torch.randn(4, 3, 5, requires_grad=True)
+    fns = [
+        dist.Normal(loc, 0.7).to_event(1),
+        dist.Normal(loc, scale).to_event(1),
+        dist.Normal(loc, scale),
+        dist.Normal(loc, scale).to_event(2),
+        dist.Normal(torch.zeros(5), torch.ones(5)).to_event(1).expand((4, 3)),
+        dist.Normal(loc[:, :1], torch.full((5,), 0.5)).to_event(1),
+        torch.distributions.Normal(loc, 1.3),
+    ]
+    for fn in fns:
+        for value in (torch.randn(3, 5), z, torch.randn(5)):
+            with pyro.validation_enabled(False):
+                fn._validate_args = False
+                getattr(fn, "base_dist", fn)._validate_args = False
+                expected, got = fn.log_prob(value), site_log_prob(fn, value)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected)
+            if expected.requires_grad:
+                ge = torch.autograd.grad(expected.sum(), [loc, scale, z], allow_unused=True)
+                gg = torch.autograd.grad(got.sum(), [loc, scale, z], allow_unused=True)
+                for a, b in zip(ge, gg):
+                    a = torch.zeros(4, 3, 5) if a is None else a
+                    b = torch.zeros(4, 3, 5) if b is None else b
+                    torch.testing.assert_close(b, a)
+    # with argument validation on, torch's path runs (and validates)
+    fn = dist.Normal(torch.zeros(2), 1.0, validate_args=True)
+    with pytest.raises(ValueError):
+        site_log_prob(fn, torch.tensor([0.0, float("nan")]))
+
+
 # ---------------------------------------------------------------- determinism, resume, chunks
 def test_determinism():
     ex, d, x, z, _ = linear_setup(num_data=8)

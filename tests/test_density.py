@@ -165,3 +165,23 @@ def test_mismatched_data_points_between_sites():
 def test_beta_binomial_truth_is_sane():
     _, mi = beta_binomial()
     assert 0.0 < mi < torch.log(torch.tensor(11.0))
+
+
+def test_non_broadcasting_model_gets_clear_error():
+    def model(x=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        return pyro.sample("x", dist.Normal(mu, 1.0).expand([5]).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="failed after site 'mu'.*broadcast"):
+        ModelDensity(model, "x")
+
+
+def test_scale_and_mask_are_applied():
+    def model(x=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.poutine.scale(scale=2.0):
+            return pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    d = ModelDensity(model, "x")
+    x, z = d.sample(4)
+    torch.testing.assert_close(d.log_likelihood(x, z), 2.0 * dist.Normal(z[:, 0], 1.0).log_prob(x["x"]))

@@ -29,7 +29,9 @@ from pyro_mi.proposal import GuideDensity  # noqa: E402
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
 OUT = Path(__file__).resolve().parent / "output"
 OUT.mkdir(exist_ok=True)
-torch.set_num_threads(1 if FAST else 2)
+# One thread: these tensors are small, and on a shared or busy CPU two threads can be many
+# times slower (OpenMP threads wait for each other at every op).
+torch.set_num_threads(1)
 
 NUM_DATA = 8 if FAST else 64
 IWAE_K = [1, 10] if FAST else [1, 10, 100, 1000, 10000]

@@ -41,10 +41,11 @@ import time
 from typing import Callable
 
 import pyro
+import pyro.distributions as dist
 import torch
 
-from ..density import Data, ModelDensity
-from ..proposal import PriorProposal
+from ..density import Data, ModelDensity, site_log_prob
+from ..proposal import GaussianEncoder, PriorProposal
 from ..result import MIResult
 from ..samplers import anneal, get_schedule, set_rng_state
 
@@ -61,7 +62,9 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
     """``z (C, N, D) -> (log pi0(z), log p(x, z))``, each (C, N), for the AIS path.
 
     pi0 is the prior p(z) for a :class:`~pyro_mi.proposal.PriorProposal` (one model
-    trace per call), else the proposal's ``log_prob(z, x)``. Pyro's argument
+    trace per call), else the proposal's ``log_prob(z, x)`` (for a
+    :class:`~pyro_mi.proposal.GaussianEncoder` its network runs once here, since x is
+    fixed along the path). Pyro's argument
     validation is switched off inside, so that a chain stepping into a region of
     zero density gets -inf (and is rejected) instead of raising.
     """
@@ -72,6 +75,17 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
             with pyro.validation_enabled(False):
                 lp, ll = density.log_terms(x, z)
             return lp, lp + ll
+
+    elif type(proposal) is GaussianEncoder:
+        # x is fixed along the path: run the encoder network once, not at every leapfrog step
+        with torch.no_grad():
+            mu, sigma = proposal(x)
+        q = dist.Normal(mu, sigma, validate_args=False).to_event(1)
+
+        def components(z):
+            with pyro.validation_enabled(False):
+                lp, ll = density.log_terms(x, z)
+            return site_log_prob(q, z), lp + ll
 
     else:
 

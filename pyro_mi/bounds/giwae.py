@@ -16,8 +16,18 @@ For a fixed q, GIWAE <= IWAE <= BA + log K (Cor. 2.3; equality of the first for
 the optimal critic T* = log p(x, z)/q(z|x) + c(x), Cor. 2.2).
 
 q_θ and T_φ are trained jointly (App. O.2) on fresh simulated pairs at every
-step, with early stopping on a fixed simulated validation set; the reported
-bound is evaluated on the (x, z) passed in, which played no part in training.
+step, with early stopping on a fixed simulated validation set with fixed
+negatives; the reported bound is evaluated on the (x, z) passed in, which
+played no part in training.
+
+Why the default critic reads z standardised by q (:class:`ResidualCritic`):
+when q is already a good (BA-fitted) Gaussian, T* - c(x) = log p(z|x) - log q(z|x)
+is a fraction of a nat in size and varies on the posterior's scale (e.g. 0.1 of
+the prior's on the linear VAE). An MLP on the raw [x, z] does not find it from
+the noisy contrastive gradient: it stays constant in z, the contrastive term
+stays 0 and early stopping keeps the start (GIWAE = BA). On
+u = (z - mu_q(x)) / sigma_q(x), T* is smooth and O(1)-scaled (a quadratic for
+Gaussian posteriors).
 """
 
 from __future__ import annotations
@@ -56,14 +66,63 @@ class StandardizedCritic(nn.Module):
         return self.critic((x - self.x_mean) / self.x_std, z)
 
 
-def default_giwae_critic(density: ModelDensity, hidden_sizes=(256, 256), num_standardize: int = 1024) -> nn.Module:
-    """The default GIWAE critic: a ReLU MLP on [standardised flattened x, z] (App. O.2 uses width 2000).
+class ResidualCritic(nn.Module):
+    """A GIWAE critic on x and the proposal-standardised latent u = (z - mu_q(x)) / sigma_q(x).
 
-    The standardisation statistics come from ``num_standardize`` simulated x.
-    Built on the device and dtype of the simulated data.
+        T(x, z) = MLP([x_std, u]) + uᵀ A u
+
+    The optimal GIWAE critic is T* = log p(z|x) - log q(z|x) + c(x) (Cor. 2.2). When
+    q is a good Gaussian fit of the posterior, T* is a small, smooth function of
+    the residual u (for a Gaussian posterior, a quadratic in u: the term uᵀ A u
+    captures the posterior correlations a diagonal q misses); as a function of
+    the raw z it is a narrow ridge around mu_q(x) that an MLP on [x, z] does not
+    find. The MLP's last layer and A start at zero, so T = 0 at the start and
+    GIWAE starts exactly at BA. The critic reads q's *current* mean and scale
+    (q is not registered as a submodule: it is trained, saved and restored as
+    the proposal); u uses only q and x, never p(x|z), so the bound stays eq. 7.
+
+    Args:
+        proposal: the :class:`~pyro_mi.proposal.GaussianEncoder` q(z|x).
+        hidden_sizes: widths of the MLP's hidden layers.
+
+    Call: ``critic(x_flat (..., obs_dim), z (..., D)) -> (...,)``, broadcasting leading dims.
+    """
+
+    def __init__(self, proposal: GaussianEncoder, hidden_sizes=(256, 256)):
+        super().__init__()
+        if not isinstance(proposal, GaussianEncoder):
+            raise TypeError(f"proposal must be a GaussianEncoder, got {type(proposal).__name__}")
+        self._proposal = (proposal,)  # a tuple hides it from nn.Module registration
+        D = proposal.density.latent_dim
+        self.mlp = JointCritic(proposal.density.obs_dim, D, tuple(hidden_sizes))
+        last = self.mlp.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.quadratic = nn.Parameter(torch.zeros(D, D))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        q = self._proposal[0]
+        mu, sigma = q.loc_scale(x)
+        u = (z - mu) / sigma
+        return self.mlp((x - q.x_mean) / q.x_std, u) + ((u @ self.quadratic) * u).sum(-1)
+
+
+def default_giwae_critic(
+    density: ModelDensity, hidden_sizes=(256, 256), num_standardize: int = 1024, proposal=None
+) -> nn.Module:
+    """The default GIWAE critic (App. O.2 uses a ReLU MLP of width 2000 on [x, z]).
+
+    With a :class:`~pyro_mi.proposal.GaussianEncoder` proposal: a
+    :class:`ResidualCritic` on [standardised x, (z - mu_q(x)) / sigma_q(x)] that
+    starts at T = 0 (GIWAE = BA). Otherwise (the prior, i.e. InfoNCE, or a user's
+    guide): a ReLU MLP on [standardised flattened x, z], the standardisation
+    statistics from ``num_standardize`` simulated x. Built on the device and
+    dtype of the simulated data.
     """
     with torch.no_grad():
         xf = density.flatten_data(density.sample(num_standardize)[0])
+    if isinstance(proposal, GaussianEncoder):
+        return ResidualCritic(proposal, hidden_sizes).to(device=xf.device, dtype=xf.dtype)
     critic = JointCritic(density.obs_dim, density.latent_dim, tuple(hidden_sizes)).to(device=xf.device, dtype=xf.dtype)
     return StandardizedCritic(critic, xf.mean(0), xf.std(0).clamp_min(1e-3))
 
@@ -127,6 +186,8 @@ def giwae_bounds(
     max_steps: int = 2000,
     batch_size: int = 64,
     lr: float = 1e-3,
+    proposal_lr: float | None = 1e-4,
+    train_particles: int | None = None,
     hidden_sizes: tuple[int, ...] = (256, 256),
     num_val: int = 256,
     eval_every: int = 100,
@@ -141,9 +202,16 @@ def giwae_bounds(
     trained jointly with the critic (App. O.2), so the caller's encoder is left
     unchanged; any other proposal (a user's Pyro guide, the prior) is kept
     fixed and only the critic is trained (with the prior this is InfoNCE). Each
-    training step simulates ``batch_size`` fresh pairs from the model; early
-    stopping uses ``num_val`` simulated validation pairs. The reported bound is
-    evaluated on the given (x, z), independent of training.
+    training step simulates ``batch_size`` fresh pairs from the model and draws
+    ``train_particles - 1`` negatives per pair (the optimal critic
+    log p(x, z)/q(z|x) + c(x) of Cor. 2.2 does not depend on K, so a smaller
+    training K with a larger batch gives less noisy gradients). Early stopping
+    scores ``num_val`` simulated validation pairs with the same fixed negatives
+    at every evaluation (common random numbers, so a score change is a change of
+    the parameters, not of the draw); the initial parameters (critic T = 0 for
+    the default critic: exactly BA) are kept unless training improves on them.
+    The reported bound is evaluated with K = ``num_particles`` on the given
+    (x, z), independent of training.
 
     Args:
         density: the model's :class:`~pyro_mi.density.ModelDensity`.
@@ -153,7 +221,10 @@ def giwae_bounds(
         critic: a module ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``;
             default :func:`default_giwae_critic`. Trained in place.
         train_proposal: train a copy of a GaussianEncoder proposal jointly (default True).
-        max_steps, batch_size, lr: joint optimisation settings (Adam).
+        max_steps, batch_size, lr: joint optimisation settings (Adam; ``lr`` for the critic).
+        proposal_lr: Adam learning rate of the trained proposal copy (None: ``lr``); smaller
+            than the critic's because the proposal arrives BA-fitted while the critic starts afresh.
+        train_particles: K used in training and validation (default ``min(num_particles, 100)``).
         hidden_sizes: widths of the default critic's hidden layers.
         num_val, eval_every, patience: early stopping on simulated validation pairs.
         progress: show a progress bar.
@@ -170,10 +241,11 @@ def giwae_bounds(
     K = _check_k(num_particles)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    K_train = min(K, 100) if train_particles is None else _check_k(train_particles)
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
     q = copy.deepcopy(proposal) if trained_q else proposal
     if critic is None:
-        critic = default_giwae_critic(density, hidden_sizes)
+        critic = default_giwae_critic(density, hidden_sizes, proposal=q)
     if not callable(critic):
         raise TypeError(f"critic must be a callable module critic(x, z), got {type(critic).__name__}")
     modules = [m for m in ((q if trained_q else None), critic) if isinstance(m, nn.Module)]
@@ -183,20 +255,27 @@ def giwae_bounds(
     def objective(step: int) -> torch.Tensor:
         with torch.no_grad():
             xb, zb = density.sample(batch_size)
-        ba, con = giwae_terms(density, q, critic, xb, zb, K)
+        ba, con = giwae_terms(density, q, critic, xb, zb, K_train)
         return (ba + con).mean()
 
     with torch.no_grad():
         x_val, z_val = density.sample(num_val) if num_val else (None, None)
+    # one seed for the validation negatives, drawn from the caller's stream (reproducible)
+    val_seed = int(torch.randint(2**62, ()))
+    val_device = z_val.device if num_val else torch.device("cpu")
 
     def validate() -> float:
-        ba, con = giwae_terms(density, q, critic, x_val, z_val, K)
+        # fixed negatives: reparameterised draws from a fixed noise stream, restored afterwards
+        with torch.random.fork_rng(devices=[val_device] if val_device.type == "cuda" else []):
+            torch.manual_seed(val_seed)
+            ba, con = giwae_terms(density, q, critic, x_val, z_val, K_train)
         return float((ba + con).mean())
 
     try:
         log = train(
             modules, objective, validate=validate if num_val else None, max_steps=max_steps if K > 1 or trained_q else 0,
             lr=lr, eval_every=eval_every, patience=patience, progress=progress, desc=f"fit {_method}",
+            module_lrs=[proposal_lr if m is q else None for m in modules],
         )
     finally:
         if not trained_q and isinstance(q, nn.Module):
@@ -212,6 +291,7 @@ def giwae_bounds(
         upper_per_point=None,
         settings={
             "num_particles": K,
+            "train_particles": K_train,
             "max_steps": max_steps,
             "steps": log.steps,
             "batch_size": batch_size,

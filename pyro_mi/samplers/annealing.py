@@ -25,6 +25,7 @@ flat tensors (C, N, D).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -151,6 +152,7 @@ def anneal(
     betas = betas.to(device=z_init.device, dtype=z_init.dtype)
     T = betas.numel() - 1
     delta, trans = _tables(betas, reverse)
+    beta_tab = betas[trans]  # (T, C): the beta of the transition after step j (row j - 1)
     kopts = dict(kernel_options or {})
     rec = record_steps(T, max_draws) if record else []
     rec_index = {j: i for i, j in enumerate(rec)}
@@ -181,13 +183,12 @@ def anneal(
             j = state.step + 1
             st = state.hmc
             d = delta[j - 1].unsqueeze(1)  # (C, 1)
-            h = st.log_target - st.log_base
-            inc = torch.where(d == 0, torch.zeros_like(h), d * h)
-            inc = torch.nan_to_num(inc, nan=-float("inf"))
+            inc = torch.where(d == 0, 0.0, d * (st.log_target - st.log_base))
+            inc = torch.nan_to_num(inc, nan=-math.inf)
             log_w = state.log_weights + inc
             stats = state.stats
             if j < T:
-                b = betas[trans[j - 1]].unsqueeze(1).expand(C, N)
+                b = beta_tab[j - 1].unsqueeze(1).expand(C, N)
                 if frozen_step_sizes is not None:
                     st = st._replace(step_size=frozen_step_sizes[trans[j - 1]].to(st.z))
                 used_eps = st.step_size

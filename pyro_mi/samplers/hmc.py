@@ -15,7 +15,11 @@ so that moving to a new beta needs no new evaluation: the gradient of the
 annealed log density at any beta is their linear combination. Every leapfrog
 step costs exactly one evaluation of the components (one model trace); only the
 last step of a trajectory (the proposal) back-propagates each component
-separately. Integration uses :func:`pyro.ops.integrator.velocity_verlet`.
+separately (two backward passes; the base's runs only through its own subgraph,
+e.g. the prior's, and measured about 10% more than one pass on the linear-vae
+example, less than a single batched pass with ``is_grads_batched``).
+Integration uses :func:`pyro.ops.integrator.velocity_verlet`. Inside the loop
+nothing synchronises with the host.
 
 Every chain has its own Metropolis accept/reject (Neal 2011, "MCMC using
 Hamiltonian dynamics", eq. 5.12) and its own step size, adapted towards a target
@@ -31,6 +35,7 @@ Style: a functional kernel with an explicit NamedTuple state and ``init`` /
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -128,14 +133,20 @@ class _AnnealedPotential:
     """Potential energy -log pi_beta for velocity_verlet, recording the components.
 
     Intermediate leapfrog points back-propagate the annealed sum once (velocity_verlet
-    differentiates the returned energy); the last point of a trajectory back-propagates
-    each component separately and returns a linear surrogate whose gradient is the
-    same, so its components and gradients can be cached in the next state.
+    differentiates the returned energy, here the linear combination
+    -((1 - beta) log pi0 + beta log gamma) summed over chains, whose gradient is that of
+    eq. 11 and which needs no ``torch.where``: its value is never used). The last point
+    of a trajectory back-propagates each component separately (two backward passes, the
+    base's only through its own subgraph, e.g. the prior's) and returns a linear
+    surrogate whose gradient is the annealed one, so that its components and gradients
+    can be cached in the next state.
     """
 
     def __init__(self, components: Components, beta: torch.Tensor, num_calls: int):
         self.components = components
         self.beta = beta  # (C, N)
+        self.w_base = 1.0 - beta
+        self.beta3 = beta.unsqueeze(-1)
         self.remaining = num_calls
         self.last = None
 
@@ -145,13 +156,18 @@ class _AnnealedPotential:
         with torch.enable_grad():
             lb, lt = self.components(z)
             if self.remaining > 0:
-                return -mix(lb, lt, self.beta).sum()
+                return -(lb * self.w_base + lt * self.beta).sum()
             gb = _grad(lb, z, retain=True)
             gt = _grad(lt, z, retain=False)
             self.last = (lb.detach(), lt.detach(), gb, gt)
-            b = self.beta.unsqueeze(-1)
-            g = gb + b * (gt - gb)
-            return -(z * g).sum()
+            return -(z * torch.lerp(gb, gt, self.beta3)).sum()
+
+
+def _as_beta(beta, z: torch.Tensor) -> torch.Tensor:
+    """beta as a (C, N) tensor of z's dtype and device (a view when already one)."""
+    if not (isinstance(beta, torch.Tensor) and beta.dtype == z.dtype and beta.device == z.device):
+        beta = torch.as_tensor(beta, dtype=z.dtype, device=z.device)
+    return beta.expand(z.shape[:2])
 
 
 def _kinetic_grad(r: dict) -> dict:
@@ -187,11 +203,10 @@ def step(
         ``(new_state, info)``. Randomness comes from torch's global generator.
     """
     z0 = state.z
-    beta = torch.as_tensor(beta, dtype=z0.dtype, device=z0.device).expand(z0.shape[:2])
-    b = beta.unsqueeze(-1)
+    beta = _as_beta(beta, z0)
     eps = state.step_size.unsqueeze(-1)
     r0 = torch.randn_like(z0)
-    grad0 = state.grad_base + b * (state.grad_target - state.grad_base)
+    grad0 = torch.lerp(state.grad_base, state.grad_target, beta.unsqueeze(-1))
     potential = _AnnealedPotential(components, beta, num_leapfrog)
     z1, r1, _, _ = velocity_verlet({"z": z0}, {"z": r0}, potential, _kinetic_grad, eps, num_leapfrog, {"z": -grad0})
     z1, r1 = z1["z"].detach(), r1["z"]
@@ -199,11 +214,13 @@ def step(
     h0 = -mix(state.log_base, state.log_target, beta) + 0.5 * (r0 * r0).sum(-1)
     h1 = -mix(lb1, lt1, beta) + 0.5 * (r1 * r1).sum(-1)
     delta = h1 - h0
-    finite = torch.isfinite(h1) & torch.isfinite(z1).all(-1) & torch.isfinite(gb1).all(-1) & torch.isfinite(gt1).all(-1)
+    # One reduction flags a non-finite energy, position or gradient (nan and inf propagate
+    # through the sum; a finite sum overflowing float range is rejected too, harmlessly).
+    finite = torch.isfinite(h1 + (z1 + gb1 + gt1).sum(-1))
     # A current state of -inf density (h0 = +inf) accepts any finite proposal.
-    delta = torch.where(torch.isinf(h0) & finite, torch.full_like(delta, -float("inf")), delta)
+    delta = torch.where(torch.isinf(h0) & finite, -math.inf, delta)
     diverging = ~finite | (delta > max_energy_error)
-    log_accept = torch.where(diverging, torch.full_like(delta, -float("inf")), (-delta).clamp(max=0.0))
+    log_accept = torch.where(diverging, -math.inf, (-delta).clamp(max=0.0))
     accept_prob = log_accept.exp()
     accepted = torch.rand_like(accept_prob) < accept_prob
     a = accepted.unsqueeze(-1)
@@ -239,9 +256,8 @@ def initial_step_size(
     ``num_iters`` components evaluations. Returns the state with the new ``step_size``.
     """
     z0 = state.z
-    beta = torch.as_tensor(beta, dtype=z0.dtype, device=z0.device).expand(z0.shape[:2])
-    b = beta.unsqueeze(-1)
-    grad0 = state.grad_base + b * (state.grad_target - state.grad_base)
+    beta = _as_beta(beta, z0)
+    grad0 = torch.lerp(state.grad_base, state.grad_target, beta.unsqueeze(-1))
     eps = state.step_size
     f0 = mix(state.log_base, state.log_target, beta)
     for _ in range(num_iters):
