@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--guide", help="guide TARGET q(z|x), called with the observed values as keywords")
     est.add_argument("--method", default="iwae", help="bound: " + ", ".join(sorted(METHODS)))
     est.add_argument("--proposal", default="guide", choices=("guide", "prior"))
-    est.add_argument("--num-data", type=int, default=64, help="simulated data points N (default 64)")
+    est.add_argument("--num-data", type=int, default=256, help="simulated data points N (default 256)")
     est.add_argument("--fit-steps", type=int, help="BA fitting steps for the proposal (default encoder: 1000)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--json", action="store_true", help="print one JSON object")

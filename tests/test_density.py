@@ -28,7 +28,7 @@ def test_constrained_latents_include_log_jacobian():
 
     def model(x=None):
         p = pyro.sample("p", dist.Beta(2.0, 3.0))
-        s = pyro.sample("s", dist.Gamma(torch.full((2,), 2.0), 1.0).to_event(1))
+        pyro.sample("s", dist.Gamma(torch.full((2,), 2.0), 1.0).to_event(1))
         return pyro.sample("x", dist.Binomial(10, p), obs=x)
 
     d = ModelDensity(model, ("x",))

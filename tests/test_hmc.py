@@ -7,7 +7,6 @@ import torch
 
 from pyro_mi.samplers import anneal, get_schedule, hmc, linear_schedule, sigmoid_schedule
 
-torch.set_num_threads(1)  # small tensors: avoid thread thrashing on shared CPUs
 
 # pi0 = N(0, I), gamma = N(m, s^2 I) unnormalised: pi_beta is Gaussian with
 # precision (1 - beta) + beta / s^2 and mean beta m / s^2 / precision.

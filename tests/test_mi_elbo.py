@@ -20,15 +20,6 @@ GUIDE_PARAMS = ("A", "c", "q_scale")
 MODEL_PARAMS = ("W", "b", "sigma")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread avoids thread thrashing on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def init_params():
     pyro.clear_param_store()
     g = torch.Generator().manual_seed(1)

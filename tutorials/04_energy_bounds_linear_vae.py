@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pyro
-import torch
 
 from pyro_mi import GaussianEncoder, ModelDensity, fit_guide
 from pyro_mi.bounds import ba_bounds, giwae_bounds, infonce_bounds, iwae_bounds
@@ -88,7 +87,7 @@ with open(OUT / "04_energy_bounds_linear_vae.csv", "w") as f:
         f.write(f"{r['bound']},{r['K']},{r['ba']:.4f},{r['contrastive']:.4f},{r['total']:.4f},{r['stderr']:.4f},"
                 f"{r['seconds']:.1f}\n")
 
-print(f"\n| bound | BA term + contrastive term = total (nats) | ± stderr |\n|---|---|---|")
+print("\n| bound | BA term + contrastive term = total (nats) | ± stderr |\n|---|---|---|")
 for r in rows:
     print(f"| {r['bound']} | {r['ba']:.2f} + {r['contrastive']:.2f} = {r['total']:.2f} | {r['stderr']:.2f} |")
 print(f"| analytic | {ex.true_mi:.2f} | |")

@@ -19,7 +19,7 @@ with a general noise scale sigma.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -121,7 +121,7 @@ def make_linear_vae(
         z = pyro.sample("z", dist.Normal(prior_loc, prior_scale).to_event(1))
         return pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
 
-    guide = None
+    guide: Optional[Callable[..., torch.Tensor]] = None
     if exact_guide:
         prec = torch.eye(latent_dim, dtype=torch.float64) + (
             W.double().T @ W.double()
@@ -131,12 +131,14 @@ def make_linear_vae(
         # posterior mean = (x - b) @ gain.T, gain = S W^T / sigma^2, shape (d, D)
         gain = (post_cov @ W.double().T / sigma**2).float()
 
-        def guide(x: torch.Tensor) -> torch.Tensor:
+        def exact_posterior(x: torch.Tensor) -> torch.Tensor:
             """Exact posterior p(z|x) for x of shape (..., D); site "z" (..., d)."""
             loc = (x - b) @ gain.T
             return pyro.sample(
                 "z", dist.MultivariateNormal(loc, scale_tril=post_tril)
             )
+
+        guide = exact_posterior
 
     return Example(
         name="linear-vae",
