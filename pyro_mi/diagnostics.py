@@ -9,7 +9,7 @@
   beta_{T-j});
 * ``sample_stats``: ``accept_prob``, ``step_size``, ``diverging`` and
   ``log_weight_increment`` per chain, annealing step (draw) and data point; the
-  last step has no HMC transition (accept_prob nan there);
+  last step has no HMC transition (accept_prob nan there: use ``az.summary(..., skipna=True)``);
 * attributes: the run's method, settings and bounds; the ``chain`` dim has a
   ``direction`` coordinate (forward / reverse).
 
