@@ -243,7 +243,7 @@ class ModelDensity:
                 f"its sample sites are {sorted(sites)}"
             )
         # pyro.factor sites (Unit) add to the joint density but are not latent variables
-        latents = [s for n, s in sites.items() if n not in self.obs_sites and not isinstance(s["fn"], dist.Unit)]
+        latents = [s for name, s in sites.items() if name not in self.obs_sites and not isinstance(s["fn"], dist.Unit)]
         if not latents:
             raise ValueError("the model has no latent sample sites besides the observed sites")
         for s in latents:
