@@ -30,7 +30,7 @@ def test_score_bounds_identities():
     nwj = dual.nwj_bound(t_pos, t_neg)
     # ξ = 1/e is NWJ / MINE-f; the optimal ξ = 1 / mean e^T gives DV (appendix eq. 2-4)
     assert torch.allclose(dual.xi_bound(t_pos, t_neg, -1.0), nwj, atol=1e-6)
-    assert torch.allclose(dual.xi_bound(t_pos, t_neg, -dual.logmeanexp(t_neg)), dv, atol=1e-6)
+    assert torch.allclose(dual.xi_bound(t_pos, t_neg, -dual.log_mean_exp(t_neg)), dv, atol=1e-6)
     for log_xi in torch.linspace(-4, 3, 15):
         assert dual.xi_bound(t_pos, t_neg, log_xi) <= dv + 1e-6
     scores = torch.randn(16, 16, generator=g, dtype=torch.float64) * 5
@@ -62,7 +62,7 @@ def test_mine_moving_average_gradient():
     t_neg = critic(x, z.roll(1, 0))
     ema.surrogate(critic(x, z), t_neg).backward()
     assert math.isclose(float(ema.log_value), float(torch.logaddexp(torch.tensor(5.0) + math.log(0.99),
-                                                                   dual.logmeanexp(t_neg.detach()) + math.log(0.01))),
+                                                                   dual.log_mean_exp(t_neg.detach()) + math.log(0.01))),
                         rel_tol=1e-6)
 
 

@@ -35,7 +35,6 @@ initial step size.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from typing import Callable
@@ -45,6 +44,7 @@ import pyro.distributions as dist
 import torch
 
 from ..density import Data, ModelDensity, site_log_prob
+from .importance import effective_sample_size, log_mean_exp
 from ..proposal import GaussianEncoder, PriorProposal
 from ..result import MIResult
 from ..samplers import anneal, get_schedule, set_rng_state
@@ -96,10 +96,6 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
             return lq, lp + ll
 
     return components
-
-
-def _logmeanexp(a: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(a, 0) - math.log(a.shape[0])
 
 
 def _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt):
@@ -416,17 +412,16 @@ def _bounds(
     fwd, rev, rev2 = run["forward"], run["reverse"], run["reverse_from_forward"]
     kind = _KIND[method]
     if kind == "im-ais":
-        elbo = _logmeanexp(fwd)
-        eubo = _logmeanexp(torch.cat([rev, fwd[: K - 1]], 0))
+        elbo = log_mean_exp(fwd, 0)
+        eubo = log_mean_exp(torch.cat([rev, fwd[: K - 1]], 0), 0)
     elif kind == "cr-ais":
-        elbo = -_logmeanexp(-torch.cat([fwd, rev2], 0))
-        eubo = -_logmeanexp(-rev)
+        elbo = -log_mean_exp(-torch.cat([fwd, rev2], 0), 0)
+        eubo = -log_mean_exp(-rev, 0)
     else:  # bdmc
-        elbo = _logmeanexp(fwd)
-        eubo = -_logmeanexp(-rev)
+        elbo = log_mean_exp(fwd, 0)
+        eubo = -log_mean_exp(-rev, 0)
     # Effective sample size of the final importance weights of the forward chains.
-    ess = torch.exp(2 * torch.logsumexp(fwd, 0) - torch.logsumexp(2 * fwd, 0))
-    ess = torch.nan_to_num(ess, nan=0.0)
+    ess = effective_sample_size(fwd)
     diagnostics = {
         "ess": float(ess.mean()),
         "ess_per_point": ess,

@@ -52,6 +52,7 @@ from torch import nn
 from ..critics import JointCritic, SeparableCritic
 from ..result import MIResult
 from ..training import TrainingLog, split_indices, train
+from .importance import log_mean_exp
 
 #: the sample-only methods of :func:`fit_dual_bound` (and ``pyro-mi estimate-samples``)
 DUAL_METHODS = ("mine", "mine-f", "nwj", "infonce", "xi")
@@ -62,13 +63,6 @@ CHUNK_EVALS = 1 << 16
 
 
 # --------------------------------------------------------------------- bounds on scores
-def logmeanexp(t: torch.Tensor, dim=None) -> torch.Tensor:
-    """log mean exp of ``t`` over ``dim`` (all dims if None), by logsumexp."""
-    if dim is None:
-        return torch.logsumexp(t.flatten(), 0) - math.log(t.numel())
-    return torch.logsumexp(t, dim) - math.log(t.shape[dim])
-
-
 def dv_bound(t_pos: torch.Tensor, t_neg: torch.Tensor) -> torch.Tensor:
     """Donsker–Varadhan bound mean(t_pos) - log mean(exp t_neg), nats (Belghazi et al. 2018, eq. 6).
 
@@ -77,7 +71,7 @@ def dv_bound(t_pos: torch.Tensor, t_neg: torch.Tensor) -> torch.Tensor:
         t_neg: critic scores of negative (product-of-marginals) pairs, any shape.
     Returns: a scalar tensor.
     """
-    return t_pos.mean() - logmeanexp(t_neg)
+    return t_pos.mean() - log_mean_exp(t_neg)
 
 
 def xi_bound(t_pos: torch.Tensor, t_neg: torch.Tensor, log_xi: torch.Tensor | float) -> torch.Tensor:
@@ -89,12 +83,12 @@ def xi_bound(t_pos: torch.Tensor, t_neg: torch.Tensor, log_xi: torch.Tensor | fl
     Returns: a scalar tensor. ``log_xi = -1`` gives :func:`nwj_bound`.
     """
     log_xi = torch.as_tensor(log_xi, dtype=t_neg.dtype, device=t_neg.device)
-    return t_pos.mean() - torch.exp(logmeanexp(t_neg) + log_xi) + log_xi + 1
+    return t_pos.mean() - torch.exp(log_mean_exp(t_neg) + log_xi) + log_xi + 1
 
 
 def nwj_bound(t_pos: torch.Tensor, t_neg: torch.Tensor) -> torch.Tensor:
     """NWJ / MINE-f bound mean(t_pos) - mean(exp(t_neg - 1)), nats (Belghazi et al. 2018, eq. 8)."""
-    return t_pos.mean() - torch.exp(logmeanexp(t_neg) - 1)
+    return t_pos.mean() - torch.exp(log_mean_exp(t_neg) - 1)
 
 
 def infonce_bound(scores: torch.Tensor) -> torch.Tensor:
@@ -103,7 +97,7 @@ def infonce_bound(scores: torch.Tensor) -> torch.Tensor:
     ``scores[i, j] = T(x_i, z_j)``; the diagonal holds the joint pairs
     (Brekelmans et al. 2022, eq. 7 with q = p(z); van den Oord et al. 2018).
     """
-    return (scores.diagonal() - logmeanexp(scores, 1)).mean()
+    return (scores.diagonal() - log_mean_exp(scores, 1)).mean()
 
 
 class MovingAverage:
@@ -129,7 +123,7 @@ class MovingAverage:
         Gradient: E_B[∇T(pos)] - E_B[∇T(neg) e^T(neg)] / ema, where ema is the
         moving average of E_B[e^T(neg)] including this batch (no gradient through it).
         """
-        lme = logmeanexp(t_neg)
+        lme = log_mean_exp(t_neg)
         with torch.no_grad():
             if self.log_value is None:
                 self.log_value = lme.detach().clone()
@@ -175,7 +169,7 @@ def _marginal_stats(t_neg: torch.Tensor, ix: torch.Tensor, iz: torch.Tensor, n: 
     """log a_k, log b_k (n,) and log Ẑ from negative scores (m, n) of pairs (ix, iz)."""
     m = t_neg.shape[0]
     flat = t_neg.reshape(-1)
-    log_z = logmeanexp(flat)
+    log_z = log_mean_exp(flat)
     # scatter a logsumexp: shift by the max so that the sums are of numbers <= 1
     c = flat.max()
     e = torch.exp(flat - c)
@@ -224,7 +218,7 @@ def per_point_values(
             r = min(K, n - s)
             idx = p[(s + torch.arange(K, device=p.device)) % n]
             scores = pair(x[idx[:r]], z[idx])  # (r, K), the positives on the diagonal
-            vals[p[s : s + r]] = scores.diagonal() - logmeanexp(scores, 1)
+            vals[p[s : s + r]] = scores.diagonal() - log_mean_exp(scores, 1)
         return vals
     if num_shifts is None:
         num_shifts = max(1, min(n - 1, (1 << 18) // n))

@@ -29,6 +29,19 @@ from ..result import MIResult
 CHUNK_EVALS = 1 << 16
 
 
+def log_mean_exp(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """log mean exp of ``t`` over ``dim`` (all elements if None), by logsumexp; nats in, nats out."""
+    if dim is None:
+        return torch.logsumexp(t.flatten(), 0) - math.log(t.numel())
+    return torch.logsumexp(t, dim) - math.log(t.shape[dim])
+
+
+def effective_sample_size(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """(sum w)^2 / sum w^2 of importance weights given as log w, over ``dim`` (0 where all w are 0)."""
+    ess = torch.exp(2 * torch.logsumexp(log_w, dim) - torch.logsumexp(2 * log_w, dim))
+    return torch.nan_to_num(ess, nan=0.0)
+
+
 def _check(num_particles: int) -> None:
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
@@ -104,7 +117,7 @@ def iwae_bounds(
         seen += log_w.shape[0]
     elbo = lse - math.log(K)
     eubo = lse_eubo - math.log(K)
-    ess = torch.exp(2 * lse - lse_sq)
+    ess = torch.exp(2 * lse - lse_sq)  # effective_sample_size, accumulated over chunks
     return MIResult(
         "iwae",
         lower_per_point=log_lik - eubo,
