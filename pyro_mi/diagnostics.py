@@ -13,8 +13,8 @@
 * attributes: the run's method, settings and bounds; the ``chain`` dim has a
   ``direction`` coordinate (forward / reverse).
 
-All ArviZ-version specifics live in :func:`_make_inference_data` (the one seam to
-change when ArviZ's container type changes, e.g. to ``xarray.DataTree`` in ArviZ 1.x).
+All ArviZ-version specifics live in :func:`_from_dict` (the one seam to change when
+ArviZ's container type changes, e.g. to ``xarray.DataTree`` in ArviZ 1.x).
 """
 
 from __future__ import annotations
@@ -45,17 +45,17 @@ def _attrs(result) -> dict[str, Any]:
     return attrs
 
 
-def _make_inference_data(groups: dict, attrs: dict):
-    """Builds the ArviZ container from ``{group: xarray.Dataset}``: the compatibility seam."""
+def _from_dict(group: str, variables: dict, coords: dict, dims: dict, attrs: dict):
+    """One InferenceData group from ``{var: array (chain, draw, ...)}`` by ``arviz.from_dict``:
+    the compatibility seam (ArviZ 0.x here; ArviZ >= 1.0 takes ``from_dict({group: variables})``)."""
     import arviz as az
 
-    for ds in groups.values():
-        ds.attrs.update(attrs)
     if hasattr(az, "InferenceData"):
-        return az.InferenceData(**groups)
-    import xarray as xr  # ArviZ >= 1.0 uses xarray.DataTree  # pragma: no cover
-
-    return xr.DataTree.from_dict(groups)  # pragma: no cover
+        idata = az.from_dict(**{group: variables}, coords=coords, dims=dims)
+    else:  # pragma: no cover
+        idata = az.from_dict({group: variables}, coords=coords, dims=dims)
+    idata[group].attrs.update(attrs)
+    return idata
 
 
 def to_inference_data(result):
@@ -72,7 +72,6 @@ def to_inference_data(result):
     Raises:
         ValueError: if the result has no recorded chains (not an AIS method, or
             ``record=False``).
-        ImportError: if ArviZ is not installed.
     """
     chains = result.diagnostics.get("chains") if result.diagnostics else None
     if not chains:
@@ -80,25 +79,24 @@ def to_inference_data(result):
             f"result of method {result.method!r} has no recorded chains; to_arviz needs an AIS method "
             "(ais, im-ais, cr-ais, bdmc) run with record=True"
         )
-    try:
-        import xarray as xr
-    except ImportError as e:  # pragma: no cover - arviz depends on xarray
-        raise ImportError("to_arviz needs arviz: pip install arviz") from e
+    attrs = _attrs(result)
     stats = chains["stats"]
     T, C, N = stats["accept_prob"].shape
     base = {"chain": np.arange(C), "data": np.arange(N)}
-    direction = ("chain", np.array(chains["direction"]))
-    ss = xr.Dataset(
-        {k: (("chain", "draw", "data"), np.moveaxis(_numpy(stats[k]), 0, 1)) for k in STATS if k in stats},
-        coords={**base, "draw": np.arange(1, T + 1), "direction": direction, "beta": ("draw", _numpy(chains["betas"])[1:])},
-    )
-    post_vars, coords = {}, {**base, "draw": np.asarray(chains["record_steps"], dtype=np.int64), "direction": direction}
+    post_vars, post_dims, post_coords = {}, {}, {**base, "draw": np.asarray(chains["record_steps"], dtype=np.int64)}
     for name, v in chains["states"].items():  # (R, C, N, *shape)
-        arr = np.moveaxis(_numpy(v), 0, 1)
-        extra = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - 3))
-        post_vars[name] = (("chain", "draw", "data") + extra, arr)
-    post = xr.Dataset(post_vars, coords=coords)
-    return _make_inference_data({"posterior": post, "sample_stats": ss}, _attrs(result))
+        post_vars[name] = np.moveaxis(_numpy(v), 0, 1)
+        post_dims[name] = ["data"] + [f"{name}_dim_{i}" for i in range(post_vars[name].ndim - 3)]
+    idata = _from_dict("posterior", post_vars, post_coords, post_dims, attrs)
+    stat_vars = {k: np.moveaxis(_numpy(stats[k]), 0, 1) for k in STATS if k in stats}
+    stat_coords = {**base, "draw": np.arange(1, T + 1)}
+    idata.extend(_from_dict("sample_stats", stat_vars, stat_coords, {k: ["data"] for k in stat_vars}, attrs))
+    direction = ("chain", np.array(chains["direction"]))
+    idata.posterior = idata.posterior.assign_coords(direction=direction)
+    idata.sample_stats = idata.sample_stats.assign_coords(
+        direction=direction, beta=("draw", _numpy(chains["betas"])[1:])
+    )
+    return idata
 
 
 def save_chains(result, path: str) -> None:
