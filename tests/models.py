@@ -64,3 +64,18 @@ def beta_binomial(alpha=2.0, beta=3.0, n=10):
     lp = dist.Binomial(n, grid.unsqueeze(-1)).log_prob(ks)
     h_x_given_p = -(w * (lp.exp() * lp).sum(-1)).sum()
     return model, float(h_x - h_x_given_p)
+
+
+def param_vae_model(x):
+    """The usual data-plate VAE, linear-Gaussian, with params "W" (D, d), "b", "sigma" in the param store."""
+    W, b, sigma = pyro.param("W"), pyro.param("b"), pyro.param("sigma")
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(W.shape[1]), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
+
+
+def param_vae_guide(x):
+    """Linear-Gaussian guide q(z|x) = N(Ax + c, diag q_scale^2) with params "A", "c", "q_scale"."""
+    A, c, s = pyro.param("A"), pyro.param("c"), pyro.param("q_scale")
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x @ A.T + c, s).to_event(1))

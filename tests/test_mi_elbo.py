@@ -11,6 +11,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 from torch.distributions import Normal, constraints
 
+from models import param_vae_guide, param_vae_model
+
 from pyro_mi import TraceMI_ELBO
 from pyro_mi.critics import JointCritic
 from pyro_mi.infer import xi_bound
@@ -35,17 +37,7 @@ def init_params():
         pyro.param(k, v, constraint=constraints.positive if k in ("sigma", "q_scale") else constraints.real)
 
 
-def model(x):
-    W, b, sigma = pyro.param("W"), pyro.param("b"), pyro.param("sigma")
-    with pyro.plate("data", x.shape[0]):
-        z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
-        pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
-
-
-def guide(x):
-    A, c, s = pyro.param("A"), pyro.param("c"), pyro.param("q_scale")
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("z", dist.Normal(x @ A.T + c, s).to_event(1))
+model, guide = param_vae_model, param_vae_guide
 
 
 def data(n=16, seed=0):

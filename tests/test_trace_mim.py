@@ -14,6 +14,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 from torch.distributions import Normal, constraints
 
+from models import param_vae_guide, param_vae_model
+
 import pyro_mi
 from pyro_mi import Trace_MIM
 
@@ -46,17 +48,7 @@ def init_params(exact_posterior=False, W=None):
     return p
 
 
-def model(x):
-    W, b, sigma = pyro.param("W"), pyro.param("b"), pyro.param("sigma")
-    with pyro.plate("data", x.shape[0]):
-        z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
-        pyro.sample("x", dist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
-
-
-def guide(x):
-    A, c, s = pyro.param("A"), pyro.param("c"), pyro.param("q_scale")
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("z", dist.Normal(x @ A.T + c, s).to_event(1))
+model, guide = param_vae_model, param_vae_guide
 
 
 def data(n=5, seed=0):
