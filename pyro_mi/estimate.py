@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import time
 from typing import Callable, Sequence
 
-import pyro
 import torch
 
 from .bounds import METHODS
+from .checkpoint import check_output_path
 from .density import Data, ModelDensity
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
 from .result import MIResult
@@ -77,28 +79,48 @@ def estimate_mi(
         method: a key of :data:`METHODS` (``"ba"``, ``"iwae"``, ...).
         guide: optional Pyro guide q(z|x) used as the proposal.
         proposal: ``"guide"`` (the guide, or a fitted default encoder) or ``"prior"``.
-        num_data: N, simulated data points.
-        seed: seeds Pyro/torch for a reproducible run (None leaves the RNG alone).
+        num_data: N >= 2, simulated data points.
+        seed: makes the run reproducible: the run uses torch's global RNG seeded with it
+            inside ``torch.random.fork_rng`` (the caller's RNG state is left as it was),
+            and samplers get a ``torch.Generator`` seeded with it. None: the global RNG.
         fit_steps: BA fitting steps for the proposal (see :func:`make_proposal`).
         data, model_args, model_kwargs: passed to :class:`ModelDensity`.
         progress: show progress bars.
         **options: method options, e.g. ``num_particles=1000``.
 
     Returns:
-        :class:`~pyro_mi.result.MIResult` with ``seconds`` set.
+        :class:`~pyro_mi.result.MIResult` with ``seconds`` set and ``x`` / ``z`` the
+        simulated points it bounds.
 
     Raises:
-        ValueError: unknown method, and every input error of the density layer.
+        ValueError: unknown method, an option the method does not take, N < 2, an
+            unwritable ``checkpoint`` / ``save_chains`` path (checked before any work), and
+            every input error of the density layer and the bound.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 2:
+        raise ValueError(f"num_data must be an integer >= 2 (a standard error needs two points), got {num_data!r}")
+    fn = METHODS[method]
+    params = inspect.signature(fn).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        raise ValueError(f"method {method!r} takes no option {unknown[0]!r}")
+    for key in ("checkpoint", "save_chains"):
+        if options.get(key) is not None:
+            check_output_path(options[key], key)
     start = time.perf_counter()
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data)
-    x, z = density.sample(num_data)
-    q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
-    result = METHODS[method](density, q, x, z, progress=progress, **options)
-    result.settings.update({"proposal": proposal, "seed": seed})
+    with torch.random.fork_rng() if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+            if "generator" in params and options.get("generator") is None:
+                options["generator"] = torch.Generator().manual_seed(seed)
+        density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data)
+        x, z = density.sample(num_data)
+        q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
+        result = fn(density, q, x, z, progress=progress, **options)
+    if result.x is None:
+        result.x, result.z = x, z
+    result.settings.update({"proposal": proposal, "seed": seed, "fit_steps": fit_steps})
     result.seconds = time.perf_counter() - start
     return result

@@ -1,26 +1,65 @@
-"""The result type shared by every MI bound."""
+"""The result type shared by every MI bound, and the checks every result passes."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+#: what the two kinds of numbers mean, in the words every result prints
+SANDWICH_WORDS = "bounds on the MI of these {n} simulated points"
+INTERVAL_WORDS = "95% interval for the model's MI"
+
 
 def mean_and_stderr(values: torch.Tensor | None) -> tuple[float | None, float | None]:
-    """Mean and standard error (std / sqrt(N)) of per-data-point values (N,); (None, None) for None."""
+    """Mean and standard error (std / sqrt(N)) of per-data-point values (N,); (None, None) for None.
+
+    Raises:
+        ValueError: fewer than 2 values (no standard error can be given).
+    """
     if values is None:
         return None, None
     v = values.detach().double().flatten()
     n = v.numel()
-    return float(v.mean()), (float(v.std() / math.sqrt(n)) if n > 1 else float("nan"))
+    if n < 2:
+        raise ValueError(f"a bound needs at least 2 data points for its standard error, got {n}")
+    return float(v.mean()), float(v.std() / math.sqrt(n))
+
+
+def require_finite(method: str, parts: Mapping[str, torch.Tensor]) -> None:
+    """Raises ValueError naming the first part (e.g. ``"log p(x|z) of the simulated points"``)
+    that is not finite at some data point: a bound is never reported as inf or nan.
+
+    Args:
+        method: the bound's name, for the message.
+        parts: ``{description: per-point tensor (N,)}`` in the order to check.
+    """
+    for what, t in parts.items():
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"{method}: {what} is not finite ({float(t.detach().flatten()[i])}) at {int(bad.sum())} of "
+                f"{bad.numel()} data points (first: point {i}), so no finite bound exists there; check the "
+                "model's densities and supports, or use a proposal that covers the posterior"
+            )
+
+
+def _json_number(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
 @dataclass
 class MIResult:
     """Lower and upper bounds on I(x; z), in nats.
+
+    ``lower`` and ``upper`` are means over N simulated data points (x_i, z_i) ~ p(x, z):
+    they bound the MI *of these N points* (the mean of log p(x_i|z_i) - log p(x_i)),
+    exactly for exact methods. The model's MI differs from that by Monte-Carlo error over
+    points, usually larger than the gap: :attr:`interval` widens the bounds by 1.96
+    standard errors into a 95% interval for the model's MI.
 
     Attributes:
         method: name of the bound (``"ba"``, ``"iwae"``, ``"ais"``, ...).
@@ -31,8 +70,15 @@ class MIResult:
         num_data: N, the number of data points (x, z) ~ p(x, z) averaged over.
         settings: the run's settings (num_particles, num_steps, ...).
         diagnostics: method-specific statistics (chain statistics, fitted-guide losses, ...).
+        warnings: reasons why a number may be loose or wrong (divergent chains, low ESS,
+            crossed sides, approximate modes); empty when there are none.
+        x: the simulated observations that were bounded, ``{site: (N, ...)}``, or None.
+        z: their packed unconstrained latents (N, D), or None.
         seconds: wall time of the estimate, set by :func:`pyro_mi.estimate_mi`.
         true_mi: the true MI where known (built-in examples), else None.
+
+    Raises:
+        ValueError: fewer than 2 data points.
     """
 
     method: str
@@ -40,6 +86,9 @@ class MIResult:
     upper_per_point: torch.Tensor | None = field(repr=False)
     settings: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)
+    x: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    z: torch.Tensor | None = field(default=None, repr=False)
     seconds: float | None = None
     true_mi: float | None = None
 
@@ -48,6 +97,12 @@ class MIResult:
         self.upper, self.upper_stderr = mean_and_stderr(self.upper_per_point)
         pp = self.lower_per_point if self.lower_per_point is not None else self.upper_per_point
         self.num_data = 0 if pp is None else int(pp.numel())
+        if self.gap is not None and self.gap < 0:
+            self.warnings.append(
+                f"the sides crossed: lower exceeds upper by {-self.gap:.3g} nats. Each side is a bound in "
+                "expectation over its own random draws, so their means can cross by Monte-Carlo noise; "
+                "a crossing larger than the standard errors means a side is not a bound here"
+            )
 
     @property
     def gap(self) -> float | None:
@@ -67,19 +122,17 @@ class MIResult:
 
     @property
     def interval(self) -> tuple[float | None, float | None]:
-        """(lower - 1.96 lower_stderr, upper + 1.96 upper_stderr), nats.
-
-        The bounds are means over N simulated data points, so they bracket the MI
-        of those points exactly (up to the bounds' own slack) and the true MI up
-        to Monte-Carlo error: this interval contains it with about 95% probability.
-        """
+        """(lower - 1.96 lower_stderr, upper + 1.96 upper_stderr), nats: a 95% interval for
+        the model's MI (the bounds hold for the N simulated points; the standard errors are
+        the Monte-Carlo error of their mean over points)."""
         lo = None if self.lower is None else self.lower - 1.96 * self.lower_stderr
         up = None if self.upper is None else self.upper + 1.96 * self.upper_stderr
         return lo, up
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: method, lower, upper, their stderrs, gap, interval_95, num_data,
-        seconds, true_mi, the scalar settings and the scalar diagnostics."""
+        """A strict-JSON-ready dict (None, never NaN or Infinity): method, lower, upper, their
+        stderrs, gap, interval_95, num_data, meaning, warnings, seconds, true_mi, the scalar
+        settings and the scalar diagnostics."""
         out = {
             "method": self.method,
             "lower": self.lower,
@@ -89,13 +142,18 @@ class MIResult:
             "gap": self.gap,
             "interval_95": list(self.interval),
             "num_data": self.num_data,
+            "meaning": {
+                "lower_upper": SANDWICH_WORDS.format(n=self.num_data),
+                "interval_95": INTERVAL_WORDS,
+            },
+            "warnings": list(self.warnings),
             "seconds": self.seconds,
             "true_mi": self.true_mi,
         }
         scalar = (int, float, str, bool, type(None))
-        out.update({k: v for k, v in self.settings.items() if isinstance(v, scalar)})
+        out.update({k: v for k, v in self.settings.items() if isinstance(v, scalar) and k not in out})
         out["diagnostics"] = {k: v for k, v in self.diagnostics.items() if isinstance(v, scalar)}
-        return out
+        return _strict(out)
 
     def __str__(self) -> str:
         def fmt(v, s):
@@ -107,14 +165,25 @@ class MIResult:
             f"upper (nats)  {fmt(self.upper, self.upper_stderr)}",
         ]
         if self.gap is not None:
-            rows.append(f"gap (nats)    {self.gap:9.3f}")
+            rows.append(f"gap (nats)    {self.gap:9.3f}   ({SANDWICH_WORDS.format(n=self.num_data)}; ± is their "
+                        "Monte-Carlo error over points)")
         lo, up = self.interval
         if lo is not None or up is not None:
             fmt_end = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-            rows.append(f"95% interval  [{fmt_end(lo)}, {fmt_end(up)}]  (bounds ± Monte-Carlo error over data points)")
+            rows.append(f"95% interval  [{fmt_end(lo)}, {fmt_end(up)}]  ({INTERVAL_WORDS})")
         if self.true_mi is not None:
             rows.append(f"true MI       {self.true_mi:9.3f}")
         rows.append(f"num_data      {self.num_data:9d}")
         if self.seconds is not None:
             rows.append(f"seconds       {self.seconds:9.2f}")
+        rows += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(rows)
+
+
+def _strict(obj):
+    """Non-finite floats -> None, recursively (JSON has no NaN or Infinity)."""
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return _json_number(obj)

@@ -19,11 +19,11 @@ import torch
 
 from pyro_mi import estimate_mi
 from pyro_mi.bounds import METHODS, ais_bounds, bdmc_bounds, cr_ais_bounds, im_ais_bounds, iwae_bounds
+from pyro_mi.bounds.ais import bdmc_log_px, cr_ais_log_px, im_ais_log_px
 from pyro_mi.density import ModelDensity
 from pyro_mi.examples.linear_vae import make_linear_vae
 from pyro_mi.proposal import PriorProposal
-from pyro_mi.samplers import anneal, get_schedule
-from pyro_mi.bounds.ais import components_fn
+from pyro_mi.weights import log_mean_exp
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small tensors: one thread avoids thread thrashing on shared CPUs (results do not depend on it).
@@ -86,36 +86,49 @@ def check_bracket(result, truth, slack=0.02):
 
 
 # ---------------------------------------------------------------- reductions
-def test_t1_equals_iwae_on_same_draws():
+def test_estimators_on_synthetic_log_weights():
+    g = torch.Generator().manual_seed(0)
+    fwd, rev, rev2 = (torch.randn(k, 7, generator=g) for k in (5, 5, 4))
+    elbo, eubo = im_ais_log_px(fwd, rev)
+    torch.testing.assert_close(elbo, torch.log(fwd.exp().mean(0)))
+    torch.testing.assert_close(eubo, torch.log((rev[0].exp() + fwd[:4].exp().sum(0)) / 5))
+    elbo, eubo = cr_ais_log_px(fwd, rev, rev2)
+    torch.testing.assert_close(eubo, -torch.log((-rev).exp().mean(0)))
+    torch.testing.assert_close(elbo, -torch.log(((-fwd[0]).exp() + (-rev2).exp().sum(0)) / 5))
+    elbo, eubo = bdmc_log_px(fwd, rev)
+    torch.testing.assert_close(elbo, log_mean_exp(fwd, 0))
+    torch.testing.assert_close(eubo, -log_mean_exp(-rev, 0))
+    # equal weights: every estimator gives that weight on both sides
+    w = torch.full((3, 2), 1.5)
+    for lo, up in (im_ais_log_px(w, w), cr_ais_log_px(w, w, w[:2]), bdmc_log_px(w, w)):
+        torch.testing.assert_close(lo, torch.full((2,), 1.5))
+        torch.testing.assert_close(up, torch.full((2,), 1.5))
+
+
+def test_t1_is_iwae_on_the_chains_draws():
+    # T = 1: no transitions; the forward weights are log p(x, z0) - log pi0(z0) at the draws z0
     ex, d, x, z, _ = linear_setup()
     q = PriorProposal(d)
-    pyro.set_rng_seed(5)
-    iw = iwae_bounds(d, q, x, z, num_particles=8, progress=False)
-    pyro.set_rng_seed(5)
-    ais = im_ais_bounds(d, q, x, z, num_chains=8, num_steps=1, progress=False)
-    torch.testing.assert_close(ais.lower_per_point, iw.lower_per_point)
-    torch.testing.assert_close(ais.upper_per_point, iw.upper_per_point)
+    r = im_ais_bounds(d, q, x, z, num_chains=8, num_steps=1, record=True, progress=False)
+    z0 = r.diagnostics["chains"]["states"]["z"][0, :8]  # (chains, N, D), forward chains first
+    log_w = d.log_likelihood(x, z0)
+    torch.testing.assert_close(r.diagnostics["log_weights_forward"], log_w)
+    ll = d.log_likelihood(x, z)
+    torch.testing.assert_close(r.upper_per_point, ll - log_mean_exp(log_w, 0))
+    torch.testing.assert_close(r.lower_per_point, ll - log_mean_exp(torch.cat([ll[None], log_w[:7]]), 0))
 
 
 def test_k1_is_single_chain_ais_for_every_method():
     ex, d, x, z, _ = linear_setup(num_data=8)
     q = PriorProposal(d)
-    res = []
-    for fn in (im_ais_bounds, cr_ais_bounds, bdmc_bounds):
-        pyro.set_rng_seed(2)
-        res.append(fn(d, q, x, z, num_chains=1, num_steps=10, adapt="none", progress=False))
+    res = [fn(d, q, x, z, num_chains=1, num_steps=10, generator=torch.Generator().manual_seed(2), progress=False)
+           for fn in (im_ais_bounds, cr_ais_bounds, bdmc_bounds)]
     for r in res[1:]:
         torch.testing.assert_close(r.lower_per_point, res[0].lower_per_point)
         torch.testing.assert_close(r.upper_per_point, res[0].upper_per_point)
-    # ... and equal a hand-run pair of one forward and one reverse chain
-    pyro.set_rng_seed(2)
-    comps = components_fn(d, q, x)
-    z0 = q.rsample(x, 1)[0]
-    st = anneal(comps, torch.cat([z0, z.unsqueeze(0)]), torch.tensor([False, True]), get_schedule("sigmoid", 10),
-                adapt=False, step_size=0.05)
     ll = d.log_likelihood(x, z)
-    torch.testing.assert_close(res[0].upper_per_point, ll - st.log_weights[0])
-    torch.testing.assert_close(res[0].lower_per_point, ll - st.log_weights[1])
+    torch.testing.assert_close(res[0].upper_per_point, ll - res[0].diagnostics["log_weights_forward"][0])
+    torch.testing.assert_close(res[0].lower_per_point, ll - res[0].diagnostics["log_weights_reverse"][0])
 
 
 # ---------------------------------------------------------------- ground truth
@@ -152,13 +165,15 @@ def test_gap_shrinks_with_num_steps():
     assert gaps[0] > gaps[1] > gaps[2]
 
 
-def test_two_round_adaptation_brackets_and_freezes_step_sizes():
+def test_pilot_freezes_step_sizes_and_online_is_labelled_approximate():
     ex, d, x, z, truth = linear_setup(num_data=32)
-    pyro.set_rng_seed(1)
-    r = ais_bounds(d, PriorProposal(d), x, z, num_chains=8, num_steps=40, adapt="two-round", progress=False)
+    r = ais_bounds(d, PriorProposal(d), x, z, num_chains=8, num_steps=40, progress=False)
     check_bracket(r, truth)
-    assert r.diagnostics["frozen_step_sizes"].shape == (41, 32)
-    assert r.settings["adapt"] == "two-round"
+    assert r.diagnostics["step_sizes"].shape == (41, 32)
+    assert r.settings["adapt"] == "pilot" and r.settings["exact"] and r.warnings == []
+    on = ais_bounds(d, PriorProposal(d), x, z, num_chains=8, num_steps=40, adapt="online", progress=False)
+    assert not on.settings["exact"] and on.to_dict()["exact"] is False
+    assert any("approximate" in w for w in on.warnings)
 
 
 def test_non_finite_density_region_does_not_crash():
@@ -224,42 +239,87 @@ def test_determinism():
     assert torch.equal(out[0].upper_per_point, out[1].upper_per_point)
 
 
-@pytest.mark.parametrize("method,adapt", [("ais", "online"), ("cr-ais", "two-round")])
+@pytest.mark.parametrize("method,adapt", [("ais", "pilot"), ("cr-ais", "online"), ("bdmc", "none")])
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, method, adapt):
     ex, d, x, z, _ = linear_setup(num_data=8)
-    opts = dict(num_chains=3, num_steps=12, adapt=adapt, progress=False, max_chains_per_chunk=2)
-    pyro.set_rng_seed(4)
-    full = METHODS[method](d, PriorProposal(d), x, z, **opts)
+    opts = dict(num_chains=3, num_steps=12, adapt=adapt, progress=False, max_chains_per_chunk=2, record=True)
+
+    def gen():
+        return torch.Generator().manual_seed(4)
+
+    full = METHODS[method](d, PriorProposal(d), x, z, generator=gen(), **opts)
     ckpt = tmp_path / "run.pt"
     seen = []
 
-    def interrupt(key, state):
+    def interrupt(key, state, info):
         seen.append(key)
         if len(seen) == 17:  # in the middle of the second chunk
             raise KeyboardInterrupt
 
-    pyro.set_rng_seed(4)
     with pytest.raises(KeyboardInterrupt):
-        METHODS[method](d, PriorProposal(d), x, z, checkpoint=str(ckpt), checkpoint_every=1e9, callback=interrupt, **opts)
+        METHODS[method](d, PriorProposal(d), x, z, generator=gen(), checkpoint=str(ckpt), checkpoint_every=1e9,
+                        callback=interrupt, **opts)
     assert ckpt.exists()
-    pyro.set_rng_seed(123)  # the resumed run restores the RNG itself
-    resumed = METHODS[method](d, PriorProposal(d), x, z, checkpoint=str(ckpt), **opts)
+    torch.manual_seed(123)  # the global RNG plays no part
+    resumed = METHODS[method](d, PriorProposal(d), x, z, generator=gen(), checkpoint=str(ckpt), **opts)
     assert torch.equal(resumed.lower_per_point, full.lower_per_point)
     assert torch.equal(resumed.upper_per_point, full.upper_per_point)
-    assert not ckpt.exists()
+    for k in ("accept_prob", "log_weight_increment"):  # the chain records survive the resume too
+        a, b = full.diagnostics["chains"]["stats"][k], resumed.diagnostics["chains"]["stats"][k]
+        assert torch.equal(a.nan_to_num(-9), b.nan_to_num(-9))
+    assert full.diagnostics["divergences"] == resumed.diagnostics["divergences"]
+    assert not ckpt.exists() and not (tmp_path / "run.pt.lock").exists()
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
-    ex, d, x, z, _ = linear_setup(num_data=4)
-    ckpt = tmp_path / "c.pt"
-
-    def stop(key, state):
+def _interrupted(d, x, z, ckpt, q, **opts):
+    def stop(key, state, info):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ais_bounds(d, PriorProposal(d), x, z, num_steps=5, checkpoint=str(ckpt), callback=stop, progress=False)
+        ais_bounds(d, q, x, z, checkpoint=str(ckpt), callback=stop, progress=False, **opts)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    from pyro_mi.proposal import GaussianEncoder, fit_guide
+
+    ex, d, x, z, _ = linear_setup(num_data=4)
+    ckpt = tmp_path / "c.pt"
+    g = dict(generator=torch.Generator().manual_seed(0))
+    _interrupted(d, x, z, ckpt, PriorProposal(d), num_steps=5, **g)
+    with pytest.raises(ValueError, match="different run"):  # other settings
+        ais_bounds(d, PriorProposal(d), x, z, num_steps=6, checkpoint=str(ckpt), progress=False,
+                   generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="different run"):  # another seed
+        ais_bounds(d, PriorProposal(d), x, z, num_steps=5, checkpoint=str(ckpt), progress=False,
+                   generator=torch.Generator().manual_seed(1))
+    # the proposal is part of the run: a differently fitted encoder is refused
+    ckpt2 = tmp_path / "c2.pt"
+    q = GaussianEncoder(d)
+    fit_guide(d, q, num_steps=5, progress=False)
+    _interrupted(d, x, z, ckpt2, q, num_steps=5, generator=torch.Generator().manual_seed(0))
+    fit_guide(d, q, num_steps=5, progress=False)
     with pytest.raises(ValueError, match="different run"):
-        ais_bounds(d, PriorProposal(d), x, z, num_steps=6, checkpoint=str(ckpt), progress=False)
+        ais_bounds(d, q, x, z, num_steps=5, checkpoint=str(ckpt2), progress=False,
+                   generator=torch.Generator().manual_seed(0))
+
+
+def test_second_writer_is_refused_and_bad_paths_fail_before_work(tmp_path):
+    from pyro_mi.checkpoint import Checkpoint
+
+    ex, d, x, z, _ = linear_setup(num_data=4)
+    ckpt = tmp_path / "c.pt"
+    holder = Checkpoint(ckpt, "another run")  # another process would hold the same lock
+    try:
+        with pytest.raises(ValueError, match="in use by another running process"):
+            ais_bounds(d, PriorProposal(d), x, z, num_steps=5, checkpoint=str(ckpt), progress=False)
+    finally:
+        holder.release()
+    calls = []
+    for kw in (dict(checkpoint=str(tmp_path / "missing" / "c.pt")), dict(save_chains=str(tmp_path / "no" / "c.nc"))):
+        with pytest.raises(ValueError, match="does not exist"):
+            ais_bounds(d, PriorProposal(d), x, z, num_steps=5, progress=False,
+                       callback=lambda *a: calls.append(1), **kw)
+    assert not calls  # refused before any chain ran
 
 
 def test_chunks_give_valid_bounds():

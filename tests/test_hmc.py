@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from pyro_mi.samplers import anneal, get_schedule, hmc, linear_schedule, sigmoid_schedule
+from pyro_mi.samplers import (StepSizeAdapter, anneal, freeze, get_schedule, hmc, linear_schedule,
+                              pilot_step_sizes, search_step_size, sigmoid_schedule)
 
 
 # pi0 = N(0, I), gamma = N(m, s^2 I) unnormalised: pi_beta is Gaussian with
@@ -29,9 +30,10 @@ def test_kernel_leaves_annealed_gaussian_invariant():
     beta = 0.3
     mean, var = annealed_moments(beta)
     z = mean + math.sqrt(var) * torch.randn(4000, 1, 2)
-    st = hmc.init(gaussian_components, z, 0.4)
+    st = hmc.init(gaussian_components, z)
+    g = torch.Generator().manual_seed(0)
     for _ in range(10):
-        st, info = hmc.step(st, gaussian_components, torch.tensor(beta), 3, adapt=False)
+        st, info = hmc.step(st, gaussian_components, torch.tensor(beta), 0.4, 3, g)
     # 8000 draws: stderr of the mean ~0.006, of the variance ~0.004 (nats^0 units)
     assert abs(st.z.mean().item() - mean) < 0.03
     assert abs(st.z.var().item() - var) < 0.03
@@ -49,22 +51,36 @@ def test_one_components_call_per_leapfrog_step():
         calls.append(z.shape)
         return gaussian_components(z)
 
-    st = hmc.init(counted, torch.zeros(5, 3, 2), 0.1)
-    calls.clear()
+    st = hmc.init(counted, torch.zeros(5, 3, 2))
     for L in (1, 4):
         calls.clear()
-        st, _ = hmc.step(st, counted, torch.full((5, 3), 0.5), L)
+        st, _ = hmc.step(st, counted, torch.full((5, 3), 0.5), 0.1, L)
         assert len(calls) == L
 
 
-def test_step_size_adaptation_and_clamp():
-    st = hmc.init(gaussian_components, torch.zeros(3, 2, 2), 1e-3)
-    st2, info = hmc.step(st, gaussian_components, torch.tensor(0.0), 1)
-    # tiny steps are always accepted: step size grows by 2%
-    assert bool((info.accept_prob > 0.65).all())
-    torch.testing.assert_close(st2.step_size, torch.full((3, 2), 1.02e-3))
-    st3, _ = hmc.step(st, gaussian_components, torch.tensor(0.0), 1, step_size_bounds=(1e-2, 1.0))
-    assert bool((st3.step_size == 1e-2).all())
+def test_step_is_a_pure_function_of_state_and_generator():
+    st = hmc.init(gaussian_components, torch.randn(6, 2, 2, generator=torch.Generator().manual_seed(1)))
+    a = hmc.step(st, gaussian_components, 0.5, torch.full((2,), 0.3), 2, torch.Generator().manual_seed(7))
+    b = hmc.step(st, gaussian_components, 0.5, torch.full((2,), 0.3), 2, torch.Generator().manual_seed(7))
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(u, v)
+    assert set(hmc.HMCState._fields) == {"z", "log_base", "log_target", "grad_base", "grad_target"}
+
+
+def test_step_size_adapters():
+    eps = torch.full((3, 2), 1e-3)
+    accept = torch.tensor([[1.0, 0.1], [1.0, 0.1], [0.2, 0.1]])
+    up = StepSizeAdapter("multiplicative", 1.02).update(eps, accept)  # the paper's rule, per chain
+    torch.testing.assert_close(up, torch.tensor([[1.02e-3, 1e-3 / 1.02]] * 2 + [[1e-3 / 1.02] * 2]))
+    pooled = StepSizeAdapter("multiplicative", 1.02, pool_chains=True).update(eps, accept)
+    assert torch.equal(pooled[0], pooled[2])  # one step size per data point
+    scaled = StepSizeAdapter("scaling", 4.0, target_accept=0.65).update(eps, torch.full((3, 2), 0.65))
+    torch.testing.assert_close(scaled, eps)  # at the target: no change
+    low = StepSizeAdapter("scaling", 4.0).update(eps, torch.zeros(3, 2))
+    assert bool((low < eps).all()) and bool((low >= eps / 4).all())
+    assert bool((StepSizeAdapter(bounds=(1e-2, 1.0)).update(eps, accept) == 1e-2).all())
+    with pytest.raises(ValueError, match="rule"):
+        StepSizeAdapter("dual")
 
 
 def test_non_finite_region_rejected_per_chain_and_counted():
@@ -75,10 +91,10 @@ def test_non_finite_region_rejected_per_chain_and_counted():
 
     torch.manual_seed(1)
     z = -torch.rand(200, 2, 1) - 0.1
-    st = hmc.init(walled, z, 1.0)
+    st = hmc.init(walled, z)
     ndiv = 0
     for _ in range(20):
-        st, info = hmc.step(st, walled, torch.tensor(1.0), 5, adapt=False)
+        st, info = hmc.step(st, walled, torch.tensor(1.0), 1.0, 5)
         ndiv += int(info.diverging.sum())
     assert ndiv > 0
     assert bool(torch.isfinite(st.z).all()) and bool((st.z <= 0.5).all())
@@ -92,25 +108,42 @@ def test_nan_in_one_chain_does_not_touch_others():
 
     z = torch.zeros(2, 1, 2)
     z[0] = 200.0
-    st = hmc.init(comps, z, 0.1)
-    torch.manual_seed(3)
-    st2, info = hmc.step(st, comps, torch.tensor(0.5), 2, adapt=False)
+    st = hmc.init(comps, z)
+    st2, info = hmc.step(st, comps, torch.tensor(0.5), 0.1, 2, torch.Generator().manual_seed(3))
     assert bool(info.diverging[0].all()) and not bool(info.diverging[1].any())
     torch.testing.assert_close(st2.z[0], z[0])
 
 
 def test_init_rejects_bad_input():
     with pytest.raises(ValueError, match="num_chains, num_data, dim"):
-        hmc.init(gaussian_components, torch.zeros(3, 2), 0.1)
+        hmc.init(gaussian_components, torch.zeros(3, 2))
+    st = hmc.init(gaussian_components, torch.zeros(2, 3, 1))
     with pytest.raises(ValueError, match="step_size"):
-        hmc.init(gaussian_components, torch.zeros(3, 2, 1), -1.0)
+        anneal(gaussian_components, st.z, torch.zeros(2, dtype=torch.bool), linear_schedule(3), torch.ones(3, 3), 1)
+    with pytest.raises(ValueError, match="positive"):
+        anneal(gaussian_components, st.z, torch.zeros(2, dtype=torch.bool), linear_schedule(3), -1.0, 1)
 
 
-def test_initial_step_size_search_moves_towards_target():
-    st = hmc.init(gaussian_components, torch.zeros(50, 1, 2), 1e-3)
-    st2 = hmc.initial_step_size(st, gaussian_components, torch.tensor(0.0))
-    assert bool((st2.step_size > 1e-2).all())
-    torch.testing.assert_close(st2.z, st.z)
+def test_search_and_freeze():
+    st = hmc.init(gaussian_components, torch.zeros(50, 3, 2))
+    eps = search_step_size(gaussian_components, st, 0.0, 1e-3, torch.Generator().manual_seed(0))
+    assert eps.shape == (3,) and bool((eps > 1e-2).all())  # grows from a tiny start, one per data point
+    table = freeze(torch.tensor([2, 6]), torch.tensor([[0.0, 1.0], [2.0, 3.0]]), 9)
+    torch.testing.assert_close(table.log()[:, 0], torch.tensor([0, 0, 0, 0.5, 1, 1.5, 2, 2, 2.0]))
+    torch.testing.assert_close(table.log()[:, 1], table.log()[:, 0] + 1)
+
+
+def test_pilot_step_sizes_reach_the_target_acceptance():
+    # frozen pilot step sizes give the main chains an acceptance near the pilot's target (0.9)
+    betas = linear_schedule(50)
+    g = torch.Generator().manual_seed(0)
+    table = pilot_step_sizes(gaussian_components, torch.randn(8, 4, 2, generator=g), betas, 0.01, 3, g)
+    assert table.shape == (51, 4)
+    assert float(table[-1].mean()) < float(table[1].mean())  # the target is narrower than pi0
+    acc = []
+    anneal(gaussian_components, torch.randn(64, 4, 2, generator=g), torch.zeros(64, dtype=torch.bool), betas,
+           table, 3, g, on_step=lambda s, i: i.hmc is not None and acc.append(float(i.hmc.accept_prob.mean())))
+    assert 0.75 < sum(acc) / len(acc) < 0.98
 
 
 def test_schedules():
@@ -138,12 +171,16 @@ def test_anneal_log_normaliser_of_gaussians():
     z0 = torch.randn(C, 1, 2)
     zr = M + S * torch.randn(C, 1, 2)
     rev = torch.tensor([False] * C + [True] * C)
-    st = anneal(gaussian_components, torch.cat([z0, zr]), rev, linear_schedule(100), num_leapfrog=3, step_size=0.3)
+    incs = []
+    g = torch.Generator().manual_seed(0)
+    table = pilot_step_sizes(gaussian_components, torch.randn(8, 1, 2, generator=g), linear_schedule(100), 0.3, 3, g)
+    st = anneal(gaussian_components, torch.cat([z0, zr]), rev, linear_schedule(100), table, 3, g,
+                on_step=lambda s, i: incs.append(i))
     lw = st.log_weights.squeeze(1)
     elbo = lw[:C].mean().item()
     eubo = lw[C:].mean().item()
     assert elbo < truth + 0.02 and eubo > truth - 0.02
     # perfect transitions would give a gap of (KL + reverse KL) / T = 22 / 100 nats (Prop. 3.1)
     assert eubo - elbo < 0.45
-    assert st.stats["accept_prob"].shape == (100, 2 * C, 1)
-    assert bool(torch.isnan(st.stats["accept_prob"][-1]).all())
+    assert len(incs) == 100 and incs[-1].hmc is None and incs[0].hmc.accept_prob.shape == (2 * C, 1)
+    torch.testing.assert_close(sum(i.log_weight_increment for i in incs), st.log_weights)

@@ -3,39 +3,40 @@
 With (x_i, z_i) ~ p(x, z) simulated from the model, I(x; z) = E[log p(x|z)] - E[log p(x)]
 (eq. 1), so a lower bound (ELBO) on log p(x_i) gives an MI upper bound
 log p(x_i|z_i) - ELBO_i and an upper bound (EUBO) an MI lower bound
-log p(x_i|z_i) - EUBO_i. AIS chains (:mod:`pyro_mi.samplers.annealing`) anneal from
-pi0 (the prior p(z), or a proposal q(z|x)) to p(x, z) along eq. 11 with T steps; the
-simulated z_i is the exact posterior sample that starts every reverse chain. With
-log weights w of forward chains (fwd) and reverse chains (rev):
+log p(x_i|z_i) - EUBO_i. AIS chains (:mod:`pyro_mi.samplers.ais`) anneal from pi0 (the
+prior p(z), or a proposal q(z|x)) to p(x, z) along eq. 11 with T steps; the simulated
+z_i is the exact posterior sample that starts every reverse chain. From the log
+weights of forward chains (fwd) and reverse chains (rev), the estimators below are
+pure functions:
 
-* **IM-AIS** (Independent Multi-Sample AIS, eq. 13–14):
+* **IM-AIS** (Independent Multi-Sample AIS, eq. 13–14, :func:`im_ais_log_px`):
   ELBO = log (1/K) sum_k w_k^fwd (K forward chains);
   EUBO = log (1/K) (w^rev + sum_{k<K} w_k^fwd) (one reverse chain from z_i and the
   first K-1 forward chains).
-* **CR-AIS** (Coupled Reverse Multi-Sample AIS, eq. 15–17, App. H):
+* **CR-AIS** (Coupled Reverse Multi-Sample AIS, eq. 15–17, App. H, :func:`cr_ais_log_px`):
   EUBO = -log (1/K) sum_k 1 / w_k^rev (K reverse chains, all from z_i);
   ELBO = -log (1/K) (1 / w^fwd + sum_{k<K} 1 / w_k^rev) (one forward chain, then K-1
   reverse chains from its final state).
-* **BDMC** (sec. 3.4): the IM-AIS ELBO with the CR-AIS EUBO (K forward and K
-  reverse chains, Grosse et al. 2015).
+* **BDMC** (sec. 3.4, :func:`bdmc_log_px`): the IM-AIS ELBO with the CR-AIS EUBO.
 
 With T = 1 the IM-AIS bounds equal the IWAE bounds (eq. 5) on the same draws; with
 K = 1 every pair is single-chain AIS (App. D).
 
-**Step-size adaptation.** ``adapt="online"`` (default) adapts each chain's step size
-while it anneals; the kernels then depend on the chain's past, so the bounds hold
-only approximately (in practice the effect is far below the Monte-Carlo error).
-``adapt="two-round"`` first runs K forward chains with online adaptation, freezes
-the geometric mean step size per annealing step and data point, and reruns every
-chain with those fixed, exactly reversible kernels and fresh random numbers: the
-bounds then hold exactly, at about twice the cost. ``adapt="none"`` keeps the
-initial step size.
+**Exact by default.** The bounds hold only if every transition kernel is fixed before
+the chains whose weights enter them start (a kernel that adapts along its own chain
+biases the weights). ``adapt="pilot"`` (default) tunes step sizes in a cheap pilot
+(:func:`pyro_mi.samplers.pilot_step_sizes`: ``pilot_chains`` forward chains on a
+coarse sub-grid of the schedule), freezes them per annealing step and data point, and
+then runs every bound-bearing chain with those fixed kernels and fresh random numbers.
+``adapt="none"`` uses ``step_size`` everywhere (exact too). ``adapt="online"`` adapts
+each forward chain's step size as it anneals (the paper's code, App. O.1.2); its
+bounds are approximate and the result says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
 import time
 from typing import Callable
 
@@ -43,19 +44,23 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..checkpoint import Checkpoint, check_output_path, fingerprint
 from ..density import Data, ModelDensity, site_log_prob
-from .importance import effective_sample_size, log_mean_exp
-from ..proposal import GaussianEncoder, PriorProposal
-from ..result import MIResult
-from ..samplers import anneal, get_schedule, set_rng_state
+from ..proposal import GaussianEncoder, GuideDensity, PriorProposal
+from ..recording import ChainRecorder, ChainSummary, ProgressBar
+from ..result import MIResult, require_finite
+from ..samplers import StepSizeAdapter, anneal, freeze, get_schedule, pilot_step_sizes
+from ..weights import importance_ess, log_mean_exp
 
-#: default settings of the AIS methods, tuned on the linear-vae example (see README)
+#: default settings of the AIS methods
 DEFAULTS = dict(num_chains=16, num_steps=100, num_leapfrog=2, step_size=0.05, schedule="sigmoid")
-
+ADAPT_MODES = ("pilot", "online", "none")
 #: default chunk size: at most this many (chain, data point, dim) elements per chunk
 CHUNK_ELEMENTS = 1 << 24
-
-ADAPT_MODES = ("online", "two-round", "none")
+#: a warning is attached above this fraction of chains with a divergent transition
+DIVERGENCE_WARNING = 0.10
+#: ... and below this mean importance ESS of the forward weights
+ESS_WARNING = 1.5
 
 
 def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
@@ -64,9 +69,9 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
     pi0 is the prior p(z) for a :class:`~pyro_mi.proposal.PriorProposal` (one model
     trace per call), else the proposal's ``log_prob(z, x)`` (for a
     :class:`~pyro_mi.proposal.GaussianEncoder` its network runs once here, since x is
-    fixed along the path). Pyro's argument
-    validation is switched off inside, so that a chain stepping into a region of
-    zero density gets -inf (and is rejected) instead of raising.
+    fixed along the path). Pyro's argument validation is switched off inside, so that
+    a chain stepping into a region of zero density gets -inf (and is rejected)
+    instead of raising.
     """
     x = density.check_data(x)
     if isinstance(proposal, PriorProposal):
@@ -77,7 +82,6 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
             return lp, lp + ll
 
     elif type(proposal) is GaussianEncoder:
-        # x is fixed along the path: run the encoder network once, not at every leapfrog step
         with torch.no_grad():
             mu, sigma = proposal(x)
         q = dist.Normal(mu, sigma, validate_args=False).to_event(1)
@@ -98,253 +102,261 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
     return components
 
 
-def _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt):
-    for name, v in (("num_chains", num_chains), ("num_steps", num_steps), ("num_leapfrog", num_leapfrog)):
+# --------------------------------------------------------------------- estimators
+def im_ais_log_px(forward: torch.Tensor, reverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IM-AIS bounds on log p(x) (eq. 14) from log weights: forward (K, N), reverse (>= 1, N).
+
+    Returns ``(elbo, eubo)``, each (N,), nats: ELBO = log mean_k w_k^fwd and
+    EUBO = log (1/K)(w_1^rev + sum_{k<K} w_k^fwd).
+    """
+    K = forward.shape[0]
+    return log_mean_exp(forward, 0), log_mean_exp(torch.cat([reverse[:1], forward[: K - 1]], 0), 0)
+
+
+def cr_ais_log_px(
+    forward: torch.Tensor, reverse: torch.Tensor, reverse_from_forward: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CR-AIS bounds on log p(x) (eq. 16–17): forward (>= 1, N), reverse (K, N) from the posterior
+    sample, reverse_from_forward (K - 1, N) from the first forward chain's final state.
+
+    Returns ``(elbo, eubo)``, each (N,), nats: EUBO = -log mean_k 1/w_k^rev and
+    ELBO = -log (1/K)(1/w_1^fwd + sum_k 1/w_k^rev-from-fwd).
+    """
+    return -log_mean_exp(-torch.cat([forward[:1], reverse_from_forward], 0), 0), -log_mean_exp(-reverse, 0)
+
+
+def bdmc_log_px(forward: torch.Tensor, reverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BDMC bounds on log p(x) (sec. 3.4): the IM-AIS ELBO of forward (K, N) and the CR-AIS
+    EUBO of reverse (K, N). Returns ``(elbo, eubo)``, each (N,), nats."""
+    return log_mean_exp(forward, 0), -log_mean_exp(-reverse, 0)
+
+
+# --------------------------------------------------------------------- runner
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Seeds torch's global RNG inside a fork, for proposals that sample through it (Pyro guides)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+class _MeanLogStepSize:
+    """Online mode: sum over forward chains of the log step size used at each transition."""
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def __call__(self, key, state, info) -> None:
+        if info.hmc is None:
+            return
+        d = self.data.setdefault(key, {})
+        d[state.step] = d.get(state.step, 0) + info.step_size.log().sum(0)
+
+    def table(self, num_betas: int, num_chains: int) -> torch.Tensor:
+        T = num_betas - 1
+        sums = [sum(d[j] for d in self.data.values()) / num_chains for j in range(1, T)]
+        return freeze(torch.arange(1, T), torch.stack(sums), num_betas)
+
+
+def run_chains(
+    components: Callable,
+    draw_pi0: Callable[[int], torch.Tensor],
+    z: torch.Tensor,
+    betas: torch.Tensor,
+    *,
+    num_forward: int,
+    num_reverse: int,
+    num_reverse_from_forward: int = 0,
+    num_leapfrog: int,
+    step_size: float,
+    adapt: str = "pilot",
+    pilot_chains: int = 8,
+    pilot_steps: int | None = None,
+    seed: int = 0,
+    max_chains_per_chunk: int,
+    checkpoint: Checkpoint | None = None,
+    checkpoint_every: float = 60.0,
+    observers: tuple = (),
+) -> dict:
+    """Runs the AIS chains of a multi-sample bound and returns their log weights.
+
+    Forward chains start at draws of pi0 (``draw_pi0(n) -> (n, N, D)``), reverse chains
+    at the simulated z (N, D) (the posterior sample); ``num_reverse_from_forward``
+    further reverse chains start at the final state of the first forward chain (CR-AIS
+    ELBO, eq. 16). Step sizes come from ``adapt`` (see the module docstring). Chains
+    run in sequential chunks of at most ``max_chains_per_chunk``; each chunk's random
+    numbers come from its own generator seeded from (``seed``, job, chunk), so a run is
+    reproducible and a resumed run equals the uninterrupted one. Every step is passed to
+    the ``observers`` (``observer(key, state, info)``); with ``checkpoint``, progress
+    (and the observers' ``data``) is saved every ``checkpoint_every`` seconds and on
+    KeyboardInterrupt, and a run with the same checkpoint resumes it.
+
+    Returns:
+        dict with ``forward`` (num_forward, N), ``reverse`` (num_reverse, N) and
+        ``reverse_from_forward`` (num_reverse_from_forward, N) log weights (nats),
+        ``step_sizes`` (T + 1, N) (the frozen table; for ``online`` the one the reverse
+        chains used) and ``keys`` (the chunks of the bound-bearing chains).
+    """
+    N, D = z.shape
+    T = betas.numel() - 1
+    payload = (checkpoint.payload if checkpoint is not None else None) or {"completed": {}, "current": None}
+    observers = tuple(observers)
+    for i, obs in enumerate(observers):
+        if hasattr(obs, "data") and "observers" in payload:
+            obs.data = payload["observers"][i]
+    last = {"save": time.monotonic()}
+
+    def save() -> None:
+        payload["observers"] = [getattr(o, "data", None) for o in observers]
+        checkpoint.save(payload)
+        last["save"] = time.monotonic()
+
+    def run_job(name: str, inits: list, step_sizes, adapter=None, extra=()) -> list:
+        """inits: [(kind, start z (N, D) or None, count)]; returns the chunks' outputs."""
+        flat = [(kind, start) for kind, start, count in inits for _ in range(count)]
+        outs = []
+        for c, lo in enumerate(range(0, len(flat), max_chains_per_chunk)):
+            key = (name, c)
+            if key in payload["completed"]:
+                outs.append(payload["completed"][key])
+                continue
+            part = flat[lo : lo + max_chains_per_chunk]
+            reverse = torch.tensor([kind == "rev" for kind, _ in part], device=z.device)
+            gen = torch.Generator(device=z.device)
+            current = payload["current"]
+            if current is not None and current[0] == key:
+                state, z_init = current[1], current[1].hmc.z
+                gen.set_state(current[2])
+            else:
+                state = None
+                gen.manual_seed(_seed(seed, name, c))
+                n_fwd = int((~reverse).sum())
+                with torch.no_grad(), _seeded_global_rng(_seed(seed, name, c, "pi0"), z.device):
+                    z_f = draw_pi0(n_fwd) if n_fwd else z.new_zeros(0, N, D)
+                z_r = [start.unsqueeze(0) for kind, start in part if kind == "rev"]
+                z_init = torch.cat([z_f] + z_r, 0)
+                reverse = torch.cat([reverse[~reverse], reverse[reverse]])  # forward chains first
+
+            def on_step(st, info, key=key, gen=gen):
+                payload["current"] = (key, st, gen.get_state())
+                for obs in extra + observers:
+                    obs(key, st, info)
+                if checkpoint is not None and time.monotonic() - last["save"] >= checkpoint_every:
+                    save()
+
+            with torch.no_grad():
+                final = anneal(components, z_init, reverse, betas, step_sizes, num_leapfrog, gen,
+                               adapter=adapter, state=state, on_step=on_step)
+            fwd_idx = (~reverse).nonzero()
+            out = {
+                "log_weights": final.log_weights,
+                "reverse": reverse,
+                "first_forward": final.hmc.z[int(fwd_idx[0])] if fwd_idx.numel() else None,
+            }
+            payload["completed"][key] = out
+            payload["current"] = None
+            outs.append(out)
+        return outs
+
+    try:
+        table = payload.get("step_sizes")
+        if adapt == "pilot" and table is None:
+            gen = torch.Generator(device=z.device).manual_seed(_seed(seed, "pilot"))
+            with torch.no_grad(), _seeded_global_rng(_seed(seed, "pilot", "pi0"), z.device):
+                z_p = draw_pi0(pilot_chains)
+            table = pilot_step_sizes(components, z_p, betas, step_size, num_leapfrog, gen,
+                                     num_pilot_steps=pilot_steps,
+                                     on_step=lambda st, info: [o(("pilot", 0), st, info) for o in observers
+                                                               if isinstance(o, ProgressBar)])
+        elif adapt == "none":
+            table = z.new_full((T + 1, N), float(step_size))
+        payload["step_sizes"] = table
+        if adapt == "online":
+            mean_eps = payload.setdefault("mean_log_step_size", _MeanLogStepSize())
+            adapter = StepSizeAdapter("multiplicative", 1.02)
+            main = run_job("main", [("fwd", None, num_forward)], step_size, adapter, extra=(mean_eps,))
+            table = payload["step_sizes"] = mean_eps.table(T + 1, num_forward) if T > 1 else z.new_full(
+                (T + 1, N), float(step_size))
+            main += run_job("rev", [("rev", z, num_reverse)], table)
+        else:
+            main = run_job("main", [("fwd", None, num_forward), ("rev", z, num_reverse)], table)
+        cr = []
+        if num_reverse_from_forward > 0:
+            start = next(o["first_forward"] for o in main if o["first_forward"] is not None)
+            cr = run_job("cr", [("rev", start, num_reverse_from_forward)], table)
+    except KeyboardInterrupt:
+        if checkpoint is not None:
+            save()
+            checkpoint.release()
+        raise
+    except BaseException:
+        if checkpoint is not None:
+            checkpoint.release()
+        raise
+    if checkpoint is not None:
+        checkpoint.finish()
+
+    def split(outs):
+        lw = torch.cat([o["log_weights"] for o in outs], 0)
+        rv = torch.cat([o["reverse"] for o in outs], 0)
+        return lw[~rv], lw[rv]
+
+    fwd, rev = split(main)
+    rev2 = split(cr)[1] if cr else z.new_zeros(0, N)
+    keys = [k for k in payload["completed"] if k[0] in ("main", "rev", "cr")]
+    return {"forward": fwd, "reverse": rev, "reverse_from_forward": rev2, "step_sizes": table, "keys": keys,
+            "reverse_flags": {k: payload["completed"][k]["reverse"] for k in keys}}
+
+
+# --------------------------------------------------------------------- bounds
+#: method -> (chain plan for K chains, estimator)
+_PLANS = {
+    "im-ais": (lambda K: dict(num_forward=K, num_reverse=1), lambda r: im_ais_log_px(r["forward"], r["reverse"])),
+    "cr-ais": (
+        lambda K: dict(num_forward=1, num_reverse=K, num_reverse_from_forward=K - 1),
+        lambda r: cr_ais_log_px(r["forward"], r["reverse"], r["reverse_from_forward"]),
+    ),
+    "bdmc": (lambda K: dict(num_forward=K, num_reverse=K), lambda r: bdmc_log_px(r["forward"], r["reverse"])),
+}
+_KIND = {"ais": "im-ais", "im-ais": "im-ais", "cr-ais": "cr-ais", "bdmc": "bdmc"}
+
+
+def _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains):
+    for name, v in (("num_chains", num_chains), ("num_steps", num_steps), ("num_leapfrog", num_leapfrog),
+                    ("pilot_chains", pilot_chains)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(step_size, (int, float)) or not step_size > 0:
+    if not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf"):
         raise ValueError(f"step_size must be a positive number, got {step_size!r}")
     if adapt not in ADAPT_MODES:
         raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
 
 
-def _fingerprint(method: str, settings: dict, x: dict, z: torch.Tensor) -> str:
-    h = hashlib.sha1(repr((method, sorted(settings.items()))).encode())
-    for k in sorted(x):
-        h.update(x[k].detach().cpu().contiguous().numpy().tobytes())
-    h.update(z.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+def _proposal_identity(proposal):
+    """What identifies a proposal in a checkpoint's fingerprint: its parameters and code."""
+    if isinstance(proposal, PriorProposal):
+        return "prior"
+    if isinstance(proposal, GuideDensity):
+        return ("guide", proposal.guide, list(proposal.parameters()))
+    return (type(proposal).__qualname__, proposal)
 
 
-class _Checkpoint:
-    """Saves and restores the progress of an AIS run (completed chunks, the running chunk, RNG)."""
-
-    def __init__(self, path, fingerprint: str, every: float):
-        self.path, self.fingerprint, self.every = path, fingerprint, every
-        self.completed: dict = {}
-        self.current = None  # (key, AnnealingState)
-        self.last_save = time.monotonic()
-        self.resumed = None
-        if path is not None and os.path.exists(path):
-            try:
-                data = torch.load(path, weights_only=False)
-            except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
-                raise ValueError(f"checkpoint {path!r} cannot be read: {e}") from e
-            if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"checkpoint {path!r} was written by a different run (method, settings, seed or data "
-                    "differ); delete it or pass another --checkpoint file"
-                )
-            self.completed = data["completed"]
-            self.resumed = data["current"]
-
-    def step(self, key, state) -> None:
-        self.current = (key, state)
-        if self.path is not None and time.monotonic() - self.last_save >= self.every:
-            self.save()
-
-    def save(self) -> None:
-        if self.path is None or self.current is None:
-            return
-        key, state = self.current
-        completed = {k: v for k, v in self.completed.items() if k != key}
-        tmp = f"{self.path}.tmp"
-        torch.save({"fingerprint": self.fingerprint, "completed": completed, "current": (key, state)}, tmp)
-        os.replace(tmp, self.path)
-        self.last_save = time.monotonic()
-
-    def finish(self) -> None:
-        if self.path is not None and os.path.exists(self.path):
-            os.remove(self.path)
-
-
-def run_chains(
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    *,
-    num_forward: int,
-    num_reverse: int,
-    num_reverse_from_forward: int = 0,
-    num_steps: int,
-    num_leapfrog: int,
-    step_size: float,
-    schedule="sigmoid",
-    radius: float = 4.0,
-    adapt: str = "online",
-    tune_chains: int | None = None,
-    checkpoint: str | None = None,
-    checkpoint_every: float = 60.0,
-    fingerprint: str = "",
-    max_chains_per_chunk: int | None = None,
-    record: bool = True,
-    callback: Callable | None = None,
-    progress: bool = True,
-) -> dict:
-    """Runs the AIS chains of a multi-sample bound and returns their log weights.
-
-    Forward chains start at draws of the proposal, reverse chains at the simulated z
-    (the posterior sample); ``num_reverse_from_forward`` further reverse chains start
-    at the final state of the first forward chain (CR-AIS ELBO, eq. 16). Chains run
-    in chunks of at most ``max_chains_per_chunk`` (default: a memory budget of
-    :data:`CHUNK_ELEMENTS`); with ``checkpoint`` the progress is saved every
-    ``checkpoint_every`` seconds and on KeyboardInterrupt, and a later call with the
-    same arguments resumes it.
-
-    Returns:
-        dict with ``forward`` (num_forward, N), ``reverse`` (num_reverse, N),
-        ``reverse_from_forward`` (num_reverse_from_forward, N) log weights (nats), and
-        ``record``: per-chunk :class:`~pyro_mi.samplers.AnnealingState` of the final
-        round (chain statistics), ``betas`` and ``frozen_step_sizes`` (or None).
-    """
-    x = density.check_data(x)
-    N = next(iter(x.values())).shape[0]
-    comps = components_fn(density, proposal, x)
-    betas = get_schedule(schedule, num_steps, radius)
-    if max_chains_per_chunk is None:
-        max_chains_per_chunk = max(1, CHUNK_ELEMENTS // (N * max(density.latent_dim, density.obs_dim)))
-    ckpt = _Checkpoint(checkpoint, fingerprint, checkpoint_every)
-    run_opts = dict(num_leapfrog=num_leapfrog, step_size=step_size, capture_rng=checkpoint is not None)
-
-    def run_job(name: str, inits: list, frozen, rec: bool) -> list:
-        """inits: list of ('fwd', count) or ('rev', z0 (N, D), count); returns per-chunk final states."""
-        # Expand to a flat chain list, then cut into chunks.
-        flat = []
-        for kind, start, count in inits:
-            flat += [(kind, start)] * count
-        outs = []
-        for c, lo in enumerate(range(0, len(flat), max_chains_per_chunk)):
-            key = (name, c)
-            chunk = flat[lo : lo + max_chains_per_chunk]
-            if key in ckpt.completed:
-                outs.append(ckpt.completed[key])
-                continue
-            resume = None
-            if ckpt.resumed is not None and ckpt.resumed[0] == key:
-                resume = ckpt.resumed[1]
-                set_rng_state(resume.rng)
-                ckpt.resumed = None
-            if resume is None:
-                n_fwd = sum(1 for kind, _ in chunk if kind == "fwd")
-                with torch.no_grad(), pyro.validation_enabled(False):
-                    z_f = proposal.rsample(x, n_fwd)[0].detach() if n_fwd else z.new_zeros(0, N, z.shape[-1])
-                z_r = [start for kind, start in chunk if kind == "rev"]
-                z_init = torch.cat([z_f] + [s.unsqueeze(0) for s in z_r], 0)
-            else:
-                z_init = resume.hmc.z
-            reverse = torch.tensor([kind == "rev" for kind, _ in chunk], device=z.device)
-            reverse = torch.cat([reverse[~reverse], reverse[reverse]])  # forward chains first, as z_init
-
-            def cb(state, key=key):
-                ckpt.step(key, state)
-                if callback is not None:
-                    callback(key, state)
-
-            adapting = adapt != "none" and frozen is None
-            final = anneal(
-                comps,
-                z_init,
-                reverse,
-                betas,
-                adapt=adapting,
-                search_step_size=False,
-                frozen_step_sizes=frozen,
-                record=rec,
-                state=resume,
-                callback=cb,
-                progress=progress,
-                desc=f"AIS {name}" + (f" chunk {c + 1}" if len(flat) > max_chains_per_chunk else ""),
-                **run_opts,
-            )
-            out = {"state": final, "reverse": reverse}
-            ckpt.completed[key] = out
-            outs.append(out)
-        return outs
-
-    try:
-        frozen = None
-        if adapt == "two-round":
-            tune = run_job("tune", [("fwd", None, tune_chains or max(num_forward, 4))], None, True)
-            frozen = _freeze_step_sizes(tune, betas.numel())
-        if adapt == "online":
-            # Forward chains adapt; reverse chains then reuse their step sizes per beta, so that
-            # forward and reverse kernels match (eq. 13 pairs a reverse chain with forward ones).
-            phase1 = run_job("main", [("fwd", None, num_forward)], None, True)
-            frozen = _freeze_step_sizes(phase1, betas.numel())
-            phase1 = phase1 + run_job("rev", [("rev", z, num_reverse)], frozen, record)
-        else:
-            phase1 = run_job("main", [("fwd", None, num_forward), ("rev", z, num_reverse)], frozen, record)
-        fwd, rev = _split(phase1)
-        rev2 = z.new_zeros(0, N)
-        phase2 = []
-        if num_reverse_from_forward > 0:
-            start = _first_forward_state(phase1)
-            phase2 = run_job("cr", [("rev", start, num_reverse_from_forward)], frozen, record)
-            rev2 = _split(phase2)[1]
-    except KeyboardInterrupt:
-        ckpt.save()
-        raise
-    ckpt.finish()
+def _chains(density: ModelDensity, recorder: ChainRecorder, keys: list, reverse_of: dict, betas) -> dict:
+    """The recorded chains of the bound-bearing chunks, for :mod:`pyro_mi.diagnostics`."""
+    recs = [recorder.data[k] for k in keys if k in recorder.data]
+    stats = {name: torch.cat([r["stats"][name] for r in recs], 1) for name in recs[0]["stats"]}
+    reverse = torch.cat([reverse_of[k] for k in keys if k in recorder.data])
     return {
-        "forward": fwd,
-        "reverse": rev,
-        "reverse_from_forward": rev2,
-        "record": phase1 + phase2,
-        "betas": betas,
-        "frozen_step_sizes": frozen,
-    }
-
-
-def _split(outs: list) -> tuple[torch.Tensor, torch.Tensor]:
-    lw = torch.cat([o["state"].log_weights for o in outs], 0)
-    rv = torch.cat([o["reverse"] for o in outs], 0)
-    return lw[~rv], lw[rv]
-
-
-def _first_forward_state(outs: list) -> torch.Tensor:
-    for o in outs:
-        if bool((~o["reverse"]).any()):
-            return o["state"].hmc.z[int((~o["reverse"]).nonzero()[0])]
-    raise RuntimeError("no forward chain ran")  # pragma: no cover - callers always run one
-
-
-def _freeze_step_sizes(outs: list, num_betas: int) -> torch.Tensor:
-    """Geometric mean over tuning chains of the step size used at each beta index: (T + 1, N)."""
-    eps = torch.cat([o["state"].stats["step_size"] for o in outs], 1)  # (T, C, N): row j-1 used at beta_j
-    per_step = eps.clamp_min(1e-30).log().mean(1).exp()  # (T, N)
-    frozen = torch.cat([per_step[:1], per_step], 0)  # beta index 0 is never used
-    return frozen[:num_betas]
-
-
-def _chain_summary(density: ModelDensity, run: dict) -> dict:
-    """Chain statistics over all recorded chunks: scalars, per-step tensors and thinned states."""
-    recs = [o for o in run["record"] if o["state"].stats is not None]
-    out: dict = {}
-    if not recs:
-        return out
-    stats = {k: torch.cat([o["state"].stats[k] for o in recs], 1) for k in recs[0]["state"].stats}
-    reverse = torch.cat([o["reverse"] for o in recs])
-    T = stats["accept_prob"].shape[0]
-    acc = stats["accept_prob"][: max(T - 1, 0)]
-    out["accept_rate"] = float(acc.nanmean()) if acc.numel() else float("nan")
-    out["divergences"] = int(stats["diverging"].sum())
-    out["step_size"] = float(torch.cat([o["state"].hmc.step_size for o in recs], 0).mean())
-    states = torch.cat([o["state"].states for o in recs], 1)  # (R, C, N, D)
-    out["chains"] = {
         "stats": stats,
         "direction": ["reverse" if r else "forward" for r in reverse.tolist()],
-        "states": density.constrained(states),
-        "record_steps": _record_steps_of(recs[0]["state"], T),
-        "betas": run["betas"],
+        "states": density.constrained(torch.cat([r["states"] for r in recs], 1)),
+        "record_steps": recorder.steps,
+        "betas": betas,
     }
-    return out
-
-
-def _record_steps_of(state, T: int) -> list[int]:
-    from ..samplers import record_steps
-
-    return record_steps(T, state.states.shape[0]) if state.states.shape[0] else []
 
 
 def _bounds(
@@ -359,96 +371,101 @@ def _bounds(
     num_leapfrog: int,
     step_size: float,
     schedule,
-    radius: float,
     adapt: str,
+    pilot_chains: int,
+    pilot_steps: int | None,
+    generator: torch.Generator | None,
     checkpoint,
     checkpoint_every: float,
     save_chains,
-    max_chains_per_chunk,
     record: bool,
+    max_chains_per_chunk,
     callback,
     progress: bool,
 ) -> MIResult:
-    _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt)
+    _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains)
+    if save_chains is not None:
+        check_output_path(save_chains, "save_chains")
     x = density.check_data(x)
+    N = z.shape[0]
     K = num_chains
+    betas = get_schedule(schedule, num_steps)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    settings = dict(
+        num_chains=K, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
+        schedule=schedule if isinstance(schedule, str) else "custom", adapt=adapt,
+        pilot_chains=pilot_chains, pilot_steps=pilot_steps, exact=adapt != "online",
+    )
+    record = record or save_chains is not None
+    ckpt = None
+    if checkpoint is not None:
+        fp = fingerprint(method, settings, seed, betas, x, z, _proposal_identity(proposal), density.model,
+                         density.model_args, density.model_kwargs, record)
+        ckpt = Checkpoint(checkpoint, fp)
+    summary = ChainSummary()
+    recorder = ChainRecorder(num_steps) if record else None
+    bar = ProgressBar(num_steps, progress)
+    observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
+    if max_chains_per_chunk is None:
+        max_chains_per_chunk = max(1, CHUNK_ELEMENTS // (N * max(density.latent_dim, density.obs_dim)))
     with torch.no_grad(), pyro.validation_enabled(False):
         log_lik = density.log_terms(x, z)[1]
-    plan = {
-        "im-ais": dict(num_forward=K, num_reverse=1),
-        "cr-ais": dict(num_forward=1, num_reverse=K, num_reverse_from_forward=K - 1),
-        "bdmc": dict(num_forward=K, num_reverse=K),
-    }[_KIND[method]]
-    settings = dict(
-        num_chains=K,
-        num_steps=num_steps,
-        num_leapfrog=num_leapfrog,
-        step_size=step_size,
-        schedule=schedule if isinstance(schedule, str) else "custom",
-        radius=radius,
-        adapt=adapt,
-    )
-    fp = _fingerprint(method, settings, x, z) if checkpoint is not None else ""
-    run = run_chains(
-        density,
-        proposal,
-        x,
-        z,
-        **plan,
-        num_steps=num_steps,
-        num_leapfrog=num_leapfrog,
-        step_size=step_size,
-        schedule=schedule,
-        radius=radius,
-        adapt=adapt,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        fingerprint=fp,
-        max_chains_per_chunk=max_chains_per_chunk,
-        record=record or save_chains is not None,
-        callback=callback,
-        progress=progress,
-    )
-    fwd, rev, rev2 = run["forward"], run["reverse"], run["reverse_from_forward"]
-    kind = _KIND[method]
-    if kind == "im-ais":
-        elbo = log_mean_exp(fwd, 0)
-        eubo = log_mean_exp(torch.cat([rev, fwd[: K - 1]], 0), 0)
-    elif kind == "cr-ais":
-        elbo = -log_mean_exp(-torch.cat([fwd, rev2], 0), 0)
-        eubo = -log_mean_exp(-rev, 0)
-    else:  # bdmc
-        elbo = log_mean_exp(fwd, 0)
-        eubo = -log_mean_exp(-rev, 0)
-    # Effective sample size of the final importance weights of the forward chains.
-    ess = effective_sample_size(fwd)
+    plan, estimator = _PLANS[_KIND[method]]
+
+    def draw_pi0(n):
+        return proposal.rsample(x, n)[0].detach()
+
+    try:
+        with pyro.validation_enabled(False):
+            run = run_chains(
+                components_fn(density, proposal, x), draw_pi0, z, betas, **plan(K), num_leapfrog=num_leapfrog,
+                step_size=step_size, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps, seed=seed,
+                max_chains_per_chunk=max_chains_per_chunk, checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                observers=observers,
+            )
+    finally:
+        bar.close()
+    elbo, eubo = estimator(run)
+    require_finite(method, {"log p(x|z) of the simulated points": log_lik,
+                            "the log p(x) lower bound (every forward chain has zero weight)": elbo,
+                            "the log p(x) upper bound": eubo})
+    fwd = run["forward"]
+    ess = importance_ess(fwd)
+    chain_stats = summary.totals(run["keys"])
     diagnostics = {
         "ess": float(ess.mean()),
         "ess_per_point": ess,
         "log_p_x_lower": elbo,
         "log_p_x_upper": eubo,
         "log_weights_forward": fwd,
-        "log_weights_reverse": torch.cat([rev, rev2], 0),
+        "log_weights_reverse": torch.cat([run["reverse"], run["reverse_from_forward"]], 0),
+        "step_sizes": run["step_sizes"],
+        **chain_stats,
     }
-    if run["frozen_step_sizes"] is not None:
-        diagnostics["frozen_step_sizes"] = run["frozen_step_sizes"]
-    diagnostics.update(_chain_summary(density, run))
-    result = MIResult(
-        method,
-        lower_per_point=log_lik - eubo,
-        upper_per_point=log_lik - elbo,
-        settings=settings,
-        diagnostics=diagnostics,
-    )
+    warnings = []
+    if adapt == "online":
+        warnings.append("adapt='online' adapts step sizes along each chain's own path, which biases the AIS "
+                        "weights: these bounds are approximate, not guaranteed (adapt='pilot' is exact)")
+    if chain_stats["divergent_chain_fraction"] > DIVERGENCE_WARNING:
+        warnings.append(
+            f"{chain_stats['divergent_chain_fraction']:.0%} of the chains diverged (more than "
+            f"{DIVERGENCE_WARNING:.0%} of chains with over 10% of their HMC transitions divergent): rejected moves "
+            "leave the bounds valid but possibly very loose; try a smaller step_size (adapt='none'), more "
+            "num_steps, or a proposal closer to the posterior")
+    if num_steps > 1 and fwd.shape[0] > 1 and float(ess.mean()) < ESS_WARNING:
+        warnings.append(
+            f"the importance ESS of the forward chains' weights is {float(ess.mean()):.2f} on average (below "
+            f"{ESS_WARNING}): one chain dominates each log p(x) estimate, so the bounds may be loose; "
+            "try more num_steps or num_chains")
+    result = MIResult(method, lower_per_point=log_lik - eubo, upper_per_point=log_lik - elbo, settings=settings,
+                      diagnostics=diagnostics, warnings=warnings, x=x, z=z)
+    if recorder is not None:
+        result.diagnostics["chains"] = _chains(density, recorder, run["keys"], run["reverse_flags"], betas)
     if save_chains is not None:
         from ..diagnostics import save_chains as _save
 
         _save(result, save_chains)
     return result
-
-
-#: method name -> chain plan
-_KIND = {"ais": "im-ais", "im-ais": "im-ais", "cr-ais": "cr-ais", "bdmc": "bdmc"}
 
 
 def _make(method: str, doc: str):
@@ -463,36 +480,24 @@ def _make(method: str, doc: str):
         step_size: float = DEFAULTS["step_size"],
         schedule="sigmoid",
         *,
-        radius: float = 4.0,
-        adapt: str = "online",
+        adapt: str = "pilot",
+        pilot_chains: int = 8,
+        pilot_steps: int | None = None,
+        generator: torch.Generator | None = None,
         checkpoint: str | None = None,
         checkpoint_every: float = 60.0,
         save_chains: str | None = None,
+        record: bool = False,
         max_chains_per_chunk: int | None = None,
-        record: bool = True,
         callback: Callable | None = None,
         progress: bool = True,
     ) -> MIResult:
         return _bounds(
-            method,
-            density,
-            proposal,
-            x,
-            z,
-            num_chains=num_chains,
-            num_steps=num_steps,
-            num_leapfrog=num_leapfrog,
-            step_size=step_size,
-            schedule=schedule,
-            radius=radius,
-            adapt=adapt,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            save_chains=save_chains,
-            max_chains_per_chunk=max_chains_per_chunk,
-            record=record,
-            callback=callback,
-            progress=progress,
+            method, density, proposal, x, z, num_chains=num_chains, num_steps=num_steps,
+            num_leapfrog=num_leapfrog, step_size=step_size, schedule=schedule, adapt=adapt,
+            pilot_chains=pilot_chains, pilot_steps=pilot_steps, generator=generator, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, save_chains=save_chains, record=record,
+            max_chains_per_chunk=max_chains_per_chunk, callback=callback, progress=progress,
         )
 
     bound.__doc__ = doc + _COMMON_DOC
@@ -512,27 +517,38 @@ _COMMON_DOC = """
         num_chains: K, AIS chains per data point (per direction).
         num_steps: T, annealing steps (T - 1 HMC transitions per chain; T = 1 is IWAE).
         num_leapfrog: L, leapfrog steps per HMC transition (one model trace each).
-        step_size: initial HMC step size (adapted per chain towards 65% acceptance).
-        schedule: ``"sigmoid"`` (Wu et al. 2017, with ``radius``), ``"linear"``, or betas (T + 1,).
-        adapt: ``"online"``, ``"two-round"`` (exact bounds, about 2x cost) or ``"none"``.
+        step_size: the HMC step size with ``adapt="none"``; where the pilot's search starts
+            with ``"pilot"``; the initial one with ``"online"``.
+        schedule: ``"sigmoid"`` (Wu et al. 2017, radius 4), ``"linear"``, or betas (T + 1,).
+        adapt: ``"pilot"`` (exact: step sizes tuned in a pilot, then frozen), ``"none"``
+            (exact: ``step_size`` throughout) or ``"online"`` (approximate; labelled so).
+        pilot_chains, pilot_steps: the pilot's forward chains per data point (8) and
+            annealing steps (default ceil(T / 5), at least 5).
+        generator: the ``torch.Generator`` the run's seed is drawn from (None: torch's
+            global generator, one draw); chunks and the pilot get their own generators.
         checkpoint: file to save progress to every ``checkpoint_every`` seconds and on
             KeyboardInterrupt; the same call resumes from it (and deletes it when done).
-        save_chains: write the chains as ArviZ InferenceData to this ``.nc`` file.
+            Refused if another process holds it or a different run wrote it.
+        save_chains: write the chains as ArviZ InferenceData to this ``.nc`` file
+            (checked for writability before the run).
+        record: keep per-step chain statistics and thinned states (for ``to_arviz``);
+            off by default so that memory stays flat in T.
         max_chains_per_chunk: run the chains in sequential chunks of at most this many.
-        record: keep per-step chain statistics and thinned states (for ``to_arviz``).
-        callback: ``callback(job_key, AnnealingState)`` after every annealing step.
+        callback: ``callback(key, AISState, StepInfo)`` after every annealing step.
         progress: show a progress bar over annealing steps.
 
     Returns:
         :class:`~pyro_mi.result.MIResult` (nats) whose ``diagnostics`` hold ``ess`` (mean
-        effective sample size of the forward chains' final importance weights),
-        ``accept_rate``, ``divergences``, ``step_size`` (mean final), the log weights,
-        the log p(x) bounds per point and ``chains`` (per-step statistics for
-        :meth:`~pyro_mi.result.MIResult.to_arviz`).
+        importance ESS of the forward chains' final weights), ``accept_rate``,
+        ``divergences``, ``divergent_chain_fraction``, ``step_sizes`` (T + 1, N), the log
+        weights, the log p(x) bounds per point and, with ``record``, ``chains`` (for
+        :meth:`~pyro_mi.result.MIResult.to_arviz`); ``warnings`` name divergent chains
+        (> 10%), a low ESS (< 1.5) and the approximate online mode.
 
     Raises:
-        ValueError: non-positive K, T, L or step size, an unknown schedule or adapt
-            mode, a checkpoint of another run, shape mismatches of x and z.
+        ValueError: non-positive K, T, L or step size, an unknown schedule or adapt mode,
+            an unwritable, foreign or busy checkpoint, an unwritable ``save_chains``, shape
+            mismatches of x and z, a non-finite bound (naming its cause).
 """
 
 im_ais_bounds = _make(
@@ -561,13 +577,15 @@ bdmc_bounds = _make(
 )
 ais_bounds = _make(
     "ais",
-    """The recommended AIS sandwich on I(x; z) (Brekelmans et al. 2022, sec. 3.4).
+    """The recommended AIS sandwich on I(x; z): IM-AIS (Brekelmans et al. 2022, eq. 14, sec. 3.4).
 
     MI upper from the IM-AIS ELBO (K forward chains, eq. 14 left; the paper's
     recommendation) and MI lower from the IM-AIS EUBO (one reverse chain plus the K-1
-    forward chains, eq. 14 right), which at equal compute was as tight as or tighter
-    than the CR-AIS EUBO in our measurements (README) and costs K + 1 chains instead of
-    2K. Same numbers as :func:`im_ais_bounds`.""",
+    forward chains, eq. 14 right), which costs K + 1 chains instead of BDMC's 2K.
+    Same numbers as :func:`im_ais_bounds`.""",
 )
 
-__all__ = ["DEFAULTS", "ais_bounds", "bdmc_bounds", "components_fn", "cr_ais_bounds", "im_ais_bounds", "run_chains"]
+__all__ = [
+    "ADAPT_MODES", "DEFAULTS", "ais_bounds", "bdmc_bounds", "bdmc_log_px", "components_fn", "cr_ais_bounds",
+    "cr_ais_log_px", "im_ais_bounds", "im_ais_log_px", "run_chains",
+]

@@ -23,23 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..density import Data, ModelDensity
-from ..result import MIResult
+from ..result import MIResult, require_finite
 
 #: number of (particle, data point) log-weight evaluations per chunk
 CHUNK_EVALS = 1 << 16
-
-
-def log_mean_exp(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """log mean exp of ``t`` over ``dim`` (all elements if None), by logsumexp; nats in, nats out."""
-    if dim is None:
-        return torch.logsumexp(t.flatten(), 0) - math.log(t.numel())
-    return torch.logsumexp(t, dim) - math.log(t.shape[dim])
-
-
-def effective_sample_size(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """(sum w)^2 / sum w^2 of importance weights given as log w, over ``dim`` (0 where all w are 0)."""
-    ess = torch.exp(2 * torch.logsumexp(log_w, dim) - torch.logsumexp(2 * log_w, dim))
-    return torch.nan_to_num(ess, nan=0.0)
+#: a warning is attached below this mean importance ESS (as for AIS)
+ESS_WARNING = 1.5
 
 
 def _check(num_particles: int) -> None:
@@ -117,13 +106,25 @@ def iwae_bounds(
         seen += log_w.shape[0]
     elbo = lse - math.log(K)
     eubo = lse_eubo - math.log(K)
-    ess = torch.exp(2 * lse - lse_sq)  # effective_sample_size, accumulated over chunks
+    require_finite("iwae", {"log p(x|z) of the simulated points": log_lik,
+                            "the log p(x) lower bound (every proposal draw has zero weight)": elbo,
+                            "the log p(x) upper bound (log p(x, z) - log q(z|x) at the simulated z)": eubo})
+    ess = torch.exp(2 * lse - lse_sq)  # pyro_mi.weights.importance_ess, accumulated over chunks
+    warnings = []
+    if K > 1 and float(ess.mean()) < ESS_WARNING:
+        warnings.append(
+            f"the importance ESS of the K = {K} proposal weights is {float(ess.mean()):.2f} on average (below "
+            f"{ESS_WARNING}): one draw dominates each log p(x) estimate, so the bounds may be loose; use a proposal "
+            "closer to the posterior (a fitted guide) or AIS")
     return MIResult(
         "iwae",
         lower_per_point=log_lik - eubo,
         upper_per_point=log_lik - elbo,
         settings={"num_particles": K},
         diagnostics={"ess": float(ess.mean()), "log_p_x_lower": elbo, "log_p_x_upper": eubo},
+        warnings=warnings,
+        x=density.check_data(x),
+        z=z,
     )
 
 
@@ -151,9 +152,15 @@ def ba_bounds(
     total = torch.zeros_like(log_lik)
     for log_w in _stream(density, proposal, x, num_particles, progress, "BA"):
         total = total + log_w.sum(0)
+    upper = log_lik - total / num_particles
+    require_finite("ba", {"log p(x|z) of the simulated points": log_lik,
+                          "the lower bound log q(z|x) - log p(z) at the simulated z": ba_lower,
+                          "the upper bound (E_q[log p(x, z) - log q(z|x)] over the proposal draws)": upper})
     return MIResult(
         "ba",
         lower_per_point=ba_lower,
-        upper_per_point=log_lik - total / num_particles,
+        upper_per_point=upper,
         settings={"num_particles": num_particles},
+        x=density.check_data(x),
+        z=z,
     )

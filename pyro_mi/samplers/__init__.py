@@ -1,29 +1,30 @@
-"""Samplers: a vectorised HMC kernel, annealing schedules and AIS chains.
+"""Samplers: a vectorised HMC kernel, step-size tuning, annealing schedules and AIS chains.
 
 This layer knows only a components function over flat tensors,
 ``components(z (C, N, D)) -> (log pi0(z), log gamma(z))`` (each (C, N)), never
 sites, supports or plates (see ``DESIGN.md``).
 """
 
-from .annealing import AnnealingState, anneal, record_steps, set_rng_state
-from .hmc import HMCInfo, HMCState, TARGET_ACCEPT, evaluate, init, initial_step_size, mix, step
+from . import hmc
+from .ais import AISState, StepInfo, anneal
+from .hmc import HMCInfo, HMCState
 from .schedules import SCHEDULES, get_schedule, linear_schedule, sigmoid_schedule
+from .step_size import TARGET_ACCEPT, StepSizeAdapter, freeze, pilot_step_sizes, search_step_size
 
 __all__ = [
-    "AnnealingState",
+    "AISState",
     "HMCInfo",
     "HMCState",
     "SCHEDULES",
+    "StepInfo",
+    "StepSizeAdapter",
     "TARGET_ACCEPT",
     "anneal",
-    "evaluate",
+    "freeze",
     "get_schedule",
-    "init",
-    "initial_step_size",
+    "hmc",
     "linear_schedule",
-    "mix",
-    "record_steps",
-    "set_rng_state",
+    "pilot_step_sizes",
+    "search_step_size",
     "sigmoid_schedule",
-    "step",
 ]

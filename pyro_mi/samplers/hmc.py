@@ -10,26 +10,24 @@ where ``pi0`` is a normalised base density (the prior, or a proposal q(z|x)) and
 function* ``components(z) -> (log_pi0, log_gamma)``, each of shape
 (num_chains, num_data), differentiable in z.
 
-The state keeps both components and both of their gradients at the current z,
-so that moving to a new beta needs no new evaluation: the gradient of the
-annealed log density at any beta is their linear combination. Every leapfrog
-step costs exactly one evaluation of the components (one model trace); only the
-last step of a trajectory (the proposal) back-propagates each component
-separately (two backward passes; the base's runs only through its own subgraph,
-e.g. the prior's, and measured about 10% more than one pass on the linear-vae
-example, less than a single batched pass with ``is_grads_batched``).
-Integration uses :func:`pyro.ops.integrator.velocity_verlet`. Inside the loop
-nothing synchronises with the host.
+The state holds the positions, both components and both of their gradients at
+them, and nothing else: moving to a new beta needs no new evaluation, since the
+gradient of the annealed log density at any beta is a linear combination of the
+two. Every leapfrog step costs one evaluation of the components (one model trace);
+only the last step of a trajectory back-propagates each component separately, so
+that both gradients can be cached. Integration uses
+:func:`pyro.ops.integrator.velocity_verlet`; nothing synchronises with the host.
 
-Every chain has its own Metropolis accept/reject (Neal 2011, "MCMC using
-Hamiltonian dynamics", eq. 5.12) and its own step size, adapted towards a target
-acceptance probability by a multiplicative rule (x1.02 above the target, x0.98
-below, clamped), as in the code of Brekelmans et al. 2022 (App. O.1.2: 65%
-average acceptance, after Neal 2001). A proposal whose energy is not finite, or
-whose energy error exceeds ``max_energy_error``, is rejected for that chain only
-and counted as divergent; it never aborts the run.
+:func:`step` is a pure function of the state, the annealing parameter, the step
+size, the number of leapfrog steps and a ``torch.Generator``: the kernel has no
+memory, so a chain's kernel depends on nothing but its beta and the step size
+passed in (step sizes are tuned in :mod:`.step_size`, before the chains whose
+weights enter a bound start). Every chain has its own Metropolis accept/reject
+(Neal 2011, "MCMC using Hamiltonian dynamics", eq. 5.12); a proposal whose
+energy is not finite, or whose energy error exceeds ``max_energy_error``, is
+rejected for that chain only and counted as divergent, never aborting the run.
 
-Style: a functional kernel with an explicit NamedTuple state and ``init`` /
+Style: a functional kernel with an explicit NamedTuple state, ``init`` and
 ``step``, as in BlackJAX ``mcmc/hmc.py``.
 """
 
@@ -43,9 +41,6 @@ from pyro.ops.integrator import velocity_verlet
 
 Components = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
-#: default target acceptance probability of step-size adaptation (App. O.1.2)
-TARGET_ACCEPT = 0.65
-
 
 class HMCState(NamedTuple):
     """State of all chains; every tensor is detached.
@@ -56,7 +51,6 @@ class HMCState(NamedTuple):
         log_target: log gamma(z) = log p(x, z), (C, N), nats.
         grad_base: d log pi0 / dz, (C, N, D).
         grad_target: d log gamma / dz, (C, N, D).
-        step_size: per-chain leapfrog step size, (C, N).
     """
 
     z: torch.Tensor
@@ -64,7 +58,6 @@ class HMCState(NamedTuple):
     log_target: torch.Tensor
     grad_base: torch.Tensor
     grad_target: torch.Tensor
-    step_size: torch.Tensor
 
 
 class HMCInfo(NamedTuple):
@@ -114,32 +107,25 @@ def _grad(out: torch.Tensor, z: torch.Tensor, retain: bool) -> torch.Tensor:
     return torch.zeros_like(z) if g is None else g
 
 
-def init(components: Components, z: torch.Tensor, step_size) -> HMCState:
-    """Initial state at positions z (C, N, D) with initial step size (float or (C, N) tensor).
+def init(components: Components, z: torch.Tensor) -> HMCState:
+    """Initial state at positions z (C, N, D): one components call.
 
     Raises:
-        ValueError: if z is not a floating tensor of rank 3 or a step size is not positive.
+        ValueError: if z is not a floating tensor of rank 3.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 3 or not z.is_floating_point():
         raise ValueError(f"z must be a floating tensor of shape (num_chains, num_data, dim), got {getattr(z, 'shape', z)}")
-    eps = torch.as_tensor(step_size, dtype=z.dtype, device=z.device).expand(z.shape[:2]).clone()
-    if not bool((eps > 0).all()):
-        raise ValueError(f"step_size must be positive, got {step_size!r}")
-    lb, lt, gb, gt = evaluate(components, z)
-    return HMCState(z.detach(), lb, lt, gb, gt, eps)
+    return HMCState(z.detach(), *evaluate(components, z))
 
 
 class _AnnealedPotential:
-    """Potential energy -log pi_beta for velocity_verlet, recording the components.
+    """Potential energy -log pi_beta for velocity_verlet, caching the components at the last point.
 
     Intermediate leapfrog points back-propagate the annealed sum once (velocity_verlet
-    differentiates the returned energy, here the linear combination
-    -((1 - beta) log pi0 + beta log gamma) summed over chains, whose gradient is that of
-    eq. 11 and which needs no ``torch.where``: its value is never used). The last point
-    of a trajectory back-propagates each component separately (two backward passes, the
-    base's only through its own subgraph, e.g. the prior's) and returns a linear
-    surrogate whose gradient is the annealed one, so that its components and gradients
-    can be cached in the next state.
+    differentiates the returned energy; its value is never used). The last point of a
+    trajectory back-propagates each component separately and returns a linear
+    surrogate whose gradient is the annealed one, so that its components and
+    gradients can be cached in the next state.
     """
 
     def __init__(self, components: Components, beta: torch.Tensor, num_calls: int):
@@ -163,54 +149,65 @@ class _AnnealedPotential:
             return -(z * torch.lerp(gb, gt, self.beta3)).sum()
 
 
-def _as_beta(beta, z: torch.Tensor) -> torch.Tensor:
-    """beta as a (C, N) tensor of z's dtype and device (a view when already one)."""
-    if not (isinstance(beta, torch.Tensor) and beta.dtype == z.dtype and beta.device == z.device):
-        beta = torch.as_tensor(beta, dtype=z.dtype, device=z.device)
-    return beta.expand(z.shape[:2])
+def _per_chain(value, z: torch.Tensor) -> torch.Tensor:
+    """A scalar, (N,), (1, N) or (C, N) value as a (C, N) tensor of z's dtype and device."""
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.dtype != z.dtype or t.device != z.device:
+        t = t.to(dtype=z.dtype, device=z.device)
+    return t.expand(z.shape[:2])
 
 
 def _kinetic_grad(r: dict) -> dict:
     return r  # identity mass matrix: d(r.r/2)/dr = r
 
 
+def leapfrog(state: HMCState, components: Components, beta, step_size, num_leapfrog: int, momentum: torch.Tensor):
+    """L leapfrog steps from ``state`` with initial momentum (C, N, D) under pi_beta.
+
+    Returns ``(z1, r1, (log_base, log_target, grad_base, grad_target) at z1)``.
+    """
+    beta = _per_chain(beta, state.z)
+    eps = _per_chain(step_size, state.z).unsqueeze(-1)
+    grad0 = torch.lerp(state.grad_base, state.grad_target, beta.unsqueeze(-1))
+    potential = _AnnealedPotential(components, beta, num_leapfrog)
+    z1, r1, _, _ = velocity_verlet(
+        {"z": state.z}, {"z": momentum}, potential, _kinetic_grad, eps, num_leapfrog, {"z": -grad0}
+    )
+    return z1["z"].detach(), r1["z"], potential.last
+
+
 def step(
     state: HMCState,
     components: Components,
-    beta: torch.Tensor,
+    beta,
+    step_size,
     num_leapfrog: int,
+    generator: torch.Generator | None = None,
     *,
-    adapt: bool = True,
-    target_accept: float = TARGET_ACCEPT,
-    adapt_up: float = 1.02,
-    adapt_down: float = 0.98,
-    step_size_bounds: tuple[float, float] = (1e-4, 10.0),
     max_energy_error: float = 1000.0,
 ) -> tuple[HMCState, HMCInfo]:
     """One HMC transition of every chain, leaving pi_beta (eq. 11) invariant for each.
 
+    The transition is a fixed, reversible Markov kernel given ``beta`` and ``step_size``:
+    it keeps no adaptation state (tune step sizes with :mod:`.step_size`).
+
     Args:
         state: current :class:`HMCState` (components and gradients cached at ``state.z``).
         components: ``z -> (log pi0(z), log gamma(z))``, each (C, N).
-        beta: annealing parameter per chain, (C, N) tensor (or a scalar tensor).
+        beta: annealing parameter: a scalar, (N,) or (C, N).
+        step_size: leapfrog step size > 0: a scalar, (N,) or (C, N).
         num_leapfrog: L >= 1 leapfrog steps (L components evaluations).
-        adapt: multiply each chain's step size by ``adapt_up`` if its acceptance
-            probability exceeds ``target_accept`` else by ``adapt_down``, then clamp to
-            ``step_size_bounds``. With ``adapt=False`` the kernel is exactly reversible.
+        generator: the ``torch.Generator`` of the momenta and accept decisions
+            (on z's device); None uses torch's global generator.
         max_energy_error: an energy error H' - H above this (nats) counts as divergent.
 
     Returns:
-        ``(new_state, info)``. Randomness comes from torch's global generator.
+        ``(new_state, info)``.
     """
     z0 = state.z
-    beta = _as_beta(beta, z0)
-    eps = state.step_size.unsqueeze(-1)
-    r0 = torch.randn_like(z0)
-    grad0 = torch.lerp(state.grad_base, state.grad_target, beta.unsqueeze(-1))
-    potential = _AnnealedPotential(components, beta, num_leapfrog)
-    z1, r1, _, _ = velocity_verlet({"z": z0}, {"z": r0}, potential, _kinetic_grad, eps, num_leapfrog, {"z": -grad0})
-    z1, r1 = z1["z"].detach(), r1["z"]
-    lb1, lt1, gb1, gt1 = potential.last
+    r0 = torch.randn(z0.shape, generator=generator, dtype=z0.dtype, device=z0.device)
+    beta = _per_chain(beta, z0)
+    z1, r1, (lb1, lt1, gb1, gt1) = leapfrog(state, components, beta, step_size, num_leapfrog, r0)
     h0 = -mix(state.log_base, state.log_target, beta) + 0.5 * (r0 * r0).sum(-1)
     h1 = -mix(lb1, lt1, beta) + 0.5 * (r1 * r1).sum(-1)
     delta = h1 - h0
@@ -222,50 +219,14 @@ def step(
     diverging = ~finite | (delta > max_energy_error)
     log_accept = torch.where(diverging, -math.inf, (-delta).clamp(max=0.0))
     accept_prob = log_accept.exp()
-    accepted = torch.rand_like(accept_prob) < accept_prob
+    u = torch.rand(accept_prob.shape, generator=generator, dtype=accept_prob.dtype, device=accept_prob.device)
+    accepted = u < accept_prob
     a = accepted.unsqueeze(-1)
-    new_eps = state.step_size
-    if adapt:
-        new_eps = torch.where(accept_prob > target_accept, new_eps * adapt_up, new_eps * adapt_down)
-        new_eps = new_eps.clamp(*step_size_bounds)
     new_state = HMCState(
         torch.where(a, z1, z0),
         torch.where(accepted, lb1, state.log_base),
         torch.where(accepted, lt1, state.log_target),
         torch.where(a, gb1, state.grad_base),
         torch.where(a, gt1, state.grad_target),
-        new_eps,
     )
     return new_state, HMCInfo(accept_prob, accepted, diverging, delta)
-
-
-def initial_step_size(
-    state: HMCState,
-    components: Components,
-    beta: torch.Tensor,
-    *,
-    num_iters: int = 6,
-    target_accept: float = TARGET_ACCEPT,
-    step_size_bounds: tuple[float, float] = (1e-4, 10.0),
-) -> HMCState:
-    """Per-chain coarse step-size search before annealing starts (leaves positions unchanged).
-
-    Each iteration draws a momentum, takes one leapfrog step at each chain's step size
-    and doubles it where the acceptance probability exceeds ``target_accept``, else
-    halves it (the heuristic of Hoffman & Gelman 2014, Alg. 4, per chain). Costs
-    ``num_iters`` components evaluations. Returns the state with the new ``step_size``.
-    """
-    z0 = state.z
-    beta = _as_beta(beta, z0)
-    grad0 = torch.lerp(state.grad_base, state.grad_target, beta.unsqueeze(-1))
-    eps = state.step_size
-    f0 = mix(state.log_base, state.log_target, beta)
-    for _ in range(num_iters):
-        r0 = torch.randn_like(z0)
-        potential = _AnnealedPotential(components, beta, 1)
-        z1, r1, _, _ = velocity_verlet({"z": z0}, {"z": r0}, potential, _kinetic_grad, eps.unsqueeze(-1), 1, {"z": -grad0})
-        lb1, lt1 = potential.last[:2]
-        delta = (-mix(lb1, lt1, beta) + 0.5 * (r1["z"] ** 2).sum(-1)) - (-f0 + 0.5 * (r0 * r0).sum(-1))
-        acc = torch.nan_to_num((-delta).clamp(max=0.0).exp(), nan=0.0)
-        eps = torch.where(acc > target_accept, eps * 2.0, eps * 0.5).clamp(*step_size_bounds)
-    return state._replace(step_size=eps)
