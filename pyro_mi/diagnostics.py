@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-#: sample_stats variables taken from the recorded chain statistics
-STATS = ("accept_prob", "step_size", "diverging", "log_weight_increment")
+from .recording import STATS
 
 
 def _numpy(t) -> np.ndarray:
@@ -38,7 +37,7 @@ def _attrs(result) -> dict[str, Any]:
             attrs[k] = int(v)
         elif isinstance(v, (int, float, str)):
             attrs[k] = v
-    for k in ("ess", "accept_rate", "divergences"):
+    for k in ("ess", "accept_rate", "divergences", "divergent_chain_fraction"):
         v = result.diagnostics.get(k)
         if isinstance(v, (int, float)):
             attrs[k] = v
@@ -62,7 +61,7 @@ def to_inference_data(result):
     """ArviZ ``InferenceData`` of the chains of an AIS :class:`~pyro_mi.result.MIResult`.
 
     Args:
-        result: the result of an AIS method run with ``record=True`` (the default).
+        result: the result of an AIS method run with ``record=True`` or ``save_chains``.
 
     Returns:
         InferenceData with ``posterior`` and ``sample_stats`` groups as described in
@@ -77,7 +76,8 @@ def to_inference_data(result):
     if not chains:
         raise ValueError(
             f"result of method {result.method!r} has no recorded chains; to_arviz needs an AIS method "
-            "(ais, im-ais, cr-ais, bdmc) run with record=True"
+            "(ais, im-ais, cr-ais, bdmc) run with record=True or save_chains=FILE (off by default: records grow with "
+            "num_chains x num_data x num_steps)"
         )
     attrs = _attrs(result)
     stats = chains["stats"]

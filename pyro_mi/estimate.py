@@ -58,7 +58,7 @@ def estimate_mi(
     method: str = "iwae",
     guide: Callable | None = None,
     proposal: str = "guide",
-    num_data: int = 256,
+    num_data: int = 1024,
     seed: int | None = 0,
     fit_steps: int | None = None,
     data: Data | torch.Tensor | None = None,

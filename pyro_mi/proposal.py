@@ -22,9 +22,10 @@ from typing import Callable, Iterable
 import torch
 from pyro import poutine
 from torch import nn
-from tqdm.auto import tqdm
+from torch.distributions import constraints
 
 from .density import Data, ModelDensity, _sample_sites
+from .training import train
 
 
 class PriorProposal:
@@ -49,6 +50,53 @@ class PriorProposal:
         return iter(())
 
 
+def _strip_ones(shape: torch.Size) -> tuple[int, ...]:
+    """``shape`` without its leading size-1 dims (a guide may leave a model's size-1 plate dims out)."""
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+# closed and open variants of a bound: the same set up to its boundary (a null set), and
+# biject_to maps both by the same transform (Gamma's support is nonnegative, LogNormal's positive)
+_OPEN_VARIANT = {
+    constraints._GreaterThanEq: constraints._GreaterThan,
+    constraints._HalfOpenInterval: constraints._Interval,
+}
+
+
+def same_support(a, b) -> bool:
+    """Whether two supports are the same set, for comparing a guide's site with the model's.
+
+    Rule: after unwrapping ``independent`` (event dims are compared as shapes),
+    the same constraint class, counting a closed bound as its open variant
+    (``greater_than_eq`` as ``greater_than``, ``half_open_interval`` as
+    ``interval``), with equal attributes (bounds compared as values,
+    broadcasting). So ``nonnegative``, ``positive`` and ``greater_than(0.)``
+    are one support, and ``interval(torch.zeros(3), 1.)`` is ``unit_interval``.
+    """
+
+    def base(c):
+        while isinstance(c, constraints.independent):
+            c = c.base_constraint
+        return c
+
+    a, b = base(a), base(b)
+    if _OPEN_VARIANT.get(type(a), type(a)) is not _OPEN_VARIANT.get(type(b), type(b)):
+        return False
+    va, vb = vars(a), vars(b)
+    if va.keys() != vb.keys():
+        return False
+    for k in va:
+        try:
+            if not bool(torch.as_tensor(va[k] == vb[k]).all()):
+                return False
+        except RuntimeError:  # tensors that do not broadcast
+            return False
+    return True
+
+
 class GuideDensity:
     """A Pyro guide q(z|x) as a proposal over the packed unconstrained z.
 
@@ -61,8 +109,10 @@ class GuideDensity:
             model it is called like the model, with its own data plate.
 
     Raises:
-        ValueError: the guide misses a latent site of the model or samples a site
-            that is not one (named in the message).
+        ValueError: the guide misses a latent site of the model, samples a site
+            that is not one, or samples a latent site with another shape per data
+            point (leading size-1 dims aside) or another support (see
+            :func:`same_support`) than the model's; each names the site.
     """
 
     def __init__(self, density: ModelDensity, guide: Callable):
@@ -84,6 +134,21 @@ class GuideDensity:
                 f"the guide samples site {extra[0]!r}, which is not a latent site of the model "
                 f"(latent sites: {latents})"
             )
+        guide_sites = {s["name"]: s for s in _sample_sites(trace)}
+        for site in density.latent_sites:
+            g = guide_sites[site.name]
+            shape = density.point_shape(g["value"])
+            if _strip_ones(shape) != _strip_ones(site.shape):
+                raise ValueError(
+                    f"the guide's site {site.name!r} has shape {tuple(shape)} per data point, the model's "
+                    f"has {tuple(site.shape)}; the guide must sample the same event shape (e.g. .to_event())"
+                )
+            if not same_support(g["fn"].support, site.support):
+                raise ValueError(
+                    f"the guide's site {site.name!r} has support {g['fn'].support}, the model's has "
+                    f"{site.support}; q(z|x) must live on the model's support (e.g. a LogNormal or a "
+                    "transformed Normal for a positive latent)"
+                )
 
     def _call(self, x: Data):
         d = self.density
@@ -189,7 +254,9 @@ def fit_guide(
     (x, z) ~ p(x, z) from the model in one vectorised call, then takes Adam steps
     on -mean log q(z|x) over random minibatches of it (Brekelmans et al. 2022,
     eq. 3: the BA lower bound's gap is E_p(x) KL[p(z|x) || q(z|x)], so this fit
-    is mass-covering, as an importance proposal should be).
+    is mass-covering, as an importance proposal should be). The steps are those
+    of the shared loop :func:`pyro_mi.training.train`, with a cosine-decayed
+    learning rate and no early stopping.
 
     Args:
         density: the model's :class:`ModelDensity`.
@@ -203,7 +270,8 @@ def fit_guide(
         list of the per-step losses (-E log q, nats).
 
     Raises:
-        ValueError: negative ``num_steps`` or ``batch_size`` < 1.
+        ValueError: negative ``num_steps`` or ``batch_size`` < 1, non-positive
+            ``lr``, or a non-finite loss (usually a learning rate that is too large).
     """
     if num_steps < 0 or batch_size < 1:
         raise ValueError(f"num_steps must be >= 0 and batch_size >= 1, got {num_steps}, {batch_size}")
@@ -211,19 +279,13 @@ def fit_guide(
         x_pool, z_pool = density.sample(max(batch_size, min(num_pairs, num_steps * batch_size)))
     if isinstance(guide, GaussianEncoder):
         guide.standardize_from(x_pool)
-    params = list(guide.parameters())
-    if not params or num_steps == 0:
-        return []
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_steps)
-    losses = []
     n = z_pool.shape[0]
-    for _ in tqdm(range(num_steps), desc="fit guide (BA)", disable=not progress, leave=False):
+
+    def objective(step: int) -> torch.Tensor:
         idx = torch.randint(n, (batch_size,), device=z_pool.device)
-        loss = -guide.log_prob(z_pool[idx], {k: v[idx] for k, v in x_pool.items()}).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.detach())
-    return torch.stack(losses).tolist()
+        return guide.log_prob(z_pool[idx], {k: v[idx] for k, v in x_pool.items()}).mean()
+
+    log = train(
+        [guide], objective, max_steps=num_steps, lr=lr, lr_schedule="cosine", progress=progress, desc="fit guide (BA)"
+    )
+    return [-v for v in log.objective]

@@ -78,12 +78,15 @@ def train(
     progress: bool = True,
     desc: str = "train",
     module_lrs: Sequence[float | None] | None = None,
+    lr_schedule: str = "constant",
 ) -> TrainingLog:
     """Maximises ``objective`` over the parameters of ``modules`` with Adam and early stopping.
 
     Args:
         modules: the modules whose parameters are trained (critic, encoder, ...);
             their ``state_dict`` is what early stopping saves and restores.
+            Without ``validate``, any object with a ``parameters()`` method will do
+            (e.g. a :class:`~pyro_mi.proposal.GuideDensity`).
         objective: ``objective(step) -> scalar tensor`` to *maximise* (a surrogate
             whose gradient is the estimator's gradient, e.g. MINE's corrected one);
             it draws its own minibatch.
@@ -100,6 +103,9 @@ def train(
         module_lrs: optional per-module learning rates, one per entry of
             ``modules`` (None entries use ``lr``), e.g. a smaller one for a
             pre-fitted encoder trained jointly with a fresh critic.
+        lr_schedule: ``"constant"``, or ``"cosine"``: learning rates decayed
+            to 0 over ``max_steps`` by a cosine (``CosineAnnealingLR``), stepped
+            after every optimisation step.
 
     Returns:
         :class:`TrainingLog`. The modules hold the parameters of the best
@@ -107,7 +113,7 @@ def train(
 
     Raises:
         ValueError: non-positive ``eval_every``/``patience``, negative
-            ``max_steps``, non-positive ``lr``, or a non-finite objective
+            ``max_steps``, non-positive ``lr``, an unknown ``lr_schedule``, or a non-finite objective
             (names the step; usually a learning rate that is too large).
     """
     _check_positive_int("max_steps", max_steps, 0)
@@ -115,6 +121,8 @@ def train(
     _check_positive_int("patience", patience)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if module_lrs is not None and len(module_lrs) != len(modules):
         raise ValueError(f"module_lrs must have one entry per module ({len(modules)}), got {len(module_lrs)}")
     groups, seen = [], set()
@@ -135,8 +143,9 @@ def train(
         return log
 
     opt = torch.optim.Adam(groups, lr=lr)
-    best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max_steps) if lr_schedule == "cosine" else None
     if validate is not None:
+        best_state = [copy.deepcopy(m.state_dict()) for m in modules]
         log.best_value = _evaluate(modules, validate)
         log.validation.append((0, log.best_value))
     bad_evals = 0
@@ -149,6 +158,8 @@ def train(
         if max_grad_norm is not None:
             nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
+        if sched is not None:
+            sched.step()
         values.append(value.detach())
         log.steps = step
         if step % eval_every == 0 or step == max_steps:

@@ -1,62 +1,25 @@
-"""The density layer: a Pyro model as batched tensor functions of (x, z).
-
-`ModelDensity` reads log p(z), log p(x|z) and simulated (x, z) pairs from Pyro
-traces; `GuideDensity` reads log q(z|x) and reparameterised samples from a Pyro
-guide. Every latent site is packed into one flat vector per data point in
-unconstrained space (``biject_to(support).inv``, Pyro's transforms), and the
-log-Jacobian of that change of variables is added to each density, so that
-importance weights p(x, z) / q(z|x) are unchanged and samplers see only flat
-tensors of shape ``(..., num_data, latent_dim)``.
-
-Two ways of writing a model are accepted:
-
-* a model for **one data point** (no data plate; observed sites sample when
-  not conditioned): pyro_mi adds a data plate and a chains plate itself;
-* a model with a **data plate** that takes the observed values as keyword
-  arguments named after the observed sites (``def model(x): with
-  pyro.plate("data", x.shape[0]): ...``): pass ``data=`` (observed values of
-  that shape, used as the template) and pyro_mi adds only a chains plate to the
-  left of the model's plates.
-
-Observed data travel as a dict ``{site: tensor of shape (num_data, *shape)}``.
-"""
+"""`ModelDensity`: a Pyro model p(z) p(x|z) as batched tensor functions of (x, z)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import scale_and_mask
-from pyro.poutine.util import site_is_subsample
+
+from . import packing
+from .normal import site_log_prob
+from .plates import _sample_sites, plate_layout
 
 Data = Mapping[str, torch.Tensor]
 
-_CHAINS = "_pyro_mi_chains"
-_DATA = "_pyro_mi_data"
-
-
-@dataclass(frozen=True)
-class LatentSite:
-    """Layout of one latent site inside the packed vector.
-
-    ``shape`` is the constrained value shape of one data point (batch dims to
-    the right of the data dim, then event dims), ``unconstrained_shape`` the
-    same after ``biject_to(support).inv``; the site occupies
-    ``packed[..., offset:offset + numel]``.
-    """
-
-    name: str
-    shape: torch.Size
-    unconstrained_shape: torch.Size
-    offset: int
-    numel: int
-    support: object
+# the batch-dependence probe: a batch of this many chains x data points, of which the
+# first and the last point are also evaluated alone (two points catch a reduction over
+# the batch, and a dependence on a neighbour or on the first point; each costs a trace)
+_PROBE_CHAINS, _PROBE_DATA = 2, 3
 
 
 def _as_tuple(obs_sites) -> tuple[str, ...]:
@@ -68,111 +31,13 @@ def _as_tuple(obs_sites) -> tuple[str, ...]:
     return obs
 
 
-def _sample_sites(trace) -> list[dict]:
-    return [
-        s
-        for s in trace.nodes.values()
-        if s["type"] == "sample" and not site_is_subsample(s) and not s["infer"].get("_deterministic", False)
-    ]
-
-
 def _is_discrete(fn) -> bool:
     return fn.support.is_discrete or getattr(fn, "has_enumerate_support", False)
-
-
-def _per_point(t: torch.Tensor, num_chains: int, num_data: int, data_pos: int) -> torch.Tensor:
-    """Sums a (num_chains, *batch) tensor to (num_chains, num_data), keeping the data dim."""
-    if t.shape == (num_chains, num_data):  # already per point (the usual case)
-        return t
-    t = t.movedim(1 + data_pos, 1)
-    return t.expand((num_chains, num_data) + t.shape[2:]).reshape(num_chains, num_data, -1).sum(-1)
-
-
-_NORMALS = (dist.Normal, torch.distributions.Normal)
-_INDEPENDENTS = (dist.Independent, torch.distributions.Independent)
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """The smallest view of ``t`` that broadcasts back to it: size 1 along its expanded (stride-0) dims."""
-    for i, (n, st) in enumerate(zip(t.shape, t.stride())):
-        if st == 0 and n > 1:
-            t = t.narrow(i, 0, 1)
-    return t
-
-
-def _broadcast_shape(a: torch.Size, b: torch.Size) -> torch.Size:
-    """Broadcast shape of two shapes (``torch.broadcast_shapes`` runs a slow Python reference path)."""
-    n = max(len(a), len(b))
-    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
-    out = []
-    for i, j in zip(a, b):
-        if i != j and i != 1 and j != 1:
-            raise ValueError(f"shapes {a} and {b} do not broadcast")
-        out.append(j if i == 1 else i)
-    return torch.Size(out)
-
-
-def _sum_event(t: torch.Tensor, shape: torch.Size, event: int) -> torch.Tensor:
-    """Sum over the last ``event`` dims of ``t`` broadcast to ``shape``, without materialising the broadcast."""
-    if event == 0:
-        return t
-    t = t.reshape((1,) * (len(shape) - t.dim()) + t.shape)
-    lead = len(shape) - event
-    dims = [i for i in range(lead, len(shape)) if t.shape[i] != 1]
-    mult = math.prod(shape[i] for i in range(lead, len(shape)) if t.shape[i] == 1)
-    if dims:
-        t = t.sum(dims, keepdim=True)
-    t = t.reshape(t.shape[:lead])
-    return t * mult if mult != 1 else t
-
-
-def site_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
-    """``fn.log_prob(value)``, with a fast path for ``Normal`` and ``Independent(Normal)``.
-
-    torch's ``Normal.log_prob`` squares, divides by and takes the log of the scale at the
-    full broadcast shape (e.g. (chains, data, obs_dim) for a scalar noise scale) and
-    differentiates through all of it; here the scale terms are computed at the scale's
-    un-broadcast shape and summed over event dims analytically, which roughly halves the
-    cost of a Gaussian likelihood inside AIS loops. Same density (nats), same shape as
-    ``fn.log_prob(value)``; differentiable in the value and the parameters. Distributions
-    with argument validation on take torch's path (so that validation still runs).
-    """
-    base, event = fn, 0
-    if type(fn) in _INDEPENDENTS:
-        base, event = fn.base_dist, fn.reinterpreted_batch_ndims
-    if type(base) not in _NORMALS or fn._validate_args or base._validate_args:
-        return fn.log_prob(value)
-    shape = _broadcast_shape(value.shape, base.batch_shape + base.event_shape)
-    scale = _compact(base.scale)
-    loc = base.loc
-    if value.dtype == loc.dtype:
-        # (value - loc)^2 in one fused kernel forward and one backward; the input that needs
-        # a gradient goes first, so that its gradient needs no extra negation
-        sq_shape = _broadcast_shape(value.shape, loc.shape)
-        a, b = (value, loc) if value.requires_grad and not loc.requires_grad else (loc, value)
-        sq = torch.nn.functional.mse_loss(a.expand(sq_shape), b.expand(sq_shape), reduction="none")
-    else:
-        sq = (value - loc).square()
-    k = -0.5 / (scale * scale)
-    if k.numel() == 1:
-        quad = _sum_event(sq, shape, event) * k.reshape(())
-    else:
-        quad = _sum_event(sq * k, shape, event)
-    const = _sum_event(scale.log() + _HALF_LOG_2PI, shape, event)
-    return (quad - const).expand(shape[: len(shape) - event])
 
 
 def _scaled_log_prob(site: dict) -> torch.Tensor:
     """A trace site's log density with its ``poutine.scale`` and ``poutine.mask`` applied."""
     return scale_and_mask(site_log_prob(site["fn"], site["value"]), site["scale"], site["mask"])
-
-
-def _is_identity(t) -> bool:
-    """Whether a transform from ``biject_to`` is the identity (unconstrained support)."""
-    while isinstance(t, torch.distributions.transforms.IndependentTransform):
-        t = t.base_transform
-    return isinstance(t, torch.distributions.transforms.ComposeTransform) and not t.parts
 
 
 class ModelDensity:
@@ -192,8 +57,11 @@ class ModelDensity:
 
     Raises:
         ValueError: an observed site that does not exist, a discrete latent
-            site, a latent site outside the data plate, non-finite log density
-            at the simulated probe point.
+            site, a latent site outside the data plate, a batch dim that no
+            ``pyro.plate`` declares (e.g. a batch of designs), a latent whose
+            simulated values lie at the boundary of its support, or a site whose
+            per-point log density depends on the other points of the batch
+            (each names the site; see :meth:`_probe`).
         TypeError: bad argument types.
 
     Attributes:
@@ -224,17 +92,17 @@ class ModelDensity:
 
     # ------------------------------------------------------------------ probe
     def _probe(self) -> None:
-        """Traces the model once to learn sites, shapes and plate dims.
+        """Traces the model to learn sites, shapes and plate dims, and checks it.
 
-        Runs under ``fork_rng`` so that building a density does not move the RNG:
-        a seed gives the same simulated data whichever way the model is written."""
+        One trace of the bare model finds the sites and plates; one trace inside
+        pyro_mi's plates (2 chains x 3 data points) gives the packed layout and
+        the data for the checks of :meth:`_check_support` and
+        :meth:`_check_pointwise`. Runs under ``fork_rng`` so that building a
+        density does not move the RNG: a seed gives the same simulated data
+        whichever way the model is written."""
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-            if self.has_data_plate:
-                n = next(iter(self._template.values())).shape[0]
-                trace = poutine.trace(poutine.uncondition(self._call)).get_trace(self._template)
-            else:
-                n = None
-                trace = poutine.trace(poutine.uncondition(self._call)).get_trace(None)
+            n = next(iter(self._template.values())).shape[0] if self.has_data_plate else None
+            trace = poutine.trace(poutine.uncondition(self._call)).get_trace(self._template)
         sites = {s["name"]: s for s in _sample_sites(trace)}
         missing = [o for o in self.obs_sites if o not in sites]
         if missing:
@@ -252,59 +120,87 @@ class ModelDensity:
                     f"latent site {s['name']!r} is discrete ({type(s['fn']).__name__}); "
                     "pyro_mi needs continuous latent sites (marginalise discrete ones out in the model)"
                 )
-        # Number of batch dims (plates included) of one call: our plates go left of them.
-        self._rank = max(len(s["fn"].batch_shape) for s in sites.values())
-        if self.has_data_plate:
-            self._data_dim = self._find_data_dim(sites, latents, n)
-        else:
-            self._data_dim = -(self._rank + 1)
-        self._chains_dim = min(self._data_dim, -self._rank) - 1
+        self._plates = plate_layout(sites, self.obs_sites, n)
         self._latent_names = tuple(s["name"] for s in latents)
-        # Re-trace inside our plates (2 chains, 2 data points) to read packed shapes.
+        C, N = _PROBE_CHAINS, _PROBE_DATA
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-            x, z_sites = self._simulate_sites(2, 2)
-        layout, offset = [], 0
-        for s in latents:
-            v = z_sites[s["name"]]
-            u = biject_to(s["fn"].support).inv(v)
-            pos = self._pos()
-            shape, ushape = v.shape[2 + pos :], u.shape[2 + pos :]
-            numel = math.prod(ushape)
-            layout.append(LatentSite(s["name"], shape, ushape, offset, numel, s["fn"].support))
-            offset += numel
-        self.latent_sites = tuple(layout)
-        self.latent_dim = offset
-        self.obs_shapes = {k: v.shape[1:] for k, v in x.items()}
+            trace = self._simulate(C, N)
+            values = {s["name"]: s["value"] for s in _sample_sites(trace)}
+            self.latent_sites, self.latent_dim = packing.layout(latents, values, self._plates.pos)
+            self.obs_shapes = {o: self._to_data(values[o]).shape[1:] for o in self.obs_sites}
+            self._check_support(trace, C, N)
+            self._check_pointwise(trace, C, N)
 
-    def _find_data_dim(self, sites, latents, n) -> int:
-        frames = [
-            f for f in sites[self.obs_sites[0]]["cond_indep_stack"] if f.size == n and f.dim is not None
-        ]
-        if not frames:
-            raise ValueError(
-                f"data was given, but observed site {self.obs_sites[0]!r} is not inside a plate of size "
-                f"{n} (the data's first dim); a data-plate model must wrap its sites in "
-                "pyro.plate('data', x.shape[0])"
-            )
-        frame = frames[0]
-        for s in list(sites.values()):
-            if frame not in s["cond_indep_stack"]:
-                kind = "observed" if s["name"] in self.obs_sites else "latent"
+    def _check_support(self, trace, num_chains: int, num_data: int) -> None:
+        """Raises ValueError naming the first latent site of a simulated trace with
+        points at the boundary of its support (see :func:`packing.boundary_points`)."""
+        for s in _sample_sites(trace):
+            if s["name"] not in self._latent_names:
+                continue
+            bad = packing.boundary_points(s["fn"].support, s["value"], num_chains, num_data)
+            if bad.any():
                 raise ValueError(
-                    f"{kind} site {s['name']!r} is outside the data plate {frame.name!r}; pyro_mi needs "
-                    "one latent vector per data point (global latent sites are not supported)"
+                    f"latent site {s['name']!r} has {int(bad.sum())} of {bad.numel()} simulated points at the "
+                    f"boundary of its support {s['fn'].support} (e.g. value "
+                    f"{s['value'].reshape(num_chains, num_data, -1)[bad].flatten()[:4].tolist()}): "
+                    "they are non-finite in unconstrained space (biject_to(support).inv), or draws that "
+                    f"underflowed in {s['value'].dtype} and were clamped to the boundary, so they are not draws "
+                    "of the distribution. Change its parameters, sample a transformed variable (e.g. the log) "
+                    "instead, or use float64"
                 )
-            outer = [f for f in s["cond_indep_stack"] if f.dim is not None and f.dim < frame.dim and f.size > 1]
-            if outer:
-                raise ValueError(
-                    f"site {s['name']!r} is in plate {outer[0].name!r} at dim {outer[0].dim}, left of the data "
-                    f"plate {frame.name!r} (dim {frame.dim}); the data plate must be the leftmost batch dim"
-                )
-        return frame.dim
 
-    def _pos(self) -> int:
-        """Index of the data dim among the batch dims right of the chains dim."""
-        return (-self._chains_dim - 1) + self._data_dim
+    def _check_pointwise(self, trace, num_chains: int, num_data: int) -> None:
+        """Checks that each site's per-point log density depends on that point only.
+
+        Compares the per-site log densities of the simulated ``trace`` (all
+        points at once) at its first and last (chain, data point) with the same
+        (x, z) values evaluated one point at a time, within sqrt(eps) of the
+        dtype times (1 + the largest |log density| of the site at those points).
+        A reduction over pyro_mi's batch dims (``z.mean()``, ``x.sum()`` over
+        every dim), a batch-norm layer in training mode or randomness outside
+        ``pyro.sample`` makes them differ. Runs without a gradient, like the rest
+        of the probe; the RNG is not used (every site is conditioned).
+
+        Raises:
+            ValueError: naming the first site (in trace order) that differs.
+        """
+        plates, sites = self._plates, _sample_sites(trace)
+        points = ((0, 0), (num_chains - 1, num_data - 1))
+        alone: dict[str, list] = {s["name"]: [] for s in sites}
+        for c, i in points:
+            # factor sites (Unit) are recomputed from the other values, not conditioned
+            cond = {s["name"]: plates.point(s["value"], c, i) for s in sites if not isinstance(s["fn"], dist.Unit)}
+            x = {o: self._to_data(cond[o]) for o in self.obs_sites}
+            try:
+                one = plates.trace(poutine.condition(self._call, data=cond), 1, 1, x)
+            except ValueError:
+                if self.has_data_plate:
+                    # a data-plate model that cannot run on one point (e.g. covariates sized to
+                    # the data passed as arguments) cannot be split point by point: no probe
+                    return
+                raise
+            for s in _sample_sites(one):
+                alone[s["name"]].append(plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0])
+        index = tuple(torch.tensor(ix) for ix in zip(*points))
+        for s in sites:
+            batched = plates.per_point(_scaled_log_prob(s), num_chains, num_data)[index]
+            single = torch.stack(alone[s["name"]])
+            finite = batched[torch.isfinite(batched)]
+            scale = 1.0 + (float(finite.abs().max()) if finite.numel() else 0.0)
+            tol = torch.finfo(batched.dtype).eps ** 0.5 * scale
+            differ = ~torch.isclose(batched, single, rtol=0.0, atol=tol, equal_nan=True)
+            if differ.any():
+                k = int(differ.nonzero()[0])
+                (c, i), batched, single = points[k], batched[k], single[k]
+                raise ValueError(
+                    f"the log density of site {s['name']!r} at one data point depends on the other points of "
+                    f"the batch: evaluated on {num_chains} chains x {num_data} data points at once it is "
+                    f"{float(batched):.6g} nats at (chain {c}, point {i}), evaluated alone "
+                    f"{float(single):.6g}. The model likely reduces over pyro_mi's batch dims (e.g. "
+                    "z.mean() or .sum() over all dims): reduce only over event dims (dim=-1, ...) and declare "
+                    "vector sites with .to_event(); batch norm in training mode, or randomness outside "
+                    "pyro.sample, does the same"
+                )
 
     # ------------------------------------------------------------- model calls
     def _call(self, x: Data | None):
@@ -328,45 +224,39 @@ class ModelDensity:
 
         Raises ValueError, naming the last site reached, if the program fails when
         batched (typically a one-data-point model whose sites do not broadcast)."""
-        try:
-            with poutine.trace() as tracer, pyro.plate(_CHAINS, num_chains, dim=self._chains_dim):
-                if self.has_data_plate:
-                    fn(x)
-                else:
-                    with pyro.plate(_DATA, num_data, dim=self._data_dim):
-                        fn(x)
-        except (RuntimeError, ValueError, IndexError) as e:
-            done = [s["name"] for s in _sample_sites(tracer.trace)]
-            where = f"after site {done[-1]!r}" if done else "before its first sample site"
-            raise ValueError(
-                f"the {what} failed {where} when pyro_mi ran it batched over {num_chains} chains x "
-                f"{num_data} data points: {e}. Its sites must broadcast over leading batch dims "
-                "(use .to_event() for event dims, expand(batch_shape + ...) rather than expand([...]))"
-            ) from e
-        return tracer.trace
+        return self._plates.trace(fn, num_chains, num_data, x, what)
 
     def per_point_log_prob(self, trace, sites: Sequence[str], num_chains: int, num_data: int) -> torch.Tensor:
         """Sums the log densities of the named sites of a :meth:`trace_program` trace to (C, N)."""
         total = 0.0
         for s in _sample_sites(trace):
             if s["name"] in sites:
-                total = total + _per_point(_scaled_log_prob(s), num_chains, num_data, self._pos())
+                total = total + self._plates.per_point(_scaled_log_prob(s), num_chains, num_data)
         return total
+
+    def point_shape(self, value: torch.Tensor) -> torch.Size:
+        """The shape of one data point of a site value from a :meth:`trace_program` trace:
+        (C, 1.., N, *shape) -> shape."""
+        return self._plates.point_shape(value)
 
     def _template_of(self, num_data: int) -> dict:
         idx = torch.arange(num_data) % next(iter(self._template.values())).shape[0]
         return {k: v[idx] for k, v in self._template.items()}
 
-    def _simulate_sites(self, num_chains: int, num_data: int):
-        trace = self._trace(num_chains, num_data, {}, None, sample_obs=True)
+    def _simulate(self, num_chains: int, num_data: int):
+        """A trace of (x, z) ~ p(x, z) inside pyro_mi's plates."""
+        return self._trace(num_chains, num_data, {}, None, sample_obs=True)
+
+    def _split(self, trace) -> tuple[dict, dict]:
+        """The observed values ``{site: (N, *shape)}`` (first chain) and latent values of a trace."""
         values = {s["name"]: s["value"] for s in _sample_sites(trace)}
-        x = {o: self._to_data(values[o], num_data) for o in self.obs_sites}
+        x = {o: self._to_data(values[o]) for o in self.obs_sites}
         return x, {k: v for k, v in values.items() if k not in self.obs_sites}
 
-    def _to_data(self, value: torch.Tensor, num_data: int) -> torch.Tensor:
+    def _to_data(self, value: torch.Tensor) -> torch.Tensor:
         """(chains, 1.., num_data, *shape) value of the first chain -> (num_data, *shape)."""
         v = value[0]
-        return v.reshape(v.shape[self._pos() :])
+        return v.reshape(v.shape[self._plates.pos :])
 
     # ------------------------------------------------------------ packing
     def unpack(self, z: torch.Tensor, with_log_jacobian: bool = False):
@@ -375,39 +265,11 @@ class ModelDensity:
         Returns ``{site: (C, 1.., N, *shape)}`` laid out for conditioning the model
         (and the summed log|det J| of shape (C, N) when ``with_log_jacobian``).
         """
-        C, N = z.shape[:2]
-        ones = (1,) * self._pos()
-        values, ldj = {}, z.new_zeros(C, N)
-        for site in self.latent_sites:
-            u = z[..., site.offset : site.offset + site.numel].reshape((C,) + ones + (N,) + site.unconstrained_shape)
-            t = self._transform(site)
-            if t is None:  # unconstrained site: identity, log|det J| = 0
-                values[site.name] = u
-                continue
-            v = t(u)
-            values[site.name] = v
-            if with_log_jacobian:
-                ldj = ldj + _per_point(t.log_abs_det_jacobian(u, v), C, N, self._pos())
-        return (values, ldj) if with_log_jacobian else values
-
-    def _transform(self, site: LatentSite):
-        """``biject_to(site.support)``, cached per site; None for the identity."""
-        cache = self.__dict__.setdefault("_transforms", {})
-        if site.name not in cache:
-            t = biject_to(site.support)
-            cache[site.name] = None if _is_identity(t) else t
-        return cache[site.name]
+        return packing.unpack(self.latent_sites, z, self._plates.pos, with_log_jacobian)
 
     def pack(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`unpack`: constrained values ``{site: (C, 1.., N, *shape)}`` -> (C, N, D)."""
-        parts = []
-        for site in self.latent_sites:
-            v = values[site.name]
-            u = biject_to(site.support).inv(v)
-            C = u.shape[0]
-            N = u.shape[1 + self._pos()]
-            parts.append(u.reshape(C, N, site.numel))
-        return torch.cat(parts, -1)
+        return packing.pack(self.latent_sites, values, self._plates.pos)
 
     def constrained(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Packed z of shape (*S, N, D) -> ``{site: (*S, N, *shape)}`` in constrained space."""
@@ -472,13 +334,17 @@ class ModelDensity:
         Returns ``(x, z)`` with ``x = {site: (num_data, *shape)}`` and packed
         unconstrained ``z`` of shape ``(num_data, latent_dim)``.
 
-        Raises ValueError naming the site if the log density at a simulated
+        Raises ValueError naming the site if a latent's simulated values lie at
+        the boundary of its support (non-finite in unconstrained space, or
+        clamped there after underflow), or if the log density at a simulated
         point is not finite.
         """
         if not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
         with torch.no_grad():
-            x, z_sites = self._simulate_sites(1, num_data)
+            trace = self._simulate(1, num_data)
+            self._check_support(trace, 1, num_data)
+            x, z_sites = self._split(trace)
             z = self.pack(z_sites)[0]
             self.check_finite(x, z)
         return x, z
@@ -495,6 +361,16 @@ class ModelDensity:
         z = self.pack({s["name"]: s["value"] for s in _sample_sites(trace) if s["name"] in self._latent_names})
         return z, self.log_prior(z, x)
 
+    def _model_trace(self, x: Data, zz: torch.Tensor, with_log_jacobian: bool):
+        """The model traced at observed x and packed z (C, N, D); also log|det J| (C, N) if asked."""
+        N = zz.shape[1]
+        unpacked = self.unpack(zz, with_log_jacobian=with_log_jacobian)
+        values, ldj = unpacked if with_log_jacobian else (unpacked, None)
+        cond = dict(values)
+        if not self.has_data_plate:
+            cond.update(x)
+        return self._trace(zz.shape[0], N, cond, x, sample_obs=False), ldj
+
     def log_terms(self, x: Data, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(log p(z), log p(x|z))`` for packed z of shape (*S, N, D), each (*S, N).
 
@@ -508,15 +384,10 @@ class ModelDensity:
         lead = z.shape[:-2]
         zz = z.reshape((-1, N, self.latent_dim))
         C = zz.shape[0]
-        values, ldj = self.unpack(zz, with_log_jacobian=True)
-        cond = dict(values)
-        if not self.has_data_plate:
-            cond.update(x)
-        trace = self._trace(C, N, cond, x, sample_obs=False)
-        pos = self._pos()
+        trace, ldj = self._model_trace(x, zz, with_log_jacobian=True)
         log_prior, log_lik = ldj, zz.new_zeros(C, N)
         for s in _sample_sites(trace):
-            lp = _per_point(_scaled_log_prob(s), C, N, pos)
+            lp = self._plates.per_point(_scaled_log_prob(s), C, N)
             if s["name"] in self.obs_sites:
                 log_lik = log_lik + lp
             else:
@@ -541,13 +412,9 @@ class ModelDensity:
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
         zz = z.reshape((-1, N, self.latent_dim))
-        values = self.unpack(zz)
-        cond = dict(values)
-        if not self.has_data_plate:
-            cond.update(x)
-        trace = self._trace(zz.shape[0], N, cond, x, sample_obs=False)
+        trace, _ = self._model_trace(x, zz, with_log_jacobian=False)
         for s in _sample_sites(trace):
-            lp = _per_point(_scaled_log_prob(s), zz.shape[0], N, self._pos())
+            lp = self._plates.per_point(_scaled_log_prob(s), zz.shape[0], N)
             bad = ~torch.isfinite(lp)
             if bad.any():
                 raise ValueError(

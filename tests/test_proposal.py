@@ -1,0 +1,112 @@
+"""Guides checked against the model (shape, support), and fit_guide on the shared training loop."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+from models import linear_gaussian
+from pyro_mi import GaussianEncoder, GuideDensity, ModelDensity, fit_guide
+from pyro_mi.proposal import same_support
+from pyro_mi.training import train
+
+
+def _gamma_model(x=None):
+    g = pyro.sample("g", dist.Gamma(2.0, 1.0))
+    return pyro.sample("x", dist.Normal(g, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("event", [(), (3,)])
+def test_guide_with_wrong_event_shape(event):
+    model, _, _, _ = linear_gaussian()  # z has shape (2,)
+    d = ModelDensity(model, "x")
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(torch.zeros(event), 1.0).to_event(len(event)))
+
+    shape = rf"\({event[0] if event else ''},?\)"
+    with pytest.raises(ValueError, match=rf"guide's site 'z' has shape {shape} per data point, the model's has \(2,\)"):
+        GuideDensity(d, guide)
+
+
+def test_guide_with_wrong_support():
+    d = ModelDensity(_gamma_model, "x")
+
+    def guide(x):
+        pyro.sample("g", dist.Normal(1.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"guide's site 'g' has support Real\(\), the model's has GreaterThanEq"):
+        GuideDensity(d, guide)
+
+
+def test_guide_on_the_same_support_is_accepted():
+    d = ModelDensity(_gamma_model, "x")
+
+    def guide(x):  # LogNormal's support is positive, Gamma's nonnegative: the same up to 0
+        pyro.sample("g", dist.LogNormal(0.5 + 0.0 * x, 1.0))
+
+    x, _ = d.sample(3)
+    z, log_q = GuideDensity(d, guide).rsample(x, 2)
+    assert z.shape == (2, 3, 1) and torch.isfinite(log_q).all()
+
+
+def test_same_support_rule():
+    assert same_support(constraints.positive, constraints.greater_than(0.0))
+    assert same_support(constraints.nonnegative, constraints.positive)
+    assert same_support(constraints.half_open_interval(0.0, 1.0), constraints.unit_interval)
+    assert not same_support(constraints.greater_than_eq(1.0), constraints.positive)
+    assert same_support(constraints.interval(torch.zeros(3), 1.0), constraints.unit_interval)
+    assert same_support(constraints.independent(constraints.real, 1), constraints.real)
+    assert not same_support(constraints.positive, constraints.real)
+    assert not same_support(constraints.interval(0.0, 1.0), constraints.interval(0.0, 2.0))
+    assert not same_support(constraints.interval(torch.zeros(3), 1.0), constraints.interval(torch.zeros(2), 1.0))
+
+
+# ------------------------------------------------- fit_guide on pyro_mi.training.train
+def test_fit_guide_is_adam_with_a_cosine_learning_rate():
+    model, _, _, _ = linear_gaussian()
+    d = ModelDensity(model, "x")
+    torch.manual_seed(0)
+    q = GaussianEncoder(d, hidden_sizes=(8,))
+    torch.manual_seed(1)
+    losses = fit_guide(d, q, num_steps=20, batch_size=8, lr=1e-2, progress=False)
+    # the same steps written out: a pool of 20 x 8 pairs, Adam, cosine decay to 0 over the steps
+    torch.manual_seed(0)
+    ref = GaussianEncoder(d, hidden_sizes=(8,))
+    torch.manual_seed(1)
+    x, z = d.sample(160)
+    ref.standardize_from(x)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
+    expected = []
+    for _ in range(20):
+        idx = torch.randint(160, (8,))
+        loss = -ref.log_prob(z[idx], {"x": x["x"][idx]}).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        expected.append(loss.item())
+    assert losses == expected
+
+
+def test_fit_guide_trains_pyro_params_of_a_guide():
+    model, _, _, _ = linear_gaussian()
+    d = ModelDensity(model, "x")
+    pyro.clear_param_store()
+
+    def guide(x):
+        loc = pyro.param("guide_loc", torch.full((2,), 3.0))
+        pyro.sample("z", dist.Normal(loc + 0.0 * x[..., :2], 1.0).to_event(1))
+
+    pyro.set_rng_seed(0)
+    losses = fit_guide(d, GuideDensity(d, guide), num_steps=100, batch_size=32, lr=0.1, progress=False)
+    assert len(losses) == 100 and losses[-1] < losses[0]
+    assert pyro.param("guide_loc").abs().max() < 1.0  # pulled from 3 towards the prior mean 0
+
+
+def test_train_refuses_an_unknown_schedule():
+    p = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine'"):
+        train([p], lambda step: p.weight.sum(), max_steps=1, lr_schedule="linear", progress=False)
