@@ -165,12 +165,11 @@ class MIResult:
             f"upper (nats)  {fmt(self.upper, self.upper_stderr)}",
         ]
         if self.gap is not None:
-            rows.append(f"gap (nats)    {self.gap:9.3f}   ({SANDWICH_WORDS.format(n=self.num_data)}; ± is their "
-                        "Monte-Carlo error over points)")
+            rows.append(f"gap (nats)    {self.gap:9.3f}")
+        rows.append(f"              (lower, upper: {SANDWICH_WORDS.format(n=self.num_data)}; ± their standard error)")
         lo, up = self.interval
-        if lo is not None or up is not None:
-            fmt_end = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-            rows.append(f"95% interval  [{fmt_end(lo)}, {fmt_end(up)}]  ({INTERVAL_WORDS})")
+        fmt_end = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        rows.append(f"95% interval  [{fmt_end(lo)}, {fmt_end(up)}]   ({INTERVAL_WORDS})")
         if self.true_mi is not None:
             rows.append(f"true MI       {self.true_mi:9.3f}")
         rows.append(f"num_data      {self.num_data:9d}")

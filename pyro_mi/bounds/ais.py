@@ -241,8 +241,7 @@ def run_chains(
                 with torch.no_grad(), _seeded_global_rng(_seed(seed, name, c, "pi0"), z.device):
                     z_f = draw_pi0(n_fwd) if n_fwd else z.new_zeros(0, N, D)
                 z_r = [start.unsqueeze(0) for kind, start in part if kind == "rev"]
-                z_init = torch.cat([z_f] + z_r, 0)
-                reverse = torch.cat([reverse[~reverse], reverse[reverse]])  # forward chains first
+                z_init = torch.cat([z_f] + z_r, 0)  # ``flat`` lists a job's forward chains first
 
             def on_step(st, info, key=key, gen=gen):
                 payload["current"] = (key, st, gen.get_state())
@@ -271,10 +270,14 @@ def run_chains(
             gen = torch.Generator(device=z.device).manual_seed(_seed(seed, "pilot"))
             with torch.no_grad(), _seeded_global_rng(_seed(seed, "pilot", "pi0"), z.device):
                 z_p = draw_pi0(pilot_chains)
+            bars = [o for o in observers if isinstance(o, ProgressBar)]  # the pilot is shown, not recorded
+
+            def pilot_step(st, info):
+                for bar in bars:
+                    bar(("pilot", 0), st, info)
+
             table = pilot_step_sizes(components, z_p, betas, step_size, num_leapfrog, gen,
-                                     num_pilot_steps=pilot_steps,
-                                     on_step=lambda st, info: [o(("pilot", 0), st, info) for o in observers
-                                                               if isinstance(o, ProgressBar)])
+                                     num_pilot_steps=pilot_steps, on_step=pilot_step)
         elif adapt == "none":
             table = z.new_full((T + 1, N), float(step_size))
         payload["step_sizes"] = table
