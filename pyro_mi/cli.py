@@ -9,7 +9,15 @@
 TARGET is ``path/to/file.py:function`` or ``package.module:function``: a
 one-data-point Pyro model (observed sites sample when not conditioned); a guide
 TARGET takes the observed values as keyword arguments named after the observed
-sites. Without ``--json`` a table is printed; with it, one JSON object.
+sites. Without ``--json`` a table is printed; with it, one strict-JSON object
+(``null``, never NaN or Infinity).
+
+Each method takes the flags of :data:`ESTIMATE_OPTIONS` that name a keyword
+parameter of its bound function (:func:`method_options`); any other method flag
+is an error. Failures exit with status 2 and one line on stderr (with ``--json``
+also ``{"error": ...}`` on stdout); an error raised in the user's model file names
+its ``file:line``. SIGINT and SIGTERM stop a run, the AIS methods saving their
+``--checkpoint``; the exit status is then 130 or 143.
 """
 
 from __future__ import annotations
@@ -19,38 +27,118 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from .checkpoint import check_output_path
 from .estimate import METHODS, estimate_mi
 
-#: extra CLI options of the ``estimate`` command: (flag, argparse kwargs). Bound
-#: modules add theirs; a value reaches a method only if its signature takes it.
+#: the method flags of the ``estimate`` command: (flag, argparse kwargs). A flag applies to
+#: the methods whose bound function has the keyword parameter of the same name (``--max-steps``:
+#: ``max_steps``); the help lists them and their defaults, read from the signatures.
 ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
-    ("--num-particles", dict(type=int, help="K, importance samples per data point (ba, iwae)")),
-    ("--num-chains", dict(type=int, help="K, AIS chains per data point (ais, im-ais, cr-ais, bdmc; default 16)")),
-    ("--num-steps", dict(type=int, help="T, annealing steps (AIS methods; default 100; T=1 is IWAE)")),
-    ("--num-leapfrog", dict(type=int, help="L, leapfrog steps per HMC transition (AIS methods; default 2)")),
-    ("--step-size", dict(type=float, help="initial HMC step size, adapted per chain (AIS methods; default 0.05)")),
-    ("--schedule", dict(choices=("linear", "sigmoid"), help="annealing schedule (AIS methods; default sigmoid)")),
-    ("--adapt", dict(choices=("online", "two-round", "none"), help="step-size adaptation (AIS; default online)")),
+    ("--num-particles", dict(type=int, help="K, importance samples or negatives per data point")),
+    ("--num-chains", dict(type=int, help="K, AIS chains per data point")),
+    ("--num-steps", dict(type=int, help="T, annealing steps (T=1 is IWAE)")),
+    ("--num-leapfrog", dict(type=int, help="L, leapfrog steps per HMC transition")),
+    ("--step-size", dict(type=float, help="initial HMC step size")),
+    ("--schedule", dict(choices=("linear", "sigmoid"), help="annealing schedule")),
+    ("--adapt", dict(choices=("pilot", "online", "none"),
+                     help="step-size adaptation: pilot (exact bounds), online (approximate) or none")),
     ("--checkpoint", dict(metavar="FILE", help="save AIS progress to FILE; rerunning the command resumes it")),
     ("--save-chains", dict(metavar="FILE.nc", help="write the AIS chains as ArviZ InferenceData (netCDF)")),
-    ("--max-steps", dict(type=int, help="critic training steps (giwae, infonce; default 2000)")),
-    ("--batch-size", dict(type=int, help="simulated pairs per training step (giwae, infonce; default 64)")),
-    ("--lr", dict(type=float, help="critic/encoder Adam learning rate (giwae, infonce; default 1e-3)")),
+    ("--max-steps", dict(type=int, help="critic training steps")),
+    ("--batch-size", dict(type=int, help="simulated pairs per training step")),
+    ("--lr", dict(type=float, help="critic/encoder Adam learning rate")),
 ]
+
+#: the default N of ``--num-data``: estimate_mi's, so that the two front ends agree
+NUM_DATA = inspect.signature(estimate_mi).parameters["num_data"].default
+
+#: output files checked before any work starts: option name -> flag
+OUTPUT_FILES = {"checkpoint": "--checkpoint", "save_chains": "--save-chains"}
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler of :func:`main`: a KeyboardInterrupt, so that whatever saves
+    on Ctrl-C (the AIS checkpoint) saves on SIGTERM too."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors reach :func:`main` (for ``--json``) instead of exiting."""
+
+    def error(self, message):
+        raise _UsageError(message, self.format_usage())
+
+
+class _UsageError(CLIError):
+    def __init__(self, message: str, usage: str):
+        super().__init__(message)
+        self.usage = usage
+
+
+# --------------------------------------------------------------------- user files
+#: resolved paths of the files that targets were loaded from: errors raised in them are the user's
+_USER_FILES: set[str] = set()
+
+
+def _deepest_user_frame(tb) -> traceback.FrameSummary | None:
+    """The innermost frame of traceback ``tb`` in one of :data:`_USER_FILES`, or None."""
+    frames = [f for f in traceback.extract_tb(tb) if os.path.realpath(f.filename) in _USER_FILES]
+    return frames[-1] if frames else None
+
+
+def _one_line(e: BaseException) -> str:
+    # Pyro re-raises errors inside a traced model with a table of site shapes appended.
+    first = next(iter(str(e).splitlines()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _user_code_error(e: BaseException, path: str | None = None) -> str | None:
+    """``file:line: Type: message`` for an exception raised in the user's code (or a SyntaxError
+    in ``path``), None when no frame of the traceback is in a user file."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: {type(e).__name__}: {e.msg}"
+    frame = _deepest_user_frame(e.__traceback__)
+    if frame is None:
+        return None
+    return f"{frame.filename}:{frame.lineno}: {_one_line(e)}"
+
+
+def _import_user_file(path: Path, module_name: str):
+    """Executes ``path`` as module ``module_name``; an error in it is a one-line CLIError."""
+    _USER_FILES.add(os.path.realpath(path))
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - anything raised by the user's file
+        raise CLIError(_user_code_error(e) or f"{path}: {_one_line(e)}") from None
+    finally:
+        sys.path.pop(0)
+    return module
+
+
 def load_target(target: str) -> Callable:
     """Loads ``path/to/file.py:function`` or ``package.module:function``.
 
-    Raises CLIError with a readable message if the file, module or function is missing.
+    The target's file is remembered as the user's, so that errors raised in it
+    later are reported by its ``file:line`` (see :func:`main`).
+
+    Raises:
+        CLIError: a missing file, module or function, or an error raised while
+            importing the file (SyntaxError, ImportError, any exception), in one
+            line naming ``file:line``.
     """
     if ":" not in target:
         raise CLIError(f"target {target!r} must be 'path/to/file.py:function' or 'package.module:function'")
@@ -59,39 +147,81 @@ def load_target(target: str) -> Callable:
         path = Path(where)
         if not path.is_file():
             raise CLIError(f"target file {where!r} does not exist")
-        spec = importlib.util.spec_from_file_location(f"_pyro_mi_target_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.resolve().parent))
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.pop(0)
+        module = _import_user_file(path, f"_pyro_mi_target_{path.stem}")
     else:
         try:
-            module = importlib.import_module(where)
+            spec = importlib.util.find_spec(where)
         except ImportError as e:
-            raise CLIError(f"cannot import module {where!r}: {e}") from e
+            raise CLIError(f"cannot import module {where!r}: {e}") from None
+        if spec is None:
+            raise CLIError(f"cannot import module {where!r}: no module named {where!r}")
+        if spec.origin and spec.origin.endswith(".py"):
+            _USER_FILES.add(os.path.realpath(spec.origin))
+        try:
+            module = importlib.import_module(where)
+        except Exception as e:  # noqa: BLE001 - anything raised by the user's module
+            raise CLIError(f"cannot import module {where!r}: {_user_code_error(e) or _one_line(e)}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise CLIError(f"{where!r} has no function {name!r}")
     return fn
 
 
+# --------------------------------------------------------------------- method options
+def _flag_key(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def method_options(method: str) -> dict[str, inspect.Parameter]:
+    """The CLI options of ``method``: {option name: its parameter} for each flag of
+    :data:`ESTIMATE_OPTIONS` whose name is a keyword parameter of ``METHODS[method]``.
+
+    Raises:
+        TypeError: the method's function takes ``**kwargs`` (its options must be declared).
+    """
+    params = inspect.signature(METHODS[method]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        raise TypeError(f"the bound function of method {method!r} takes **kwargs; it must declare its options")
+    keys = (_flag_key(flag) for flag, _ in ESTIMATE_OPTIONS)
+    return {k: params[k] for k in keys if k in params}
+
+
+def _flag_help(flag: str, text: str) -> str:
+    """``text`` plus the methods that take ``flag`` and their defaults (from the signatures)."""
+    key = _flag_key(flag)
+    by_default: dict[str, list[str]] = {}
+    for method in METHODS:
+        param = method_options(method).get(key)
+        if param is not None:
+            default = "" if param.default in (None, inspect.Parameter.empty) else f": default {param.default}"
+            by_default.setdefault(default, []).append(method)
+    uses = "; ".join(f"{', '.join(ms)}{d}" for d, ms in by_default.items())
+    return f"{text} [{uses}]".replace("%", "%%")
+
+
 def _method_options(method: str, args: argparse.Namespace) -> dict:
-    fn = METHODS[method]
-    params = inspect.signature(fn).parameters
-    opts = {}
-    for flag, _ in ESTIMATE_OPTIONS:
-        key = flag.lstrip("-").replace("-", "_")
-        value = getattr(args, key, None)
-        if value is not None and key in params:
-            opts[key] = value
-    return opts
+    """The method flags given on the command line as keyword arguments of ``method``.
+
+    Raises:
+        CLIError: a given flag that ``method`` does not take, naming the flags it does take.
+    """
+    takes = method_options(method)
+    given = {_flag_key(flag): flag for flag, _ in ESTIMATE_OPTIONS if getattr(args, _flag_key(flag)) is not None}
+    wrong = [flag for key, flag in given.items() if key not in takes]
+    if wrong:
+        applies = ", ".join(f"--{k.replace('_', '-')}" for k in takes) or "none"
+        verb = "does" if len(wrong) == 1 else "do"
+        raise CLIError(f"{', '.join(wrong)} {verb} not apply to --method {method}; its flags are: {applies}")
+    return {key: getattr(args, key) for key in given}
 
 
-def _estimate(args: argparse.Namespace) -> dict:
+def _estimate(args: argparse.Namespace):
     from .examples import get_example
 
+    options = _method_options(args.method, args)
+    for key, flag in OUTPUT_FILES.items():
+        if key in options:
+            check_output_path(options[key], flag)
     true_mi = None
     if args.example:
         if args.target:
@@ -101,14 +231,13 @@ def _estimate(args: argparse.Namespace) -> dict:
         # ELBO and is a poor proposal for simulated x; the default BA-fitted encoder is used
         # unless --guide names one (tutorials/01_digits_vae_ba_iwae.py compares the two).
         model, obs, true_mi = ex.model, ex.obs_sites, ex.true_mi
-        guide = load_target(args.guide) if args.guide else None
     else:
         if not args.target:
             raise CLIError("give a model TARGET (path/to/file.py:function) or --example NAME")
         if not args.obs:
             raise CLIError("--obs is required with a model TARGET (the observed site names)")
         model, obs = load_target(args.target), tuple(args.obs)
-        guide = load_target(args.guide) if args.guide else None
+    guide = load_target(args.guide) if args.guide else None
     if args.obs and args.example:
         obs = tuple(args.obs)
     result = estimate_mi(
@@ -121,7 +250,7 @@ def _estimate(args: argparse.Namespace) -> dict:
         seed=args.seed,
         fit_steps=args.fit_steps,
         progress=not args.json and not args.no_progress and sys.stderr.isatty(),
-        **_method_options(args.method, args),
+        **options,
     )
     result.true_mi = true_mi
     return result
@@ -129,7 +258,7 @@ def _estimate(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``pyro-mi``."""
-    parser = argparse.ArgumentParser(prog="pyro-mi", description="Mutual information bounds for Pyro models.")
+    parser = _Parser(prog="pyro-mi", description="Mutual information bounds for Pyro models.")
     sub = parser.add_subparsers(dest="command", required=True)
     est = sub.add_parser("estimate", help="bound the MI I(x; z) of a Pyro model")
     est.add_argument("target", nargs="?", help="path/to/file.py:function or package.module:function")
@@ -138,13 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--guide", help="guide TARGET q(z|x), called with the observed values as keywords")
     est.add_argument("--method", default="iwae", help="bound: " + ", ".join(sorted(METHODS)))
     est.add_argument("--proposal", default="guide", choices=("guide", "prior"))
-    est.add_argument("--num-data", type=int, default=256, help="simulated data points N (default 256)")
+    est.add_argument("--num-data", type=int, default=NUM_DATA, help=f"simulated data points N (default {NUM_DATA})")
     est.add_argument("--fit-steps", type=int, help="BA fitting steps for the proposal (default encoder: 1000)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.add_argument("--no-progress", action="store_true")
     for flag, kwargs in ESTIMATE_OPTIONS:
-        est.add_argument(flag, **kwargs)
+        est.add_argument(flag, **{**kwargs, "help": _flag_help(flag, kwargs["help"])})
     est.set_defaults(run=_estimate)
     for extra in SUBCOMMANDS:
         extra(sub)
@@ -159,18 +288,90 @@ from .samples import add_estimate_samples_command  # noqa: E402
 SUBCOMMANDS.append(add_estimate_samples_command)
 
 
+# --------------------------------------------------------------------- output and faults
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (dicts and lists recursively)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as strict JSON: null for NaN and Infinity (``allow_nan=False`` checks it)."""
+    return json.dumps(_strict(value), allow_nan=False)
+
+
+def _fail(message: str, as_json: bool, usage: str = "") -> int:
+    """Prints a one-line error (after ``usage``, without --json) and returns exit status 2."""
+    if as_json:
+        print(strict_json({"error": message}))
+    print(f"{usage}pyro-mi: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace | None, as_json: bool) -> int:
+    """Prints the one line of an interrupted run; returns 143 after SIGTERM, 130 after SIGINT."""
+    path = getattr(args, "checkpoint", None)
+    method = getattr(args, "method", None) if getattr(args, "command", None) == "estimate" else None
+    resumable = [m for m in METHODS if "checkpoint" in method_options(m)]
+    if path is not None and os.path.exists(path):
+        message = f"interrupted; saved to {path}; rerun the same command to resume"
+    elif method in resumable:
+        message = "interrupted; nothing saved (pass --checkpoint FILE to make a run resumable)"
+    elif method in METHODS:
+        message = f"interrupted; nothing saved (--method {method} cannot resume; {', '.join(resumable)} can)"
+    else:
+        message = "interrupted; nothing saved"
+    if as_json:
+        print(strict_json({"error": message}))
+    print(f"pyro-mi: {message}", file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``pyro-mi``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "method", None) is not None and args.command == "estimate" and args.method not in METHODS:
-        parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
+    """Entry point of ``pyro-mi``; returns the exit status.
+
+    0 on success; 2 on any user error (one line on stderr, and ``{"error": ...}``
+    on stdout with ``--json``): bad flags, bad input, an error in the user's model
+    file or raised by their model or guide (named by ``file:line``); 130 after
+    SIGINT and 143 after SIGTERM (one line saying whether a checkpoint was saved).
+    Other exceptions are bugs and keep their traceback.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json, args = "--json" in argv, None
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "estimate" and args.method not in METHODS:
+            raise CLIError(f"unknown --method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
         result = args.run(args)
-    except (CLIError, ValueError, TypeError) as e:
-        print(f"pyro-mi: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.to_dict()) if args.json else str(result))
+        text = strict_json(result.to_dict()) if args.json else str(result)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, args, as_json)
+    except _UsageError as e:
+        return _fail(str(e), as_json, "" if as_json else e.usage)
+    except Exception as e:  # noqa: BLE001 - sorted below: the user's errors are one line, bugs re-raise
+        message = _user_code_error(e)
+        if message is None and isinstance(e, (CLIError, ValueError, TypeError)):
+            message = str(e)
+        if message is None:
+            raise
+        return _fail(message, as_json)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(text)
     return 0
 
 

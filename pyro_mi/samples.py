@@ -121,13 +121,15 @@ def estimate_mi_samples(
 
     Returns:
         :class:`~pyro_mi.result.MIResult` with ``lower`` ± ``lower_stderr`` on the
-        test split (``num_data`` = test size), ``settings["num_samples"]`` = n and
-        ``seconds`` set. With ``test_fraction=0`` the bound is evaluated on the
-        training samples and is optimistic (a warning says so).
+        test split (``num_data`` = test size), ``settings["num_samples"]`` = n,
+        ``seconds`` and ``warnings`` (list of str) set. With ``test_fraction=0`` the
+        bound is evaluated on the training samples and is optimistic (a warning says so).
 
     Raises:
         ValueError / TypeError: bad input (see :func:`as_sample_tensors`), an
-            unknown method, too few samples for the validation/test splits.
+            unknown method, too few samples for the validation/test splits, or
+            fewer than :data:`~pyro_mi.bounds.dual.MIN_TEST_SAMPLES` (100) test
+            samples: with the default test fraction 0.2, n must be at least 500.
     """
     if method not in DUAL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DUAL_METHODS)}")
@@ -180,6 +182,8 @@ def _run_estimate_samples(args: argparse.Namespace) -> MIResult:
     }
     if args.xi is not None and args.method != "xi":
         raise ValueError(f"--xi is only used with --method xi (got --method {args.method})")
+    if args.negatives is not None and args.method == "infonce":
+        raise ValueError("--negatives does not apply to --method infonce (it scores all pairs of its batch)")
     result = estimate_mi_samples(
         x, z, args.method, seed=args.seed,
         progress=not args.json and not args.no_progress and sys.stderr.isatty(), **options,
@@ -203,6 +207,7 @@ class _SamplesResult:
             "num_samples": r.settings["num_samples"],
             "num_test": r.settings["num_test"],
             "evaluated_on": r.settings["evaluated_on"],
+            "warnings": list(r.warnings),
         }
         out.update({k: v for k, v in r.settings.items() if k not in out and isinstance(v, (int, float, str, bool))})
         return out
@@ -224,6 +229,7 @@ class _SamplesResult:
             rows.insert(2, f"log K         {math.log(r.settings['num_negatives']):9.3f}   (InfoNCE cannot exceed it)")
         if r.method == "xi":
             rows.insert(2, f"xi            {r.settings['xi']:9.4f}")
+        rows += [f"WARNING: {w}" for w in r.warnings]
         return "\n".join(rows)
 
 

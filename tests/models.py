@@ -5,6 +5,7 @@ Each `make_*` returns (model, true_mi in nats). Models are one-data-point models
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -79,3 +80,112 @@ def param_vae_guide(x):
     A, c, s = pyro.param("A"), pyro.param("c"), pyro.param("q_scale")
     with pyro.plate("data", x.shape[0]):
         pyro.sample("z", dist.Normal(x @ A.T + c, s).to_event(1))
+
+
+# ---------------------------------------------------------------- exact per-point marginals
+# One-data-point models (observed site "x") whose marginal log p(x) is known in closed form,
+# for the paired exact-validity tests (tests/test_validity.py, benchmarks/validity_table.py):
+# each point's MI is m_i = log p(x_i | z_i) - log p(x_i) exactly.
+
+
+class ExactModel(NamedTuple):
+    """A one-data-point model with an exact marginal.
+
+    Attributes:
+        name: short name used in test ids and tables.
+        model: the Pyro model ``model(x=None)``, observed site ``"x"``.
+        log_px: exact log p(x) in nats, float64: x (N, *event) -> (N,).
+        true_mi: I(x; z) in nats.
+    """
+
+    name: str
+    model: Callable
+    log_px: Callable[[torch.Tensor], torch.Tensor]
+    true_mi: float
+
+
+def linear_gaussian_exact(latent_dim=5, obs_dim=40, noise=0.5, seed=0) -> ExactModel:
+    """z ~ N(0, I_d), x | z ~ N(Wz + b, noise^2 I_D) with W, b ~ N(0, 1) drawn from ``seed``.
+
+    The marginal is x ~ N(b, W Wᵀ + noise^2 I_D) and I = 1/2 logdet(I_d + WᵀW / noise^2).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(obs_dim, latent_dim, generator=gen)
+    b = torch.randn(obs_dim, generator=gen)
+
+    def model(x=None):
+        z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
+        return pyro.sample("x", dist.Normal(z @ W.T + b, noise).to_event(1), obs=x)
+
+    W64, b64 = W.double(), b.double()
+    marginal = torch.distributions.MultivariateNormal(
+        b64, covariance_matrix=W64 @ W64.T + noise**2 * torch.eye(obs_dim, dtype=torch.float64)
+    )
+
+    def log_px(x):
+        return marginal.log_prob(x.double())
+
+    mi = 0.5 * torch.logdet(torch.eye(latent_dim, dtype=torch.float64) + W64.T @ W64 / noise**2)
+    return ExactModel(f"linear-gaussian-{latent_dim}x{obs_dim}", model, log_px, float(mi))
+
+
+def two_sites_exact(noise=0.7) -> ExactModel:
+    """The two-site model of :func:`two_sites` (a, b ~ N(0, 1), x ~ N(a + 2b, noise^2)):
+    x ~ N(0, 5 + noise^2) exactly."""
+    model, mi = two_sites(noise)
+    scale = math.sqrt(5.0 + noise**2)
+
+    def log_px(x):
+        return torch.distributions.Normal(0.0, scale).log_prob(x.double())
+
+    return ExactModel("two-sites", model, log_px, mi)
+
+
+def beta_binomial_exact(alpha=2.0, beta=3.0, n=10) -> ExactModel:
+    """The model of :func:`beta_binomial` (p ~ Beta(alpha, beta), x ~ Binomial(n, p)):
+    x ~ BetaBinomial(alpha, beta, n) exactly."""
+    model, mi = beta_binomial(alpha, beta, n)
+    c1, c0 = torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)
+
+    def log_px(x):
+        return dist.BetaBinomial(c1, c0, n).log_prob(x.double())
+
+    return ExactModel("beta-binomial", model, log_px, mi)
+
+
+def gamma_poisson_exact(shape=3.0, rate=1.0) -> ExactModel:
+    """lam ~ Gamma(shape, rate), x ~ Poisson(lam): x ~ NegativeBinomial(shape, 1 / (1 + rate)).
+
+    I = E[lam log lam] - E[lam] - E[log x!] - E[log p(x)], with E[lam log lam] =
+    (shape / rate)(digamma(shape + 1) - log rate) and the sums over x truncated where
+    the tail is below 1e-12.
+    """
+
+    def model(x=None):
+        lam = pyro.sample("lam", dist.Gamma(shape, rate))
+        return pyro.sample("x", dist.Poisson(lam), obs=x)
+
+    marginal = torch.distributions.NegativeBinomial(
+        total_count=torch.tensor(shape, dtype=torch.float64),
+        probs=torch.tensor(1.0 / (1.0 + rate), dtype=torch.float64),
+    )
+
+    def log_px(x):
+        return marginal.log_prob(x.double())
+
+    ks = torch.arange(0, 2000, dtype=torch.float64)
+    lp = marginal.log_prob(ks)
+    p = lp.exp()
+    mean = shape / rate
+    e_lam_log_lam = mean * (float(torch.digamma(torch.tensor(shape + 1.0, dtype=torch.float64))) - math.log(rate))
+    mi = e_lam_log_lam - mean - float((p * torch.lgamma(ks + 1)).sum()) - float((p * lp).sum())
+    return ExactModel("gamma-poisson", model, log_px, mi)
+
+
+#: name -> constructor (default arguments) of the exact-marginal models
+EXACT_MODELS = {
+    "linear-gaussian": linear_gaussian_exact,
+    "two-sites": two_sites_exact,
+    "beta-binomial": beta_binomial_exact,
+    "gamma-poisson": gamma_poisson_exact,
+}

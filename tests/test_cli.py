@@ -1,12 +1,14 @@
 """The `pyro-mi estimate` contract: JSON fields, model files, examples, errors."""
 
 import json
+import math
 import textwrap
 
 import pytest
 
 from models import beta_binomial, two_sites
-from pyro_mi.cli import main
+from pyro_mi import cli
+from pyro_mi.cli import ESTIMATE_OPTIONS, METHODS, main, method_options, strict_json
 
 MODEL_FILE = textwrap.dedent(
     """
@@ -98,3 +100,58 @@ def test_errors_are_one_line(capsys, model_file, argv, message):
     argv = [a.replace("{f}", str(model_file)) for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------- options declared per method
+@pytest.mark.parametrize(
+    "method, flags",
+    [
+        ("iwae", ["--max-steps", "5"]),
+        ("iwae", ["--num-steps", "3", "--adapt", "none"]),
+        ("ais", ["--num-particles", "5"]),
+        ("infonce", ["--num-chains", "4"]),
+        ("ba", ["--checkpoint", "ckpt.pt"]),
+    ],
+)
+def test_a_flag_that_does_not_apply_is_an_error(capsys, model_file, method, flags):
+    code, out, err = run(capsys, "estimate", f"{model_file}:two_sites", "--obs", "x", "--method", method, *flags)
+    wrong = [f for f in flags if f.startswith("--")]
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"{', '.join(wrong)} do{'es' if len(wrong) == 1 else ''} not apply to --method {method}" in err
+    takes = ", ".join("--" + k.replace("_", "-") for k in method_options(method))
+    assert err.strip().endswith(f"its flags are: {takes}")
+
+
+def test_method_options_come_from_the_signatures():
+    assert set(method_options("iwae")) == {"num_particles"}
+    assert {"num_particles", "max_steps", "batch_size", "lr"} <= set(method_options("infonce"))
+    assert {"num_chains", "num_steps", "adapt", "checkpoint", "save_chains"} <= set(method_options("ais"))
+    assert "num_particles" not in method_options("ais")
+    # every flag applies to some method
+    used = {k for m in METHODS for k in method_options(m)}
+    assert used == {flag.lstrip("-").replace("-", "_") for flag, _ in ESTIMATE_OPTIONS}
+
+
+def test_infonce_honours_max_steps_batch_size_and_lr(capsys):
+    code, out, _ = run(capsys, "estimate", "--example", "linear-vae", "--method", "infonce", "--num-data", "32",
+                       "--num-particles", "4", "--max-steps", "5", "--batch-size", "8", "--lr", "0.01", "--json",
+                       "--no-progress")
+    assert code == 0
+    r = json.loads(out)
+    assert r["steps"] <= 5 and r["max_steps"] == 5 and r["batch_size"] == 8
+
+
+# ----------------------------------------------------------------- strict JSON
+class _NaNResult:
+    def to_dict(self):
+        return {"lower": float("nan"), "interval_95": [float("-inf"), 1.0], "diagnostics": {"ess": float("inf")},
+                "warnings": ["w"]}
+
+
+def test_json_is_strict(capsys, model_file, monkeypatch):
+    assert strict_json({"a": math.nan, "b": (math.inf, 2.0)}) == '{"a": null, "b": [null, 2.0]}'
+    monkeypatch.setattr(cli, "estimate_mi", lambda *a, **k: _NaNResult())
+    code, out, _ = run(capsys, "estimate", f"{model_file}:two_sites", "--obs", "x", "--json")
+    assert code == 0
+    r = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
+    assert r == {"lower": None, "interval_95": [None, 1.0], "diagnostics": {"ess": None}, "warnings": ["w"]}

@@ -29,6 +29,7 @@ def files(tmp_path_factory):
         "keys": root / "keys.npz",
         "bad": root / "bad.npz",
         "short": root / "short.npz",
+        "ten": root / "ten.npz",
         "nan": root / "nan.npz",
     }
     np.savez(paths["gauss"], x=x, z=z)
@@ -36,6 +37,7 @@ def files(tmp_path_factory):
     np.savez(paths["keys"], images=x, codes=z)
     np.savez(paths["bad"], x=x, z=z[:-1])
     np.savez(paths["short"], x=x[:6], z=z[:6])
+    np.savez(paths["ten"], x=x[:10], z=z[:10])
     xn = x.copy()
     xn[17, 1] = np.nan
     np.savez(paths["nan"], x=xn, z=z)
@@ -98,6 +100,30 @@ def test_cli_bad_input_messages(files, capsys, name, args, message):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_cli_refuses_too_few_test_samples_with_a_json_error(files, capsys):
+    # the case: 10 samples reported 12.66 ± 0.84 against a true MI of 1.02
+    code, out, err = run_cli(capsys, "estimate-samples", str(files["ten"]), "--json")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert json.loads(out) == {"error": err.strip().removeprefix("pyro-mi: error: ")}
+    assert "at least 500 samples in all" in err and "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("ignore:test_fraction=0")
+def test_cli_warnings_and_strict_json(files, capsys):
+    code, out, _ = run_cli(capsys, "estimate-samples", str(files["gauss"]), "--method", "nwj", "--test-fraction", "0",
+                           "--max-steps", "20", "--json", "--no-progress")
+    assert code == 0
+    r = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
+    assert r["evaluated_on"].startswith("training samples")
+    assert any("optimistic" in w for w in r["warnings"])
+
+
+def test_cli_negatives_do_not_apply_to_infonce(files, capsys):
+    code, _, err = run_cli(capsys, "estimate-samples", str(files["gauss"]), "--method", "infonce",
+                           "--negatives", "all")
+    assert code == 2 and "--negatives does not apply to --method infonce" in err
+
+
 def test_cli_missing_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "estimate-samples", str(tmp_path / "nope.npz"))
     assert code == 2 and "does not exist" in err
@@ -117,7 +143,7 @@ def test_python_input_validation():
         as_sample_tensors(np.array(["a", "b"]), x[:2])
     with pytest.raises(ValueError, match="scalar"):
         as_sample_tensors(np.float64(1.0), x)
-    with pytest.raises(ValueError, match="too few samples for the validation split"):
+    with pytest.raises(ValueError, match="too few samples: 6 samples .* at least 500 samples in all"):
         estimate_mi_samples(x[:6], x[:6], "mine", progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         estimate_mi_samples(x, x, "mine", batch_size=1, progress=False)

@@ -317,16 +317,29 @@ def infonce_bounds(
     z: torch.Tensor,
     num_particles: int = 100,
     *,
+    critic: nn.Module | None = None,
+    max_steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    train_particles: int | None = None,
+    hidden_sizes: tuple[int, ...] = (256, 256),
+    num_val: int = 256,
+    eval_every: int = 100,
+    patience: int = 5,
     progress: bool = True,
-    **options,
 ) -> MIResult:
     """InfoNCE lower bound on I(x; z): GIWAE with the prior p(z) as proposal (sec. 2.4; eq. 10).
 
     The BA term is exactly 0, so the bound is the contrastive term alone, <= log K.
     ``proposal`` is ignored (the prior is used); the critic is trained on
-    simulated pairs with K - 1 prior negatives per point. Options as
-    :func:`giwae_bounds` (``critic``, ``max_steps``, ``batch_size``, ``lr``, ...).
+    simulated pairs with K - 1 prior negatives per point. The options are those of
+    :func:`giwae_bounds` that apply with a fixed proposal, with the same meaning
+    and defaults (declared here so that callers and the CLI see them).
+
+    Returns / Raises: as :func:`giwae_bounds` (method ``"infonce"``).
     """
     return giwae_bounds(
-        density, PriorProposal(density), x, z, num_particles, progress=progress, _method="infonce", **options
+        density, PriorProposal(density), x, z, num_particles, critic=critic, max_steps=max_steps,
+        batch_size=batch_size, lr=lr, train_particles=train_particles, hidden_sizes=hidden_sizes,
+        num_val=num_val, eval_every=eval_every, patience=patience, progress=progress, _method="infonce",
     )

@@ -27,6 +27,8 @@ from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 from torch import nn
 
+from ..bounds import dual
+
 __all__ = ["TraceMI_ELBO", "xi_bound"]
 
 _PARTICLES = "num_particles_vectorized"
@@ -60,9 +62,9 @@ def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0) -> torch
     joint = critic(x, z)  # (..., B)
     pairs = critic(x.unsqueeze(-2), z.unsqueeze(-3))  # (..., B, B), [i, j] = f(x_i, z_j)
     off = ~torch.eye(B, dtype=torch.bool, device=pairs.device)
-    log_mean_exp = torch.logsumexp(pairs.masked_fill(~off, -math.inf), dim=(-2, -1)) - math.log(B * (B - 1))
-    bound = joint.mean(-1) - xi * log_mean_exp.exp() + math.log(xi) + 1.0
-    return bound.mean()
+    # every leading index has B joint and B(B-1) mismatched pairs, so the mean over the
+    # leading dims of the per-index bound is the bound on all scores pooled
+    return dual.xi_bound(joint, pairs[..., off], math.log(xi))
 
 
 class TraceMI_ELBO(Trace_ELBO):

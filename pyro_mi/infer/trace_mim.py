@@ -28,7 +28,6 @@ M_S^q = q_θ(z|x) P(x) only.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple, Optional
 
@@ -40,6 +39,8 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import warn_if_nan
+
+from ..weights import log_mean_exp
 
 __all__ = ["Trace_MIM"]
 
@@ -311,7 +312,7 @@ class Trace_MIM(ELBO):
             for s in group:
                 lp = scale_and_mask(s["unscaled_log_prob"], mask=s["mask"])
                 log_w = log_w + sign * _sum_except(lp, keep, ndim)
-        log_qx = torch.logsumexp(log_w, dim=-ndim) - math.log(self.marginal_particles)
+        log_qx = log_mean_exp(log_w, -ndim)
         return scale_and_mask(log_qx.sum(), scale)
 
     def _half_loss(self, half: _Half) -> torch.Tensor:
