@@ -38,10 +38,14 @@ def check_output_path(path, what: str) -> None:
         raise ValueError(f"{what} {path!r} is a directory; give a file name")
     if not os.path.isdir(folder):
         raise ValueError(f"{what} {path!r}: directory {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{what} {path!r}: directory {folder!r} is not writable")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {path!r} exists and is not writable")
+    existed = os.path.exists(path)
+    try:  # open it, as os.access says yes to root even where a write will fail (e.g. /proc)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path!r} cannot be written: {e.strerror}") from None
+    if not existed:
+        os.remove(path)
 
 
 def _update(h, obj) -> None:

@@ -27,7 +27,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import signal
 import sys
@@ -37,6 +36,7 @@ from typing import Any, Callable
 
 from .checkpoint import check_output_path
 from .estimate import METHODS, estimate_mi
+from .result import json_safe
 
 #: the method flags of the ``estimate`` command: (flag, argparse kwargs). A flag applies to
 #: the methods whose bound function has the keyword parameter of the same name (``--max-steps``:
@@ -289,20 +289,9 @@ SUBCOMMANDS.append(add_estimate_samples_command)
 
 
 # --------------------------------------------------------------------- output and faults
-def _strict(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None (dicts and lists recursively)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def strict_json(value: Any) -> str:
     """``value`` as strict JSON: null for NaN and Infinity (``allow_nan=False`` checks it)."""
-    return json.dumps(_strict(value), allow_nan=False)
+    return json.dumps(json_safe(value), allow_nan=False)
 
 
 def _fail(message: str, as_json: bool, usage: str = "") -> int:

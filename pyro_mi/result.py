@@ -47,10 +47,6 @@ def require_finite(method: str, parts: Mapping[str, torch.Tensor]) -> None:
             )
 
 
-def _json_number(v):
-    return v if not isinstance(v, float) or math.isfinite(v) else None
-
-
 @dataclass
 class MIResult:
     """Lower and upper bounds on I(x; z), in nats.
@@ -153,7 +149,7 @@ class MIResult:
         scalar = (int, float, str, bool, type(None))
         out.update({k: v for k, v in self.settings.items() if isinstance(v, scalar) and k not in out})
         out["diagnostics"] = {k: v for k, v in self.diagnostics.items() if isinstance(v, scalar)}
-        return _strict(out)
+        return json_safe(out)
 
     def __str__(self) -> str:
         def fmt(v, s):
@@ -179,10 +175,13 @@ class MIResult:
         return "\n".join(rows)
 
 
-def _strict(obj):
-    """Non-finite floats -> None, recursively (JSON has no NaN or Infinity)."""
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by None, in dicts, lists and tuples
+    recursively (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return _json_number(obj)
+        return [json_safe(v) for v in obj]
+    return obj
