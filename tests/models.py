@@ -12,11 +12,15 @@ import pyro.distributions as dist
 import torch
 
 
+def linear_params(latent_dim, obs_dim, seed):
+    """W (obs_dim, latent_dim) and b (obs_dim,) with N(0, 1) entries drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(obs_dim, latent_dim, generator=g), torch.randn(obs_dim, generator=g)
+
+
 def linear_gaussian(latent_dim=2, obs_dim=3, noise=0.5, seed=0):
     """z ~ N(0, I), x | z ~ N(Wz + b, noise^2 I); MI = 1/2 logdet(I + WᵀW / noise^2)."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(obs_dim, latent_dim, generator=g)
-    b = torch.randn(obs_dim, generator=g)
+    W, b = linear_params(latent_dim, obs_dim, seed)
 
     def model(x=None):
         z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
@@ -109,14 +113,8 @@ def linear_gaussian_exact(latent_dim=5, obs_dim=40, noise=0.5, seed=0) -> ExactM
 
     The marginal is x ~ N(b, W Wᵀ + noise^2 I_D) and I = 1/2 logdet(I_d + WᵀW / noise^2).
     """
-    gen = torch.Generator().manual_seed(seed)
-    W = torch.randn(obs_dim, latent_dim, generator=gen)
-    b = torch.randn(obs_dim, generator=gen)
-
-    def model(x=None):
-        z = pyro.sample("z", dist.Normal(torch.zeros(latent_dim), 1.0).to_event(1))
-        return pyro.sample("x", dist.Normal(z @ W.T + b, noise).to_event(1), obs=x)
-
+    W, b = linear_params(latent_dim, obs_dim, seed)
+    model = linear_gaussian(latent_dim, obs_dim, noise, seed)[0]
     W64, b64 = W.double(), b.double()
     marginal = torch.distributions.MultivariateNormal(
         b64, covariance_matrix=W64 @ W64.T + noise**2 * torch.eye(obs_dim, dtype=torch.float64)

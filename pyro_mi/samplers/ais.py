@@ -141,7 +141,9 @@ def anneal(
     eps = torch.as_tensor(step_size, dtype=z_init.dtype, device=z_init.device)
     per_beta = eps.dim() == 2
     if (per_beta and (eps.shape != (T + 1, N) or adapter is not None)) or eps.dim() > 2:
-        raise ValueError(f"step_size must be a float, (N,) or (T + 1, N) = ({T + 1}, {N}), got shape {tuple(eps.shape)}")
+        raise ValueError(
+            f"step_size must be a float, (N,) or (T + 1, N) = ({T + 1}, {N}), got shape {tuple(eps.shape)}"
+        )
     if not bool((eps > 0).all()):
         raise ValueError("step sizes must be positive")
     if state is None:

@@ -114,7 +114,8 @@ def init(components: Components, z: torch.Tensor) -> HMCState:
         ValueError: if z is not a floating tensor of rank 3.
     """
     if not isinstance(z, torch.Tensor) or z.dim() != 3 or not z.is_floating_point():
-        raise ValueError(f"z must be a floating tensor of shape (num_chains, num_data, dim), got {getattr(z, 'shape', z)}")
+        shape = getattr(z, "shape", z)
+        raise ValueError(f"z must be a floating tensor of shape (num_chains, num_data, dim), got {shape}")
     return HMCState(z.detach(), *evaluate(components, z))
 
 
