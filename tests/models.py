@@ -4,6 +4,7 @@ Each `make_*` returns (model, true_mi in nats). Models are one-data-point models
 (observed site "x" samples when not conditioned) unless named `*_plate`.
 """
 
+import itertools
 import math
 from typing import Callable, NamedTuple
 
@@ -180,10 +181,67 @@ def gamma_poisson_exact(shape=3.0, rate=1.0) -> ExactModel:
     return ExactModel("gamma-poisson", model, log_px, mi)
 
 
+def dirichlet_multinomial_exact(alpha=(0.7, 1.5, 2.0, 0.9), n=20) -> ExactModel:
+    """p ~ Dirichlet(alpha) (a simplex latent), x ~ Multinomial(n, p): x ~ DirichletMultinomial exactly.
+
+    I = E[log p(x|p)] - E[log p(x)], both exact: E[log p(x|p)] = log n! + n sum_j
+    (alpha_j / alpha_0)(digamma(alpha_j + 1) - digamma(alpha_0 + 1)) - E[sum_j log x_j!], and
+    the expectations over x by enumerating every count vector.
+    """
+    conc = torch.tensor(alpha)
+
+    def model(x=None):
+        p = pyro.sample("p", dist.Dirichlet(conc))
+        return pyro.sample("x", dist.Multinomial(n, p), obs=x)
+
+    marginal = dist.DirichletMultinomial(conc.double(), n)
+
+    def log_px(x):
+        return marginal.log_prob(x.double())
+
+    k = len(alpha)
+    xs = torch.tensor([c for c in itertools.product(range(n + 1), repeat=k - 1) if sum(c) <= n], dtype=torch.float64)
+    xs = torch.cat([xs, n - xs.sum(-1, keepdim=True)], -1)  # every count vector (outcomes, k)
+    lpx = marginal.log_prob(xs)
+    px = lpx.exp()
+    a = conc.double()
+    e_x_log_p = n * (a / a.sum() * (torch.digamma(a + 1) - torch.digamma(a.sum() + 1))).sum()
+    e_log_lik = math.lgamma(n + 1) + float(e_x_log_p) - float((px * torch.lgamma(xs + 1).sum(-1)).sum())
+    return ExactModel("dirichlet-multinomial", model, log_px, e_log_lik - float((px * lpx).sum()))
+
+
+def normal_gamma_exact(shape=2.0, rate=2.0, dim=5) -> ExactModel:
+    """tau ~ Gamma(shape, rate), x | tau ~ N(0, I_dim / tau): x is a multivariate Student t with
+    2 shape degrees of freedom and scale rate / shape, exactly.
+
+    I = h(x) - h(x|tau), with h(x|tau) = dim/2 log(2 pi e) - dim/2 E[log tau],
+    E[log tau] = digamma(shape) - log rate, and the Student t entropy in closed form.
+    """
+
+    def model(x=None):
+        tau = pyro.sample("tau", dist.Gamma(shape, rate))
+        scale = tau.rsqrt().unsqueeze(-1).expand(tau.shape + (dim,))
+        return pyro.sample("x", dist.Normal(0.0, scale).to_event(1), obs=x)
+
+    def log_px(x):
+        s = (x.double() ** 2).sum(-1)
+        return (shape * math.log(rate) + math.lgamma(shape + dim / 2) - math.lgamma(shape)
+                - dim / 2 * math.log(2 * math.pi) - (shape + dim / 2) * torch.log(rate + s / 2))
+
+    nu, a = 2 * shape, (shape + dim / 2)
+    dg = lambda v: float(torch.digamma(torch.tensor(v, dtype=torch.float64)))  # noqa: E731
+    h_x = (dim / 2 * math.log(rate / shape) + dim / 2 * math.log(nu * math.pi) + math.lgamma(nu / 2)
+           - math.lgamma(a) + a * (dg(a) - dg(nu / 2)))
+    h_x_tau = dim / 2 * math.log(2 * math.pi * math.e) - dim / 2 * (dg(shape) - math.log(rate))
+    return ExactModel("normal-gamma", model, log_px, h_x - h_x_tau)
+
+
 #: name -> constructor (default arguments) of the exact-marginal models
 EXACT_MODELS = {
     "linear-gaussian": linear_gaussian_exact,
     "two-sites": two_sites_exact,
     "beta-binomial": beta_binomial_exact,
     "gamma-poisson": gamma_poisson_exact,
+    "dirichlet-multinomial": dirichlet_multinomial_exact,
+    "normal-gamma": normal_gamma_exact,
 }

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.slow
 
 #: simulated points per model (the paired se shrinks as 1/sqrt(N); on these small models
 #: AIS cost is mostly per-step overhead, so N is not the main cost)
-NUM_DATA = {"linear-gaussian": 1000, "two-sites": 1000, "beta-binomial": 1000, "gamma-poisson": 1000}
+NUM_DATA = {name: 1000 for name in EXACT_MODELS}
 #: seed of the simulated points; the encoder fit and each bound get their own seeds
 DATA_SEED = 20240
 #: BA fitting steps of the GaussianEncoder proposal
@@ -220,6 +220,9 @@ PLAN = {
     ("two-sites", "prior"): ((10, 100, 1000), 10_000),
     ("beta-binomial", "prior"): ((10, 100, 1000), None),
     ("gamma-poisson", "prior"): ((10, 100, 1000), 10_000),
+    # two models the step-size pilot was never tuned on: a simplex latent, a scale latent
+    ("dirichlet-multinomial", "encoder"): ((10, 100), None),
+    ("normal-gamma", "prior"): ((10, 100), None),
 }
 CASES = []
 for (_model, _proposal), (_ts, _large_k) in PLAN.items():
