@@ -27,6 +27,7 @@ Two rules (:class:`StepSizeAdapter`):
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Callable
 
 import torch
@@ -72,6 +73,7 @@ class StepSizeAdapter:
             raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
         self.rule, self.factor, self.target_accept = rule, factor, target_accept
         self.pool_chains, self.bounds = pool_chains, bounds
+        self._target_error = 2 * NormalDist().inv_cdf(target_accept / 2) ** 2  # mu* (a float: no host tensor)
 
     def update(self, step_size: torch.Tensor, accept_prob: torch.Tensor) -> torch.Tensor:
         """New step sizes (C, N) from the ones used (C, N or broadcastable) and the acceptance (C, N)."""
@@ -80,8 +82,7 @@ class StepSizeAdapter:
         if self.rule == "multiplicative":
             new = torch.where(a > self.target_accept, eps * self.factor, eps / self.factor)
         else:
-            target = _mean_energy_error(torch.tensor(self.target_accept, dtype=a.dtype))
-            ratio = (target / _mean_energy_error(a.clamp(0.01, 0.99))) ** 0.25
+            ratio = (self._target_error / _mean_energy_error(a.clamp(0.01, 0.99))) ** 0.25
             new = eps * ratio.clamp(1 / self.factor, self.factor)
         return new.clamp(*self.bounds)
 
