@@ -22,6 +22,13 @@ Two rules (:class:`StepSizeAdapter`):
   rescales the step size by (mu* / mu)^(1/4), mu* the mean error of the target
   acceptance, clamped to a factor of 4 a step: it reaches the target in a step or two
   from far away and sits still near it.
+
+The pilot aims at 90% mean acceptance, not the paper's 65%. On stiff posteriors (the
+linear-Gaussian z in R^5, x in R^40, sigma = 0.5) the acceptance of leapfrog HMC is a
+cliff: about 0.8 up to twice the posterior's smallest scale, then near 0. A mean of 65%
+sits on the edge, where a frozen step size diverges for many chains: tuned to 65% the
+bound-bearing chains accepted 35% of moves; tuned to 90%, 76% at T = 100 and 87% at
+T = 1000, with a sandwich 7x (T = 100) and 25x (T = 1000) narrower than online adaptation's.
 """
 
 from __future__ import annotations
