@@ -19,9 +19,9 @@ shown as mean ± se with z = mean / se; ``seeds>3se`` counts the seeds on which 
 side alone has z > 3. The CPU column is the process time of one run (one thread).
 
 AIS methods run at their default adapt mode (no ``adapt`` argument; marked ``*``), at
-the exact mode when the default is not exact (``pilot`` where the library has it, else
-``two-round``), and at ``online`` (kernels that adapt along each chain's own past: the
-approximate mode, expected to violate at some T, which shows the test's power).
+the exact ``pilot`` mode when the default is not it, and at ``online`` (kernels that
+adapt along each chain's own past: the approximate mode, expected to violate at some T,
+which shows the test's power).
 
 Usage::
 
@@ -111,31 +111,12 @@ def adapt_default(method: str):
     return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
-def supports_mode(mode: str) -> bool:
-    """Whether the AIS bounds accept ``adapt=mode``: a tiny probe run (8 points, K = 2, T = 3).
-
-    A ValueError that names ``adapt`` means the mode does not exist; any other error
-    propagates.
-    """
-    exact = EXACT_MODELS["two-sites"]()
-    d = ModelDensity(exact.model, "x")
-    with torch.random.fork_rng():
-        x, z = d.sample(8)
-        try:
-            METHODS["ais"](d, PriorProposal(d), x, z, num_chains=2, num_steps=3, adapt=mode, progress=False)
-        except ValueError as e:
-            if "adapt" in str(e):
-                return False
-            raise
-    return True
-
-
 def choose_modes(requested: list[str] | None) -> list[str]:
     """Adapt modes of the AIS rows: ``default``, the exact mode if the default is not it, ``online``."""
     if requested:
         return requested
     default = adapt_default("ais")
-    exact = "pilot" if supports_mode("pilot") else "two-round"
+    exact = "pilot"
     modes = ["default"]
     if default != exact:
         modes.append(exact)

@@ -42,11 +42,12 @@ def test_all_chains_divergent_is_a_warning():
     assert "WARNING" in str(r)
 
 
-def test_heavy_tailed_prior_with_divergent_chains_is_warned():
-    # the Cauchy prior that once gave an upper bound of 6.9e9 nats with no word
+def test_heavy_tailed_prior_is_warned():
+    # the Cauchy prior that once gave an upper bound of 6.9e9 nats with no word: chains that
+    # start in its tails carry no weight, so the upper bound is loose, and the result says so
     r = pyro_mi.estimate_mi(cauchy_model, "x", method="ais", num_data=256, fit_steps=200, progress=False)
-    assert r.diagnostics["divergent_chain_fraction"] > 0.1
-    assert r.warnings and all(math.isfinite(v) for v in (r.lower, r.upper))
+    assert r.diagnostics["ess"] < 1.5 and any("importance ESS" in w for w in r.warnings)
+    assert all(math.isfinite(v) for v in (r.lower, r.upper))
 
 
 def test_one_data_point_is_an_error():

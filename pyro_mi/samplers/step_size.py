@@ -162,6 +162,7 @@ def pilot_step_sizes(
     *,
     num_pilot_steps: int | None = None,
     target_accept: float = PILOT_TARGET_ACCEPT,
+    smooth: int = 5,
     on_step: Callable | None = None,
 ) -> torch.Tensor:
     """Tunes step sizes in a cheap pilot and returns them frozen: (T + 1, N).
@@ -181,6 +182,8 @@ def pilot_step_sizes(
         betas: the full schedule (T + 1,).
         step_size: the starting step size of the search (float).
         num_pilot_steps: P, the pilot's annealing steps (default ceil(T / 5), at least 5).
+        target_accept: the pilot's target mean acceptance (0.9; see the module docstring).
+        smooth: the width of the moving average over pilot betas (1: none).
         on_step: optional callback ``on_step(state, info)`` (progress bars).
 
     Returns:
@@ -209,4 +212,13 @@ def pilot_step_sizes(
            adapter=StepSizeAdapter("scaling", 4.0, target_accept=target_accept, pool_chains=True), on_step=record)
     if not logs:
         return eps0.expand(T + 1, N).clone()
-    return freeze(trans, torch.stack(logs), T + 1)
+    return freeze(trans, _moving_average(torch.stack(logs), smooth), T + 1)
+
+
+def _moving_average(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Centred moving average of ``width`` rows of t (M, N), the end rows repeated at the edges."""
+    h = width // 2
+    if h == 0 or t.shape[0] < 2:
+        return t
+    padded = torch.cat([t[:1].expand(h, -1), t, t[-1:].expand(h, -1)])
+    return sum(padded[i : i + t.shape[0]] for i in range(2 * h + 1)) / (2 * h + 1)
