@@ -55,7 +55,7 @@ from ..weights import importance_ess, log_mean_exp
 #: default settings of the AIS methods. K is small because the interval for the model's MI is
 #: set mostly by the number of data points, not by the gap: at equal seconds, N = 1024 points with
 #: K = 4 gave a 95% interval 0.42 / 0.53 nats wide on linear-vae / digits-vae, N = 256 with K = 16
-#: 0.82 / 0.79 (README, "Choosing N, K and T")
+#: 0.82 / 0.77 (README, "Choosing N, K and T")
 DEFAULTS = dict(num_chains=4, num_steps=100, num_leapfrog=2, step_size=0.05, schedule="sigmoid")
 ADAPT_MODES = ("pilot", "online", "none")
 #: default chunk size: at most this many (chain, data point, dim) elements per chunk
