@@ -342,6 +342,10 @@ def test_bad_options():
         ais_bounds(d, q, x, z, schedule="cosine", num_steps=3, progress=False)
     with pytest.raises(ValueError, match="adapt"):
         ais_bounds(d, q, x, z, adapt="sometimes")
+    with pytest.raises(ValueError, match="apply only to adapt='pilot'"):  # never silently ignored
+        ais_bounds(d, q, x, z, adapt="online", pilot_chains=4)
+    with pytest.raises(ValueError, match="num_steps is 5"):
+        ais_bounds(d, q, x, z, schedule=[0.0, 0.5, 1.0], num_steps=5, progress=False)
 
 
 def test_estimate_mi_with_guide_and_arviz(tmp_path):

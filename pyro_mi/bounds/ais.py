@@ -331,15 +331,20 @@ _PLANS = {
 _KIND = {"ais": "im-ais", "im-ais": "im-ais", "cr-ais": "cr-ais", "bdmc": "bdmc"}
 
 
-def _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains):
+def _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps) -> int:
+    """Validates the options; returns the number of pilot chains (default 8)."""
+    if adapt not in ADAPT_MODES:
+        raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
+    if adapt != "pilot" and (pilot_chains is not None or pilot_steps is not None):
+        raise ValueError(f"pilot_chains and pilot_steps apply only to adapt='pilot', not adapt={adapt!r}")
+    pilot_chains = 8 if pilot_chains is None else pilot_chains
     for name, v in (("num_chains", num_chains), ("num_steps", num_steps), ("num_leapfrog", num_leapfrog),
-                    ("pilot_chains", pilot_chains)):
+                    ("pilot_chains", pilot_chains), ("pilot_steps", 1 if pilot_steps is None else pilot_steps)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf"):
         raise ValueError(f"step_size must be a positive number, got {step_size!r}")
-    if adapt not in ADAPT_MODES:
-        raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
+    return pilot_chains
 
 
 def _proposal_identity(proposal):
@@ -378,7 +383,7 @@ def _bounds(
     step_size: float,
     schedule,
     adapt: str,
-    pilot_chains: int,
+    pilot_chains: int | None,
     pilot_steps: int | None,
     generator: torch.Generator | None,
     checkpoint,
@@ -389,7 +394,7 @@ def _bounds(
     callback,
     progress: bool,
 ) -> MIResult:
-    _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains)
+    pilot_chains = _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps)
     if save_chains is not None:
         check_output_path(save_chains, "save_chains")
     x = density.check_data(x)
@@ -400,7 +405,7 @@ def _bounds(
     settings = dict(
         num_chains=K, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
         schedule=schedule if isinstance(schedule, str) else "custom", adapt=adapt,
-        pilot_chains=pilot_chains, pilot_steps=pilot_steps, exact=adapt != "online",
+        pilot_chains=pilot_chains if adapt == "pilot" else None, pilot_steps=pilot_steps, exact=adapt != "online",
     )
     record = record or save_chains is not None
     ckpt = None
@@ -487,7 +492,7 @@ def _make(method: str, doc: str):
         schedule="sigmoid",
         *,
         adapt: str = "pilot",
-        pilot_chains: int = 8,
+        pilot_chains: int | None = None,
         pilot_steps: int | None = None,
         generator: torch.Generator | None = None,
         checkpoint: str | None = None,
@@ -528,8 +533,8 @@ _COMMON_DOC = """
         schedule: ``"sigmoid"`` (Wu et al. 2017, radius 4), ``"linear"``, or betas (T + 1,).
         adapt: ``"pilot"`` (exact: step sizes tuned in a pilot, then frozen), ``"none"``
             (exact: ``step_size`` throughout) or ``"online"`` (approximate; labelled so).
-        pilot_chains, pilot_steps: the pilot's forward chains per data point (8) and
-            annealing steps (default ceil(T / 5), at least 5).
+        pilot_chains, pilot_steps: the pilot's forward chains per data point (default 8)
+            and annealing steps (default ceil(T / 5), at least 5); only with ``"pilot"``.
         generator: the ``torch.Generator`` the run's seed is drawn from (None: torch's
             global generator, one draw); chunks and the pilot get their own generators.
         checkpoint: file to save progress to every ``checkpoint_every`` seconds and on
@@ -553,6 +558,7 @@ _COMMON_DOC = """
 
     Raises:
         ValueError: non-positive K, T, L or step size, an unknown schedule or adapt mode,
+            pilot options with another adapt mode,
             an unwritable, foreign or busy checkpoint, an unwritable ``save_chains``, shape
             mismatches of x and z, a non-finite bound (naming its cause).
 """

@@ -39,10 +39,11 @@ def sigmoid_schedule(num_steps: int, radius: float = 4.0) -> torch.Tensor:
 def get_schedule(schedule, num_steps: int, radius: float = 4.0) -> torch.Tensor:
     """A schedule by name (``"linear"``, ``"sigmoid"``) or given values; float64 (T + 1,).
 
-    A given sequence must start at 0, end at 1 and be non-decreasing.
+    A given sequence must start at 0, end at 1, be non-decreasing and have
+    ``num_steps + 1`` values (so that ``num_steps`` is never silently ignored).
 
     Raises:
-        ValueError: an unknown name or an invalid sequence.
+        ValueError: an unknown name, an invalid sequence, or one of another length.
     """
     if isinstance(schedule, str):
         if schedule == "linear":
@@ -53,6 +54,8 @@ def get_schedule(schedule, num_steps: int, radius: float = 4.0) -> torch.Tensor:
     b = torch.as_tensor(schedule, dtype=torch.float64).flatten()
     if b.numel() < 2 or b[0] != 0 or b[-1] != 1 or bool((b[1:] < b[:-1]).any()):
         raise ValueError("a schedule given as values must be non-decreasing from 0 to 1 (T + 1 values, T >= 1)")
+    if b.numel() != num_steps + 1:
+        raise ValueError(f"a schedule of {b.numel()} values has {b.numel() - 1} steps, but num_steps is {num_steps}")
     return b
 
 
