@@ -153,3 +153,35 @@ class Checkpoint:
             if remove_lock and os.path.exists(self._lock.name):
                 os.remove(self._lock.name)
             self._lock.close()
+
+    def section(self, name: str) -> "CheckpointSection":
+        """The part ``name`` of this file's payload, for one phase of a run of several phases."""
+        return CheckpointSection(self, name)
+
+
+class CheckpointSection:
+    """One phase's part of a :class:`Checkpoint` (e.g. MINE-AIS's training, then its AIS
+    evaluation), with the same ``payload`` / ``save`` / ``finish`` / ``release`` interface.
+
+    ``save`` rewrites the whole file with this part replaced; ``finish`` does nothing
+    (the run's owner finishes the file after its last phase); ``release`` drops the lock.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, name: str):
+        self.checkpoint, self.name = checkpoint, name
+
+    @property
+    def payload(self):
+        return (self.checkpoint.payload or {}).get(self.name)
+
+    def save(self, payload: dict) -> None:
+        whole = dict(self.checkpoint.payload or {})
+        whole[self.name] = payload
+        self.checkpoint.payload = whole
+        self.checkpoint.save(whole)
+
+    def finish(self) -> None:
+        pass
+
+    def release(self, remove_lock: bool = False) -> None:
+        self.checkpoint.release(remove_lock)

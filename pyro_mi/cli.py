@@ -4,7 +4,7 @@
 
     pyro-mi estimate TARGET --obs x [--guide TARGET] [--method ba|iwae|...] [--num-data N]
                     [--num-particles K] [--seed S] [--json]
-    pyro-mi estimate --example linear-vae|digits-vae [same options]
+    pyro-mi estimate --example linear-vae|digits-vae|digits-gan [same options]
 
 TARGET is ``path/to/file.py:function`` or ``package.module:function``: a
 one-data-point Pyro model (observed sites sample when not conditioned); a guide
@@ -16,8 +16,8 @@ Each method takes the flags of :data:`ESTIMATE_OPTIONS` that name a keyword
 parameter of its bound function (:func:`method_options`); any other method flag
 is an error. Failures exit with status 2 and one line on stderr (with ``--json``
 also ``{"error": ...}`` on stdout); an error raised in the user's model file names
-its ``file:line``. SIGINT and SIGTERM stop a run, the AIS methods saving their
-``--checkpoint``; the exit status is then 130 or 143.
+its ``file:line``. SIGINT and SIGTERM stop a run, the AIS methods and MINE-AIS saving
+their ``--checkpoint``; the exit status is then 130 or 143.
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
     ("--schedule", dict(choices=("linear", "sigmoid"), help="annealing schedule")),
     ("--adapt", dict(choices=("pilot", "online", "none"),
                      help="step-size adaptation: pilot (exact bounds), online (approximate) or none")),
-    ("--checkpoint", dict(metavar="FILE", help="save AIS progress to FILE; rerunning the command resumes it")),
+    ("--checkpoint", dict(metavar="FILE", help="save progress (AIS chains, MINE-AIS training) to FILE; rerunning "
+                                             "the command resumes it")),
     ("--save-chains", dict(metavar="FILE.nc", help="write the AIS chains as ArviZ InferenceData (netCDF)")),
     ("--max-steps", dict(type=int, help="critic training steps")),
     ("--batch-size", dict(type=int, help="simulated pairs per training step")),
+    ("--num-negative-steps", dict(type=int, help="M, HMC transitions per MINE-AIS negative sample")),
     ("--lr", dict(type=float, help="critic/encoder Adam learning rate")),
 ]
 
@@ -262,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     est = sub.add_parser("estimate", help="bound the MI I(x; z) of a Pyro model")
     est.add_argument("target", nargs="?", help="path/to/file.py:function or package.module:function")
-    est.add_argument("--example", help="a built-in example: linear-vae or digits-vae")
+    est.add_argument("--example", help="a built-in example: linear-vae, digits-vae or digits-gan")
     est.add_argument("--obs", nargs="+", help="observed site name(s)")
     est.add_argument("--guide", help="guide TARGET q(z|x), called with the observed values as keywords")
     est.add_argument("--method", default="iwae", help="bound: " + ", ".join(sorted(METHODS)))

@@ -68,6 +68,8 @@ class MIResult:
         diagnostics: method-specific statistics (chain statistics, fitted-guide losses, ...).
         warnings: reasons why a number may be loose or wrong (divergent chains, low ESS,
             crossed sides, approximate modes); empty when there are none.
+        notes: conditions under which a side is a bound, where it is not one unconditionally
+            (MINE-AIS's Prop. M.1); empty for the unconditional bounds.
         x: the simulated observations that were bounded, ``{site: (N, ...)}``, or None.
         z: their packed unconstrained latents (N, D), or None.
         seconds: wall time of the estimate, set by :func:`pyro_mi.estimate_mi`.
@@ -83,6 +85,7 @@ class MIResult:
     settings: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     x: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     z: torch.Tensor | None = field(default=None, repr=False)
     seconds: float | None = None
@@ -127,7 +130,7 @@ class MIResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON-ready dict (None, never NaN or Infinity): method, lower, upper, their
-        stderrs, gap, interval_95, num_data, meaning, warnings, seconds, true_mi, the scalar
+        stderrs, gap, interval_95, num_data, meaning, warnings, notes, seconds, true_mi, the scalar
         settings and the scalar diagnostics."""
         out = {
             "method": self.method,
@@ -143,6 +146,7 @@ class MIResult:
                 "interval_95": INTERVAL_WORDS,
             },
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
             "seconds": self.seconds,
             "true_mi": self.true_mi,
         }
@@ -171,6 +175,7 @@ class MIResult:
         rows.append(f"num_data      {self.num_data:9d}")
         if self.seconds is not None:
             rows.append(f"seconds       {self.seconds:9.2f}")
+        rows += [f"NOTE: {n}" for n in self.notes]
         rows += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(rows)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -79,6 +80,8 @@ def train(
     desc: str = "train",
     module_lrs: Sequence[float | None] | None = None,
     lr_schedule: str = "constant",
+    checkpoint=None,
+    checkpoint_every: float = 60.0,
 ) -> TrainingLog:
     """Maximises ``objective`` over the parameters of ``modules`` with Adam and early stopping.
 
@@ -106,6 +109,12 @@ def train(
         lr_schedule: ``"constant"``, or ``"cosine"``: learning rates decayed
             to 0 over ``max_steps`` by a cosine (``CosineAnnealingLR``), stepped
             after every optimisation step.
+        checkpoint: a :class:`~pyro_mi.checkpoint.Checkpoint` (or a section of one):
+            the parameters, optimiser, early-stopping state and torch's global RNG
+            state are saved every ``checkpoint_every`` seconds, on KeyboardInterrupt
+            and at the end; a call with a saved payload resumes it (and one saved at
+            the end only restores the parameters), giving the same result as an
+            uninterrupted run. The caller releases the checkpoint's lock.
 
     Returns:
         :class:`TrainingLog`. The modules hold the parameters of the best
@@ -144,51 +153,108 @@ def train(
 
     opt = torch.optim.Adam(groups, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max_steps) if lr_schedule == "cosine" else None
-    if validate is not None:
-        best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+    cuda = params[0].device if params[0].device.type == "cuda" else None
+
+    def rng_state():
+        return torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None
+
+    saved = checkpoint.payload if checkpoint is not None else None
+    state = {"bad_evals": 0, "pending": False, "best": None}
+    values: list[torch.Tensor] = []
+    if saved is not None:
+        for m, s in zip(modules, saved["modules"]):
+            m.load_state_dict(s)
+        if saved["done"]:
+            return saved["log"]
+        opt.load_state_dict(saved["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(saved["scheduler"])
+        log, state, values = saved["log"], saved["state"], saved["values"]
+        torch.set_rng_state(saved["rng"][0])
+        if cuda is not None:
+            torch.cuda.set_rng_state(saved["rng"][1], cuda)
+    elif validate is not None:
+        state["best"] = [copy.deepcopy(m.state_dict()) for m in modules]
         log.best_value = _evaluate(modules, validate)
         log.validation.append((0, log.best_value))
-    bad_evals = 0
-    values: list[torch.Tensor] = []
-    bar = tqdm(range(1, max_steps + 1), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        value = objective(step)
-        opt.zero_grad(set_to_none=True)
-        (-value).backward()
-        if max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        values.append(value.detach())
-        log.steps = step
-        if step % eval_every == 0 or step == max_steps:
-            recent = float(torch.stack(values[-eval_every:]).mean())
-            if not math.isfinite(recent):
-                raise ValueError(
-                    f"{desc}: the training objective became non-finite near step {step}; "
-                    "try a smaller lr or a smaller critic"
-                )
-            if validate is None:
-                continue
-            score = _evaluate(modules, validate)
-            log.validation.append((step, score))
-            bar.set_postfix(val=f"{score:.3f}", best=f"{log.best_value:.3f}")
-            if math.isfinite(score) and (not math.isfinite(log.best_value) or score > log.best_value):
-                log.best_value, log.best_step, bad_evals = score, step, 0
-                best_state = [copy.deepcopy(m.state_dict()) for m in modules]
-            else:
-                bad_evals += 1
-                if bad_evals >= patience:
+
+    def save(done: bool, rng=None) -> None:
+        if checkpoint is not None:
+            checkpoint.save({
+                "done": done, "log": log, "modules": [m.state_dict() for m in modules], "state": state,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                "values": values, "rng": rng or rng_state(),
+            })
+
+    def evaluate(step: int) -> bool:
+        """The checks after an evaluation step; True when early stopping ends the run."""
+        recent = float(torch.stack(values[-eval_every:]).mean())
+        if not math.isfinite(recent):
+            raise ValueError(
+                f"{desc}: the training objective became non-finite near step {step}; try a smaller lr or a smaller critic"
+            )
+        if validate is None:
+            return False
+        score = _evaluate(modules, validate)
+        log.validation.append((step, score))
+        bar.set_postfix(val=f"{score:.3f}", best=f"{log.best_value:.3f}")
+        if math.isfinite(score) and (not math.isfinite(log.best_value) or score > log.best_value):
+            log.best_value, log.best_step, state["bad_evals"] = score, step, 0
+            state["best"] = [copy.deepcopy(m.state_dict()) for m in modules]
+        else:
+            state["bad_evals"] += 1
+        return state["bad_evals"] >= patience
+
+    bar = tqdm(range(log.steps + 1, max_steps + 1), desc=desc, disable=not progress, leave=False,
+               initial=log.steps, total=max_steps)
+    last_save, phase, step_rng = time.monotonic(), "done", None
+    try:
+        # A resumed run first finishes the evaluation that the interruption cut short.
+        stop = state["pending"] and evaluate(log.steps)
+        state["pending"] = False
+        log.stopped_early = log.stopped_early or stop
+        for step in ([] if stop else bar):
+            # phases, so that an interruption saves a consistent state: before the update, the state
+            # of the step's start; after it, the state of its end (with its evaluation pending)
+            phase, step_rng = "draw", rng_state()
+            value = objective(step)
+            opt.zero_grad(set_to_none=True)
+            (-value).backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(params, max_grad_norm)
+            phase = "update"
+            opt.step()
+            if sched is not None:
+                sched.step()
+            values.append(value.detach())
+            log.steps = step
+            phase = "done"
+            if step % eval_every == 0 or step == max_steps:
+                state["pending"] = True
+                stop = evaluate(step)
+                state["pending"] = False
+                if stop:
                     log.stopped_early = True
                     break
-    bar.close()
+            if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+                save(False)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        if phase == "draw":
+            save(False, step_rng)
+        elif phase == "done":
+            save(False)
+        # an interruption inside the optimiser's update keeps the last periodic save
+        raise
+    finally:
+        bar.close()
     log.objective = [float(v) for v in torch.stack(values)] if values else []
     if validate is not None:
-        for m, s in zip(modules, best_state):
+        for m, s in zip(modules, state["best"]):
             m.load_state_dict(s)
     else:
         log.best_step = log.steps
+    save(True)
     return log
 
 

@@ -25,15 +25,22 @@ def digits():
     return get_example("digits-vae"), load_digits_data()
 
 
+@pytest.fixture(scope="module")
+def gan():
+    from pyro_mi.examples.digits_vae import load_digits_data
+
+    return get_example("digits-gan"), load_digits_data()
+
+
 # ---------------------------------------------------------------- registry
 
 
 def test_registry_names_and_bad_name():
-    assert EXAMPLES == ("linear-vae", "digits-vae")
+    assert EXAMPLES == ("linear-vae", "digits-vae", "digits-gan")
     for name in EXAMPLES:
         ex = get_example(name)
         assert isinstance(ex, Example) and ex.name == name and ex.obs_sites == ("x",)
-    with pytest.raises(ValueError, match="linear-vae.*digits-vae"):
+    with pytest.raises(ValueError, match="linear-vae.*digits-vae.*digits-gan"):
         get_example("no-such-model")
 
 
@@ -154,3 +161,124 @@ def test_digits_vae_reconstructs_better_than_data_mean(digits):
     mean_mse = ((X.mean(0) - X) ** 2).mean()
     assert recon_mse < 0.25 * mean_mse
     assert (scale > 0).all()
+
+
+# ---------------------------------------------------------------- digits GAN
+
+
+def test_digits_gan_shipped_weights_load(gan):
+    from importlib import resources
+
+    from pyro_mi.examples.digits_gan import DEFAULTS, Generator, load_digits_gan
+
+    ex, _ = gan
+    assert ex.true_mi is None and ex.guide is None and ex.obs_sites == ("x",)
+    g = ex.params["generator"]
+    assert isinstance(g, Generator) and g.hparams == DEFAULTS
+    assert ex.params["obs_scale"] == 0.1 == g.obs_scale
+    assert not any(prm.requires_grad for prm in g.parameters()) and not g.training
+    assert all(prm.dtype == torch.float32 for prm in g.parameters())
+    assert g.metadata["method"] == "WGAN-GP" and math.isfinite(g.metadata["val_mmd2"])
+    ref = resources.files("pyro_mi.examples").joinpath("digits_gan.pt")
+    with resources.as_file(ref) as path:
+        assert path.stat().st_size < 1_000_000
+        again = load_digits_gan(str(path))
+    for a, b in zip(g.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError):
+        load_digits_gan("/no/such/digits_gan.pt")
+    with pytest.raises(ValueError):
+        Generator(obs_scale=0.0)
+
+
+def test_digits_gan_trace_shapes_and_broadcasting(gan):
+    ex, X = gan
+    sites = _sample_sites(poutine.trace(ex.model).get_trace())
+    assert list(sites) == ["z", "x"]
+    assert sites["z"]["value"].shape == (10,) and sites["x"]["value"].shape == (64,)
+    assert not sites["x"]["is_observed"]
+    with pyro.plate("c", 3, dim=-2), pyro.plate("d", 5, dim=-1):
+        prior = poutine.trace(ex.model).get_trace()
+        x = X[:15].reshape(3, 5, 64)
+        cond = poutine.trace(poutine.condition(ex.model, data={"x": x})).get_trace()
+        kw = poutine.trace(ex.model).get_trace(x=x)
+    for tr in (prior, cond, kw):
+        tr.compute_log_prob()
+        assert tr.nodes["z"]["value"].shape == (3, 5, 10)
+        assert tr.nodes["x"]["value"].shape == (3, 5, 64)
+        for name in ("z", "x"):
+            lp = tr.nodes[name]["log_prob"]
+            assert lp.shape == (3, 5) and torch.isfinite(lp).all()
+    for tr in (cond, kw):
+        assert tr.nodes["x"]["is_observed"] and torch.equal(tr.nodes["x"]["value"], x)
+
+
+def test_digits_gan_log_likelihood_is_the_fixed_scale_gaussian(gan):
+    ex, X = gan
+    g = ex.params["generator"]
+    z = torch.randn(16, 10)
+    with pyro.plate("d", 16, dim=-1):
+        tr = poutine.trace(poutine.condition(ex.model, data={"z": z, "x": X[:16]})).get_trace()
+    tr.compute_log_prob()
+    expected = dist.Normal(g(z), 0.1).log_prob(X[:16]).sum(-1)
+    assert torch.allclose(tr.nodes["x"]["log_prob"], expected, atol=1e-4)
+    assert torch.isfinite(expected).all()
+    # gradients flow to the latent value although the weights are frozen
+    z0 = torch.zeros(10, requires_grad=True)
+    tr = poutine.trace(poutine.condition(ex.model, data={"z": z0, "x": X[0]})).get_trace()
+    (grad,) = torch.autograd.grad(tr.log_prob_sum(), z0)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_digits_gan_means_in_unit_interval_and_look_like_digits(gan):
+    from pyro_mi.examples.digits_gan import DEFAULTS, Generator, mmd2
+
+    ex, X = gan
+    g = ex.params["generator"]
+    means = g.sample_means(500, generator=torch.Generator().manual_seed(0))
+    assert means.shape == (500, 64) and (means >= 0).all() and (means <= 1).all()
+    real = X[torch.randperm(1797, generator=torch.Generator().manual_seed(1))[:500]]
+    torch.manual_seed(0)
+    untrained = Generator(**DEFAULTS).sample_means(500)
+    trained_mmd, untrained_mmd = mmd2(means, real), mmd2(untrained, real)
+    assert trained_mmd < 0.05 and untrained_mmd > 1.0
+    # the generator does not collapse: its means vary across z about as much as the digits do
+    assert 0.5 < means.var(0).sum() / X.var(0).sum() < 1.5
+
+
+def test_digits_gan_seed_determinism(gan):
+    ex, _ = gan
+    values = []
+    for _ in range(2):
+        pyro.set_rng_seed(123)
+        with pyro.plate("d", 4, dim=-1):
+            tr = poutine.trace(ex.model).get_trace()
+        values.append((tr.nodes["z"]["value"], tr.nodes["x"]["value"]))
+    assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])
+    pyro.set_rng_seed(124)
+    assert not torch.equal(poutine.trace(ex.model).get_trace().nodes["z"]["value"], values[0][0][0])
+
+
+def test_mmd2_criterion():
+    from pyro_mi.examples.digits_gan import mmd2
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 5, generator=gen), torch.randn(300, 5, generator=gen)
+    assert abs(mmd2(a, b)) < 0.02 < mmd2(a, b + 1.0)
+    assert mmd2(a, b + 1.0) < mmd2(a, b + 3.0)
+    for bad in ((a, b[:, :4]), (a[:1], b), (a[0], b)):
+        with pytest.raises(ValueError):
+            mmd2(*bad)
+    with pytest.raises(ValueError):
+        mmd2(a, b, bandwidths=())
+
+
+def test_digits_gan_iwae_bracket_runs(gan):
+    import pyro_mi
+
+    ex, _ = gan
+    r = pyro_mi.estimate_mi(ex.model, ex.obs_sites, method="iwae", num_data=64, num_particles=16,
+                            fit_steps=50, seed=0, progress=False)
+    assert r.x["x"].shape == (64, 64) and r.z.shape == (64, 10)
+    assert math.isfinite(r.lower) and math.isfinite(r.upper)
+    assert 0 < r.lower < r.upper

@@ -331,7 +331,7 @@ _PLANS = {
 _KIND = {"ais": "im-ais", "im-ais": "im-ais", "cr-ais": "cr-ais", "bdmc": "bdmc"}
 
 
-def _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps) -> int:
+def check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps) -> int:
     """Validates the options; returns the number of pilot chains (default 8)."""
     if adapt not in ADAPT_MODES:
         raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
@@ -356,7 +356,7 @@ def _proposal_identity(proposal):
     return (type(proposal).__qualname__, proposal)
 
 
-def _chains(density: ModelDensity, recorder: ChainRecorder, keys: list, reverse_of: dict, betas) -> dict:
+def _chains(constrained: Callable, recorder: ChainRecorder, keys: list, reverse_of: dict, betas) -> dict:
     """The recorded chains of the bound-bearing chunks, for :mod:`pyro_mi.diagnostics`."""
     recs = [recorder.data[k] for k in keys if k in recorder.data]
     stats = {name: torch.cat([r["stats"][name] for r in recs], 1) for name in recs[0]["stats"]}
@@ -364,10 +364,98 @@ def _chains(density: ModelDensity, recorder: ChainRecorder, keys: list, reverse_
     return {
         "stats": stats,
         "direction": ["reverse" if r else "forward" for r in reverse.tolist()],
-        "states": density.constrained(torch.cat([r["states"] for r in recs], 1)),
+        "states": constrained(torch.cat([r["states"] for r in recs], 1)),
         "record_steps": recorder.steps,
         "betas": betas,
     }
+
+
+def anneal_log_normalizer(
+    components: Callable,
+    draw_pi0: Callable[[int], torch.Tensor],
+    z: torch.Tensor,
+    *,
+    kind: str,
+    num_chains: int,
+    num_steps: int,
+    num_leapfrog: int,
+    step_size: float,
+    schedule,
+    adapt: str,
+    pilot_chains: int,
+    pilot_steps: int | None,
+    seed: int,
+    checkpoint: Checkpoint | None,
+    checkpoint_every: float,
+    record: bool,
+    max_chains_per_chunk: int,
+    callback: Callable | None,
+    progress: bool,
+    constrained: Callable,
+) -> dict:
+    """Multi-sample AIS bounds on log Z(x) = log ∫ gamma(z) dz for every data point.
+
+    The shared engine of the AIS front ends: it runs the chains of estimator ``kind``
+    (``"im-ais"``, ``"cr-ais"`` or ``"bdmc"``, see :data:`_PLANS`) from pi0 to gamma
+    (``components(z) -> (log pi0, log gamma)``, forward chains from ``draw_pi0(n)``,
+    reverse chains from z (N, D)), and checks and summarises them. Arguments as in
+    :func:`ais_bounds`; ``constrained`` maps packed z to constrained sites (for the
+    chain record).
+
+    Returns:
+        dict with ``lower`` and ``upper`` (N,) bounds on log Z(x) (nats; the upper one
+        holds if z are exact samples of the normalised gamma), ``betas``,
+        ``diagnostics`` (ESS, log weights, step sizes, chain statistics, and
+        ``chains`` when ``record``) and ``warnings`` (divergent chains, low ESS,
+        the approximate online mode).
+    """
+    N, D = z.shape
+    betas = get_schedule(schedule, num_steps)
+    summary = ChainSummary()
+    recorder = ChainRecorder(num_steps) if record else None
+    bar = ProgressBar(num_steps, progress)
+    observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
+    plan, estimator = _PLANS[kind]
+    try:
+        with pyro.validation_enabled(False):
+            run = run_chains(
+                components, draw_pi0, z, betas, **plan(num_chains), num_leapfrog=num_leapfrog,
+                step_size=step_size, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps, seed=seed,
+                max_chains_per_chunk=max_chains_per_chunk, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                observers=observers,
+            )
+    finally:
+        bar.close()
+    lower, upper = estimator(run)
+    fwd = run["forward"]
+    ess = importance_ess(fwd)
+    chain_stats = summary.totals(run["keys"])
+    diagnostics = {
+        "ess": float(ess.mean()),
+        "ess_per_point": ess,
+        "log_weights_forward": fwd,
+        "log_weights_reverse": torch.cat([run["reverse"], run["reverse_from_forward"]], 0),
+        "step_sizes": run["step_sizes"],
+        **chain_stats,
+    }
+    warnings = []
+    if adapt == "online":
+        warnings.append("adapt='online' adapts step sizes along each chain's own path, which biases the AIS "
+                        "weights: these bounds are approximate, not guaranteed (adapt='pilot' is exact)")
+    if chain_stats["divergent_chain_fraction"] > DIVERGENCE_WARNING:
+        warnings.append(
+            f"{chain_stats['divergent_chain_fraction']:.0%} of the chains diverged (more than "
+            f"{DIVERGENCE_WARNING:.0%} of chains with over 10% of their HMC transitions divergent): rejected moves "
+            "leave the bounds valid but possibly very loose; try a smaller step_size (adapt='none'), more "
+            "num_steps, or a proposal closer to the posterior")
+    if num_steps > 1 and fwd.shape[0] > 1 and float(ess.mean()) < ESS_WARNING:
+        warnings.append(
+            f"the importance ESS of the forward chains' weights is {float(ess.mean()):.2f} on average (below "
+            f"{ESS_WARNING}): one chain dominates each AIS estimate, so the bounds may be loose; "
+            "try more num_steps or num_chains")
+    if recorder is not None:
+        diagnostics["chains"] = _chains(constrained, recorder, run["keys"], run["reverse_flags"], betas)
+    return {"lower": lower, "upper": upper, "betas": betas, "diagnostics": diagnostics, "warnings": warnings}
 
 
 def _bounds(
@@ -394,89 +482,60 @@ def _bounds(
     callback,
     progress: bool,
 ) -> MIResult:
-    pilot_chains = _check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps)
+    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps)
     if save_chains is not None:
         check_output_path(save_chains, "save_chains")
     x = density.check_data(x)
-    N = z.shape[0]
-    K = num_chains
-    betas = get_schedule(schedule, num_steps)
     seed = int(torch.randint(2**62, (1,), generator=generator))
-    settings = dict(
-        num_chains=K, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
-        schedule=schedule if isinstance(schedule, str) else "custom", adapt=adapt,
-        pilot_chains=pilot_chains if adapt == "pilot" else None, pilot_steps=pilot_steps, exact=adapt != "online",
-    )
+    settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
+                            pilot_steps)
     record = record or save_chains is not None
     ckpt = None
     if checkpoint is not None:
-        fp = fingerprint(method, settings, seed, betas, x, z, _proposal_identity(proposal), density.model,
-                         density.model_args, density.model_kwargs, record)
+        fp = fingerprint(method, settings, seed, get_schedule(schedule, num_steps), x, z,
+                         _proposal_identity(proposal), density.model, density.model_args, density.model_kwargs,
+                         record)
         ckpt = Checkpoint(checkpoint, fp)
-    summary = ChainSummary()
-    recorder = ChainRecorder(num_steps) if record else None
-    bar = ProgressBar(num_steps, progress)
-    observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
-    if max_chains_per_chunk is None:
-        max_chains_per_chunk = max(1, CHUNK_ELEMENTS // (N * max(density.latent_dim, density.obs_dim)))
     with torch.no_grad(), pyro.validation_enabled(False):
         log_lik = density.log_terms(x, z)[1]
-    plan, estimator = _PLANS[_KIND[method]]
 
     def draw_pi0(n):
         return proposal.rsample(x, n)[0].detach()
 
-    try:
-        with pyro.validation_enabled(False):
-            run = run_chains(
-                components_fn(density, proposal, x), draw_pi0, z, betas, **plan(K), num_leapfrog=num_leapfrog,
-                step_size=step_size, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps, seed=seed,
-                max_chains_per_chunk=max_chains_per_chunk, checkpoint=ckpt, checkpoint_every=checkpoint_every,
-                observers=observers,
-            )
-    finally:
-        bar.close()
-    elbo, eubo = estimator(run)
+    ais = anneal_log_normalizer(
+        components_fn(density, proposal, x), draw_pi0, z, kind=_KIND[method], num_chains=num_chains,
+        num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size, schedule=schedule, adapt=adapt,
+        pilot_chains=pilot_chains, pilot_steps=pilot_steps, seed=seed, checkpoint=ckpt,
+        checkpoint_every=checkpoint_every, record=record,
+        max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, z.shape[0]), callback=callback,
+        progress=progress, constrained=density.constrained,
+    )
+    elbo, eubo = ais["lower"], ais["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik,
                             "the log p(x) lower bound (every forward chain has zero weight)": elbo,
                             "the log p(x) upper bound": eubo})
-    fwd = run["forward"]
-    ess = importance_ess(fwd)
-    chain_stats = summary.totals(run["keys"])
-    diagnostics = {
-        "ess": float(ess.mean()),
-        "ess_per_point": ess,
-        "log_p_x_lower": elbo,
-        "log_p_x_upper": eubo,
-        "log_weights_forward": fwd,
-        "log_weights_reverse": torch.cat([run["reverse"], run["reverse_from_forward"]], 0),
-        "step_sizes": run["step_sizes"],
-        **chain_stats,
-    }
-    warnings = []
-    if adapt == "online":
-        warnings.append("adapt='online' adapts step sizes along each chain's own path, which biases the AIS "
-                        "weights: these bounds are approximate, not guaranteed (adapt='pilot' is exact)")
-    if chain_stats["divergent_chain_fraction"] > DIVERGENCE_WARNING:
-        warnings.append(
-            f"{chain_stats['divergent_chain_fraction']:.0%} of the chains diverged (more than "
-            f"{DIVERGENCE_WARNING:.0%} of chains with over 10% of their HMC transitions divergent): rejected moves "
-            "leave the bounds valid but possibly very loose; try a smaller step_size (adapt='none'), more "
-            "num_steps, or a proposal closer to the posterior")
-    if num_steps > 1 and fwd.shape[0] > 1 and float(ess.mean()) < ESS_WARNING:
-        warnings.append(
-            f"the importance ESS of the forward chains' weights is {float(ess.mean()):.2f} on average (below "
-            f"{ESS_WARNING}): one chain dominates each log p(x) estimate, so the bounds may be loose; "
-            "try more num_steps or num_chains")
+    diagnostics = {"log_p_x_lower": elbo, "log_p_x_upper": eubo, **ais["diagnostics"]}
     result = MIResult(method, lower_per_point=log_lik - eubo, upper_per_point=log_lik - elbo, settings=settings,
-                      diagnostics=diagnostics, warnings=warnings, x=x, z=z)
-    if recorder is not None:
-        result.diagnostics["chains"] = _chains(density, recorder, run["keys"], run["reverse_flags"], betas)
+                      diagnostics=diagnostics, warnings=ais["warnings"], x=x, z=z)
     if save_chains is not None:
         from ..diagnostics import save_chains as _save
 
         _save(result, save_chains)
     return result
+
+
+def ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains, pilot_steps) -> dict:
+    """The AIS settings a result reports (``exact`` is False only for ``adapt="online"``)."""
+    return dict(
+        num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
+        schedule=schedule if isinstance(schedule, str) else "custom", adapt=adapt,
+        pilot_chains=pilot_chains if adapt == "pilot" else None, pilot_steps=pilot_steps, exact=adapt != "online",
+    )
+
+
+def default_chunk(density: ModelDensity, num_data: int) -> int:
+    """Chains per chunk so that a chunk holds at most :data:`CHUNK_ELEMENTS` (chain, point, dim) elements."""
+    return max(1, CHUNK_ELEMENTS // (num_data * max(density.latent_dim, density.obs_dim)))
 
 
 def _make(method: str, doc: str):

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from ..critics import JointCritic
+from ..critics import JointCritic, mlp
 from ..density import Data, ModelDensity
 from ..proposal import GaussianEncoder, PriorProposal
 from ..result import MIResult
@@ -69,14 +69,18 @@ class StandardizedCritic(nn.Module):
 class ResidualCritic(nn.Module):
     """A GIWAE critic on x and the proposal-standardised latent u = (z - mu_q(x)) / sigma_q(x).
 
-        T(x, z) = MLP([x_std, u]) + uᵀ A u
+        T(x, z) = MLP([x_std, u]) + uᵀ A u + b(x_std)ᵀ u
 
     The optimal GIWAE critic is T* = log p(z|x) - log q(z|x) + c(x) (Cor. 2.2). When
     q is a good Gaussian fit of the posterior, T* is a small, smooth function of
     the residual u (for a Gaussian posterior, a quadratic in u: the term uᵀ A u
     captures the posterior correlations a diagonal q misses); as a function of
     the raw z it is a narrow ridge around mu_q(x) that an MLP on [x, z] does not
-    find. The MLP's last layer and A start at zero, so T = 0 at the start and
+    find. The linear term b(x)ᵀu (b an MLP of x) corrects q's mean: for a Gaussian
+    posterior N(m(x), S), T* = uᵀ A u + b(x)ᵀ u + c(x) with b(x) = C⁻¹ (m(x) - mu_q(x)) / sigma_q(x)
+    (C the posterior correlation in u), a product of x and u that an MLP on [x, u] represents
+    poorly. On the linear VAE, q's mean error carries most of BA's gap: A alone closed
+    0.09 of its 0.80 nats. The last layers of both MLPs and A start at zero, so T = 0 at the start and
     GIWAE starts exactly at BA. The critic reads q's *current* mean and scale
     (q is not registered as a submodule: it is trained, saved and restored as
     the proposal); u uses only q and x, never p(x|z), so the bound stays eq. 7.
@@ -99,12 +103,16 @@ class ResidualCritic(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         self.quadratic = nn.Parameter(torch.zeros(D, D))
+        self.linear = mlp((proposal.density.obs_dim, *hidden_sizes[:1], D))
+        nn.init.zeros_(self.linear[-1].weight)
+        nn.init.zeros_(self.linear[-1].bias)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         q = self._proposal[0]
         mu, sigma = q.loc_scale(x)
         u = (z - mu) / sigma
-        return self.mlp((x - q.x_mean) / q.x_std, u) + ((u @ self.quadratic) * u).sum(-1)
+        xs = (x - q.x_mean) / q.x_std
+        return self.mlp(xs, u) + ((u @ self.quadratic + self.linear(xs)) * u).sum(-1)
 
 
 def default_giwae_critic(

@@ -12,6 +12,9 @@ Available examples (see :data:`EXAMPLES`):
   (:func:`pyro_mi.examples.linear_vae.make_linear_vae`).
 * ``"digits-vae"`` -- a small nonlinear VAE trained on scikit-learn's 8x8
   digits, shipped with weights (:func:`pyro_mi.examples.digits_vae.make_digits_vae`).
+* ``"digits-gan"`` -- a GAN-like decoder (WGAN-GP generator, fixed Gaussian
+  observation noise 0.1, no encoder) trained on the same digits, shipped with
+  weights (:func:`pyro_mi.examples.digits_gan.make_digits_gan`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional
 __all__ = ["EXAMPLES", "Example", "get_example"]
 
 #: Names accepted by :func:`get_example`.
-EXAMPLES: tuple[str, ...] = ("linear-vae", "digits-vae")
+EXAMPLES: tuple[str, ...] = ("linear-vae", "digits-vae", "digits-gan")
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,12 @@ def get_example(name: str, **kwargs: Any) -> Example:
     """Build the built-in example called ``name``.
 
     Args:
-        name: one of :data:`EXAMPLES` (``"linear-vae"``, ``"digits-vae"``).
+        name: one of :data:`EXAMPLES` (``"linear-vae"``, ``"digits-vae"``,
+            ``"digits-gan"``).
         **kwargs: forwarded to the example's factory
-            (:func:`~pyro_mi.examples.linear_vae.make_linear_vae` or
-            :func:`~pyro_mi.examples.digits_vae.make_digits_vae`).
+            (:func:`~pyro_mi.examples.linear_vae.make_linear_vae`,
+            :func:`~pyro_mi.examples.digits_vae.make_digits_vae` or
+            :func:`~pyro_mi.examples.digits_gan.make_digits_gan`).
 
     Returns:
         The :class:`Example`.
@@ -79,6 +84,10 @@ def get_example(name: str, **kwargs: Any) -> Example:
         from .digits_vae import make_digits_vae
 
         return make_digits_vae(**kwargs)
+    if name == "digits-gan":
+        from .digits_gan import make_digits_gan
+
+        return make_digits_gan(**kwargs)
     raise ValueError(
         f"unknown example {name!r}; valid names are: {', '.join(EXAMPLES)}"
     )

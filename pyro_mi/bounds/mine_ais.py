@@ -1,0 +1,463 @@
+"""MINE-AIS: the implicit Barber–Agakov lower bound (IBAL) of an energy-based posterior,
+trained with HMC negatives and evaluated by multi-sample AIS (Brekelmans et al. 2022, sec. 4,
+eq. 17–20, App. J.1, L, M).
+
+For a model whose prior p(z) is known and which can be simulated, but whose likelihood
+p(x|z) is not used, a base q_θ(z|x) and a critic T_φ(x, z) define the energy-based
+posterior π(z|x) = q_θ(z|x) e^{T_φ(x, z)} / Z(x), Z(x) = E_q[e^T] (eq. 17), and
+
+    IBAL(q, T) = E_p(x,z)[log q(z|x) - log p(z) + T(x, z)] - E_p(x)[log Z(x)] <= I(x; z)   (eq. 18)
+
+with gap E_p(x) KL[p(z|x) || π(z|x)]; the optimal critic is log p(x|z) - log q(z|x) + c(x),
+for which IBAL = I (Prop. 4.1). A constant critic gives BA(q) exactly; GIWAE(q, T, K) tends
+to IBAL(q, T) as K grows (Prop. 4.2).
+
+* **Evaluation** (App. M.2, :func:`ibal_bounds`). log Z(x) is the log normaliser of the
+  path from q(z|x) to q(z|x) e^{T}: components ``(log q, log q + T)``, run by the AIS engine
+  of :mod:`pyro_mi.bounds.ais` with kernels fixed before the bound-bearing chains start.
+  Forward chains give a lower bound on log Z, so an upper bound on the IBAL
+  (``ibal_upper``: the convergence check, not an MI bound). Reverse chains start at the
+  simulated z, an exact sample of p(z|x) but not of π; their (IM-AIS, eq. 14) estimate is
+  an upper bound on log Z, and so gives the reported MI ``lower``, when
+  KL[p(z|x) || q_AIS(z_T|x)] >= KL[p(z|x) || π(z|x)] (Prop. M.1, eq. 195): when π, trained
+  towards p(z|x), is closer to it than the forward chains' final marginal. It holds
+  exactly at T = 1 (the bound is then GIWAE with K = num_chains, and BA for K = 1) and was
+  met in all of the paper's runs. The result says so in ``notes``, reports a bound that
+  needs no condition (``giwae_lower``: GIWAE of the same (q, T)), and warns when the
+  reverse estimate of log Z falls significantly below the forward one, which the
+  condition forbids.
+* **Training** (eq. 19–20, App. M.1, :func:`mine_ais_bounds`). The gradient of the IBAL in
+  θ and φ is E_p(x,z)[∂(log q + T)] - E_p(x)π(z|x)[∂(log q + T)]: raise log q + T on
+  simulated pairs, lower it on negatives. Negatives come from M HMC transitions targeting
+  π(z|x), started at the simulated z (contrastive divergence, Hinton 2002), so they
+  start where π should have its mass.
+
+Whitened coordinates: with a Gaussian q(z|x) = N(mu(x), diag sigma(x)^2) (the fitted
+:class:`~pyro_mi.proposal.GaussianEncoder`) every chain moves u = (z - mu(x)) / sigma(x)
+instead of z: HMC with the diagonal mass matrix sigma(x)^-2, a fixed kernel per data point.
+The Jacobian is the same for both components, so the AIS weights are unchanged, and one
+step size suits all latent dimensions and data points.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import pyro
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint, check_output_path, fingerprint
+from ..density import Data, ModelDensity
+from ..proposal import GaussianEncoder, PriorProposal
+from ..result import MIResult, require_finite
+from ..samplers import StepSizeAdapter, get_schedule, hmc
+from ..training import train
+from .ais import (DEFAULTS, _proposal_identity, ais_settings, anneal_log_normalizer, check_options, default_chunk)
+from .giwae import default_giwae_critic, giwae_terms
+
+#: the negatives' step size is adapted between training steps towards this mean acceptance
+NEGATIVE_TARGET_ACCEPT = 0.8
+#: particles of the GIWAE bound reported beside the IBAL (a bound without Prop. M.1's condition)
+GIWAE_PARTICLES = 100
+#: a warning when the reverse log Z estimate is below the forward one by more than this many stderrs
+CROSSING_SE = 3.0
+PROP_M1_NOTE = (
+    "lower is the IBAL with log Z(x) bounded by reverse AIS chains started at the simulated z, exact "
+    "samples of p(z|x) rather than of the energy-based posterior: a lower bound on the MI when that "
+    "posterior is closer to p(z|x) than the forward chains' final marginal (Brekelmans et al. 2022, "
+    "Prop. M.1); giwae_lower needs no such condition"
+)
+
+
+class IBALPath:
+    """The AIS path of log Z(x) for fixed data: components, pi0 draws and (un)whitening.
+
+    Args:
+        density: the model's density layer (``flatten_data``, ``constrained``).
+        proposal: q(z|x); a :class:`GaussianEncoder` is whitened (module docstring).
+        critic: ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``.
+        x: observations ``{site: (N, ...)}``.
+
+    Attributes: ``components(u) -> (log q, log q + T)`` over positions u (C, N, D);
+    ``to_u(z)``, ``to_z(u)``; ``draw_pi0(n) -> (n, N, D)`` positions drawn from q.
+    Parameters of q and the critic are read at call time (no gradient to them is kept
+    by the samplers, which detach positions).
+    """
+
+    def __init__(self, density: ModelDensity, proposal, critic, x: Data):
+        self.x, self.xf, self.q, self.critic = x, density.flatten_data(x), proposal, critic
+        self.gaussian = type(proposal) is GaussianEncoder
+        if self.gaussian:
+            with torch.no_grad():
+                self.mu, self.sigma = proposal(x)
+
+    def to_z(self, u: torch.Tensor) -> torch.Tensor:
+        return self.mu + self.sigma * u if self.gaussian else u
+
+    def to_u(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mu) / self.sigma if self.gaussian else z
+
+    def log_q(self, z: torch.Tensor) -> torch.Tensor:
+        if self.gaussian:
+            return GaussianEncoder._log_prob(z, self.mu, self.sigma)
+        return self.q.log_prob(z, self.x)
+
+    def components(self, u: torch.Tensor):
+        z = self.to_z(u)
+        with pyro.validation_enabled(False):
+            lq = self.log_q(z)
+        return lq, lq + self.critic(self.xf, z)
+
+    def draw_pi0(self, n: int) -> torch.Tensor:
+        if self.gaussian:
+            return torch.randn((n,) + self.mu.shape, dtype=self.mu.dtype, device=self.mu.device)
+        return self.q.rsample(self.x, n)[0].detach()
+
+
+def _evaluate(
+    method: str,
+    density: ModelDensity,
+    proposal,
+    critic,
+    x: Data,
+    z: torch.Tensor,
+    *,
+    seed: int,
+    checkpoint,
+    settings: dict,
+    diagnostics: dict,
+    giwae: bool = True,
+    **ais,
+) -> MIResult:
+    """The AIS evaluation of IBAL(q, T) on (x, z): the shared part of both front ends."""
+    path = IBALPath(density, proposal, critic, x)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        ba = path.log_q(z) - density.log_prior(z, x)
+        t_pos = critic(path.xf, z)
+    record = ais.pop("record")
+    out = anneal_log_normalizer(
+        path.components, path.draw_pi0, path.to_u(z), kind="im-ais", seed=seed, checkpoint=checkpoint,
+        record=record, constrained=lambda u: density.constrained(path.to_z(u)), **ais,
+    )
+    log_z_lower, log_z_upper = out["lower"], out["upper"]
+    require_finite(method, {"log q(z|x) - log p(z) of the simulated points": ba,
+                            "the critic at the simulated points": t_pos,
+                            "the log Z(x) lower bound (every forward chain has zero weight)": log_z_lower,
+                            "the log Z(x) upper bound": log_z_upper})
+    if giwae:
+        with torch.no_grad():
+            g_ba, g_con = giwae_terms(density, proposal, critic, x, z, GIWAE_PARTICLES)
+        diagnostics.update(giwae_lower=float((g_ba + g_con).mean()), giwae_particles=GIWAE_PARTICLES)
+    warnings = out["warnings"]
+    d = (log_z_upper - log_z_lower).double()
+    if float(d.mean()) < -CROSSING_SE * float(d.std()) / math.sqrt(d.numel()):
+        warnings.append(
+            f"the reverse chains' estimate of log Z(x) is below the forward chains' by {-float(d.mean()):.3g} nats "
+            "on average (more than 3 standard errors): Prop. M.1's condition fails here, so lower may exceed "
+            "the MI; report giwae_lower, or train the critic further")
+    lower, ibal_upper = ba + t_pos - log_z_upper, ba + t_pos - log_z_lower
+    diagnostics.update({
+        "ba_term": float(ba.mean()),
+        "critic_term": float(t_pos.mean()),
+        "ibal_upper": float(ibal_upper.mean()),
+        "ibal_upper_per_point": ibal_upper,
+        "log_z_lower": log_z_lower,
+        "log_z_upper": log_z_upper,
+        **out["diagnostics"],
+    })
+    if "chains" in diagnostics:
+        diagnostics["chains"]["coordinates"] = "whitened" if path.gaussian else "z"
+    return MIResult(method, lower_per_point=lower, upper_per_point=None, settings=settings,
+                    diagnostics=diagnostics, warnings=warnings, notes=[PROP_M1_NOTE], x=x, z=z)
+
+
+def _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
+                 pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback,
+                 progress) -> dict:
+    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps)
+    if save_chains is not None:
+        check_output_path(save_chains, "save_chains")
+    return dict(num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
+                schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
+                checkpoint_every=checkpoint_every, record=record or save_chains is not None,
+                max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, z.shape[0]),
+                callback=callback, progress=progress)
+
+
+def _finish(result: MIResult, save_chains) -> MIResult:
+    if save_chains is not None:
+        from ..diagnostics import save_chains as _save
+
+        _save(result, save_chains)
+    return result
+
+
+def ibal_bounds(
+    density: ModelDensity,
+    proposal,
+    x: Data,
+    z: torch.Tensor,
+    num_chains: int = DEFAULTS["num_chains"],
+    num_steps: int = DEFAULTS["num_steps"],
+    num_leapfrog: int = DEFAULTS["num_leapfrog"],
+    step_size: float = DEFAULTS["step_size"],
+    schedule="sigmoid",
+    *,
+    critic: Callable,
+    adapt: str = "pilot",
+    pilot_chains: int | None = None,
+    pilot_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: float = 60.0,
+    save_chains: str | None = None,
+    record: bool = False,
+    max_chains_per_chunk: int | None = None,
+    callback: Callable | None = None,
+    progress: bool = True,
+) -> MIResult:
+    """Multi-sample AIS evaluation of IBAL(q, T) for a given base and critic (App. M.2).
+
+    E.g. the (q, T) that :func:`~pyro_mi.bounds.giwae_bounds` or ``infonce_bounds`` trained
+    (``result.diagnostics["proposal"]`` and ``["critic"]``): the paper's rows "AIS bound on
+    IBAL (GIWAE K = 100)" and "(InfoNCE K = 100)" of Fig. 3a. log Z(x) = log E_q[e^T] is
+    annealed from q(z|x) to q(z|x) e^{T(x, z)} with IM-AIS (eq. 14): K forward chains and
+    one reverse chain from the simulated z per point. Never evaluates log p(x|z).
+
+    Args:
+        density: the model's :class:`~pyro_mi.density.ModelDensity`.
+        proposal: the base q(z|x) (prior, guide or encoder proposal).
+        x, z: simulated observations ``{site: (N, ...)}`` and their packed latents (N, D).
+        num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
+            pilot_steps, generator, checkpoint, checkpoint_every, save_chains, record,
+            max_chains_per_chunk, callback, progress: as for :func:`~pyro_mi.bounds.ais_bounds`.
+        critic: ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``, differentiable in z.
+
+    Returns:
+        :class:`~pyro_mi.result.MIResult` (method ``"ibal"``, nats): ``lower`` the IBAL lower
+        bound on MI (under Prop. M.1's condition, see ``notes``), ``upper`` None;
+        ``diagnostics``: ``ibal_upper`` (forward chains: an upper bound on the IBAL, not on
+        the MI) and per point, ``giwae_lower`` (GIWAE of the same (q, T) with K = 100, a
+        bound with no condition), ``ba_term``, ``critic_term``, ``log_z_lower`` /
+        ``log_z_upper`` (N,), and the AIS chain diagnostics of ``ais_bounds``.
+
+    Raises:
+        ValueError: as :func:`~pyro_mi.bounds.ais_bounds`, and a non-finite critic or base
+            density at the simulated points.
+    """
+    if not callable(critic):
+        raise TypeError(f"critic must be a callable critic(x_flat, z), got {type(critic).__name__}")
+    ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
+                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress)
+    x = density.check_data(x)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, ais["pilot_chains"],
+                            pilot_steps)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, fingerprint("ibal", settings, seed, x, z, _proposal_identity(proposal), critic,
+                                                  density.model, density.model_args, density.model_kwargs,
+                                                  ais["record"]))
+    try:
+        result = _evaluate("ibal", density, proposal, critic, x, z, seed=seed, checkpoint=ckpt, settings=settings,
+                           diagnostics={}, **ais)
+    except BaseException:
+        if ckpt is not None:
+            ckpt.release()
+        raise
+    if ckpt is not None:
+        ckpt.finish()
+    return _finish(result, save_chains)
+
+
+class _NegativeStepSize(nn.Module):
+    """The negatives' HMC step size as a buffer: saved and restored with the critic."""
+
+    def __init__(self, step_size: float):
+        super().__init__()
+        self.register_buffer("value", torch.tensor(float(step_size)))
+
+
+def mine_ais_bounds(
+    density: ModelDensity,
+    proposal,
+    x: Data,
+    z: torch.Tensor,
+    num_chains: int = DEFAULTS["num_chains"],
+    num_steps: int = DEFAULTS["num_steps"],
+    num_leapfrog: int = DEFAULTS["num_leapfrog"],
+    step_size: float = DEFAULTS["step_size"],
+    schedule="sigmoid",
+    *,
+    critic: nn.Module | None = None,
+    train_proposal: bool = True,
+    max_steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    proposal_lr: float | None = 1e-4,
+    num_negative_steps: int = 5,
+    hidden_sizes: tuple[int, ...] = (256, 256),
+    num_val: int = 128,
+    val_steps: int | None = None,
+    eval_every: int = 100,
+    patience: int = 5,
+    adapt: str = "pilot",
+    pilot_chains: int | None = None,
+    pilot_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: float = 60.0,
+    save_chains: str | None = None,
+    record: bool = False,
+    max_chains_per_chunk: int | None = None,
+    callback: Callable | None = None,
+    progress: bool = True,
+) -> MIResult:
+    """MINE-AIS lower bound on I(x; z): energy-based training of (q, T), then AIS evaluation of the IBAL
+    (Brekelmans et al. 2022, sec. 4, eq. 17–20, App. M).
+
+    Uses log p(z), log q(z|x), the critic and simulation from the model, never log p(x|z).
+    The base q_θ is ``proposal``: the prior (``proposal="prior"`` in ``estimate_mi``: the
+    paper's setting, with an MLP critic on [x, z]), a user's guide (kept fixed), or the
+    fitted :class:`~pyro_mi.proposal.GaussianEncoder` (``estimate_mi``'s default), which is
+    copied and trained jointly by eq. 19 with the residual critic of GIWAE on
+    u = (z - mu_q(x)) / sigma_q(x). IBAL(p(z), log q/p + R) and IBAL(q, R) are one bound;
+    annealing from q instead of p(z) makes the path shorter. The default critic starts at
+    T = 0, where the IBAL is BA(q) exactly.
+
+    Each training step simulates ``batch_size`` pairs, runs ``num_negative_steps`` HMC
+    transitions of ``num_leapfrog`` steps on π(z|x) from each simulated z (the negatives;
+    step size adapted between steps towards 80% acceptance: training needs no exact
+    kernel) and ascends eq. 19–20. Every ``eval_every`` steps the IBAL lower bound of
+    ``num_val`` fixed validation pairs is estimated with the evaluation's estimator (one
+    forward and one reverse chain, ``val_steps`` annealing steps, fixed random numbers);
+    the best parameters are kept and training stops after ``patience`` evaluations
+    without improvement. The reported bound is then evaluated on (x, z), which played no
+    part in training, as in :func:`ibal_bounds`.
+
+    Args:
+        density, proposal, x, z: as for :func:`ibal_bounds`.
+        num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
+            pilot_steps, generator, save_chains, record, max_chains_per_chunk, callback,
+            progress: the AIS evaluation's, as for :func:`~pyro_mi.bounds.ais_bounds`;
+            ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives.
+        critic: a module ``critic(x_flat, z) -> (..., N)`` trained in place; default: GIWAE's
+            residual critic for a GaussianEncoder base, else an MLP on [standardised x, z]
+            with a zero last layer (both start at T = 0).
+        train_proposal: train a copy of a GaussianEncoder base (eq. 19); default True.
+        max_steps, batch_size, lr, proposal_lr: training steps, simulated pairs per step,
+            Adam learning rates of the critic and the base.
+        num_negative_steps: M, HMC transitions per negative (App. M.1 uses 10).
+        hidden_sizes: widths of the default critic's hidden layers.
+        num_val, val_steps, eval_every, patience: early stopping on the validation IBAL
+            (``val_steps`` defaults to ``num_steps``).
+        checkpoint: file for the training state and the evaluation's chains, saved every
+            ``checkpoint_every`` seconds and on KeyboardInterrupt; the same call resumes
+            training or evaluation where it stopped, with the same result.
+
+    Returns:
+        :class:`~pyro_mi.result.MIResult` (method ``"mine-ais"``): as :func:`ibal_bounds`,
+        with ``training`` (:class:`~pyro_mi.training.TrainingLog`), ``proposal`` and
+        ``critic`` in ``diagnostics``.
+
+    Raises:
+        ValueError: bad training or AIS settings (naming the option), an unwritable, busy
+            or foreign checkpoint, a non-finite objective or bound.
+    """
+    for name, v in (("batch_size", batch_size), ("num_negative_steps", num_negative_steps),
+                    ("num_val", num_val), ("val_steps", 1 if val_steps is None else val_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
+                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress)
+    x = density.check_data(x)
+    val_steps = num_steps if val_steps is None else val_steps
+    trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
+    q = copy.deepcopy(proposal) if trained_q else proposal
+    if critic is None:
+        critic = default_giwae_critic(density, hidden_sizes, proposal=q)
+        if not isinstance(q, GaussianEncoder):  # the MLP critic of the prior or a guide starts at T = 0 too
+            nn.init.zeros_(critic.critic.net[-1].weight)
+            nn.init.zeros_(critic.critic.net[-1].bias)
+    if not isinstance(critic, nn.Module):
+        raise TypeError(f"critic must be a torch.nn.Module (it is trained), got {type(critic).__name__}")
+    eps = _NegativeStepSize(step_size).to(z.device)
+    modules = [m for m in ((q if trained_q else None), critic, eps) if m is not None]
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    settings = {
+        **ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, ais["pilot_chains"],
+                       pilot_steps),
+        "max_steps": max_steps, "batch_size": batch_size, "num_negative_steps": num_negative_steps,
+        "num_val": num_val, "val_steps": val_steps, "proposal_trained": trained_q,
+    }
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, fingerprint(
+            "mine-ais", settings, seed, lr, proposal_lr, eval_every, patience, hidden_sizes, x, z,
+            _proposal_identity(proposal), critic, density.model, density.model_args, density.model_kwargs,
+            ais["record"]))
+    adapter = StepSizeAdapter("scaling", factor=2.0, target_accept=NEGATIVE_TARGET_ACCEPT)
+    stats = {"accept": []}
+
+    def objective(step: int) -> torch.Tensor:
+        with torch.no_grad():
+            xb, zb = density.sample(batch_size)
+        path = IBALPath(density, q, critic, xb)
+        state = hmc.init(path.components, path.to_u(zb).unsqueeze(0))
+        accept = zb.new_zeros(())
+        for _ in range(num_negative_steps):
+            state, info = hmc.step(state, path.components, 1.0, eps.value, num_leapfrog)
+            accept = accept + info.accept_prob.mean() / num_negative_steps
+        with torch.no_grad():
+            eps.value.copy_(adapter.update(eps.value.view(1, 1), accept.view(1, 1)).view(()))
+        stats["accept"].append(accept)
+        z_neg = path.to_z(state.z[0]).detach()
+        xf = path.xf
+        with pyro.validation_enabled(False):
+            pos = q.log_prob(zb, xb) + critic(xf, zb)
+            neg = q.log_prob(z_neg, xb) + critic(xf, z_neg)
+        return (pos - neg).mean()  # a surrogate whose gradient is eq. 19–20's (negatives fixed)
+
+    with torch.no_grad():
+        x_val, z_val = density.sample(num_val)
+    val_seed = int(torch.randint(2**62, (1,), generator=generator))
+
+    def validate() -> float:
+        try:
+            r = _evaluate("mine-ais", density, q, critic, x_val, z_val, seed=val_seed, checkpoint=None, settings={},
+                          diagnostics={}, giwae=False, **{**ais, "num_chains": 1, "num_steps": val_steps, "adapt": "none",
+                                         "step_size": float(eps.value), "pilot_chains": 8, "pilot_steps": None,
+                                         "record": False, "callback": None, "progress": False})
+        except ValueError:  # a non-finite critic or bound: the worst score, never the kept parameters
+            return -math.inf
+        return r.lower
+
+    try:
+        with pyro.validation_enabled(False):
+            log = train(modules, objective, validate=validate, max_steps=max_steps, lr=lr, eval_every=eval_every,
+                        patience=patience, progress=progress, desc="fit mine-ais",
+                        module_lrs=[proposal_lr if m is q else None for m in modules],
+                        checkpoint=ckpt.section("training") if ckpt else None, checkpoint_every=checkpoint_every)
+        for m in modules:
+            m.eval()
+        result = _evaluate(
+            "mine-ais", density, q, critic, x, z, seed=seed, checkpoint=ckpt.section("evaluation") if ckpt else None,
+            settings={**settings, "steps": log.steps},
+            diagnostics={"training": log, "proposal": q, "critic": critic,
+                         "negative_step_size": float(eps.value),
+                         "negative_accept_rate": float(torch.stack(stats["accept"]).mean()) if stats["accept"]
+                         else None},
+            **ais)
+    except BaseException:
+        if ckpt is not None:
+            ckpt.release()
+        raise
+    if ckpt is not None:
+        ckpt.finish()
+    return _finish(result, save_chains)
+
+
+__all__ = ["IBALPath", "ibal_bounds", "mine_ais_bounds"]
