@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models import linear_gaussian_exact
-from pyro_mi import GaussianEncoder, ModelDensity, fit_guide
+from pyro_mi import GaussianEncoder, ModelDensity, estimate_mi, fit_guide
 from pyro_mi.bounds import METHODS, ibal_bounds, mine_ais_bounds
 from pyro_mi.cli import main
 from pyro_mi.proposal import PriorProposal
@@ -188,6 +188,28 @@ def test_records_chains_for_arviz(setup):
     idata = r.to_arviz()
     assert idata.posterior["z"].shape[:3] == (5, len(idata.posterior.draw), 16)
     assert r.diagnostics["chains"]["coordinates"] == "whitened"
+
+
+class Simulator(pyro.distributions.Normal):
+    """A simulator: it samples, but has no density."""
+
+    def log_prob(self, value):
+        raise NotImplementedError
+
+
+def simulator_model(x=None):
+    z = pyro.sample("z", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
+    loc = torch.cat([z, z.sum(-1, keepdim=True)], -1).tanh() * 3
+    return pyro.sample("x", Simulator(loc, 0.3).to_event(1), obs=x)
+
+
+def test_never_evaluates_the_likelihood():
+    """MINE-AIS runs on a simulator without log p(x|z); a method that needs it names the site."""
+    r = estimate_mi(simulator_model, "x", method="mine-ais", num_data=32, fit_steps=20, max_steps=4, num_steps=5,
+                    num_val=8, progress=False)
+    assert math.isfinite(r.lower) and r.upper is None
+    with pytest.raises(ValueError, match="site 'x': its distribution Simulator has no log_prob"):
+        estimate_mi(simulator_model, "x", method="iwae", num_data=32, fit_steps=20, progress=False)
 
 
 def test_bad_options_name_themselves(setup):

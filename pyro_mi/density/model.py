@@ -35,9 +35,36 @@ def _is_discrete(fn) -> bool:
     return fn.support.is_discrete or getattr(fn, "has_enumerate_support", False)
 
 
+class MissingDensityError(ValueError):
+    """A site's distribution has no ``log_prob`` (a simulator): raised where its density is needed."""
+
+
 def _scaled_log_prob(site: dict) -> torch.Tensor:
-    """A trace site's log density with its ``poutine.scale`` and ``poutine.mask`` applied."""
-    return scale_and_mask(site_log_prob(site["fn"], site["value"]), site["scale"], site["mask"])
+    """A trace site's log density with its ``poutine.scale`` and ``poutine.mask`` applied.
+
+    Raises:
+        MissingDensityError: the distribution's ``log_prob`` is not implemented.
+    """
+    try:
+        lp = site_log_prob(site["fn"], site["value"])
+    except NotImplementedError:
+        fn = site["fn"]
+        while isinstance(fn, dist.Independent):
+            fn = fn.base_dist
+        raise MissingDensityError(
+            f"site {site['name']!r}: its distribution {type(fn).__name__} has no log_prob (a simulator). "
+            "Methods that evaluate p(x|z) (ba, iwae, ais, im-ais, cr-ais, bdmc) cannot run on it; giwae, "
+            "infonce and mine-ais need only p(z) and simulation"
+        ) from None
+    return scale_and_mask(lp, site["scale"], site["mask"])
+
+
+def _has_density(site: dict) -> bool:
+    try:
+        _scaled_log_prob(site)
+    except MissingDensityError:
+        return False
+    return True
 
 
 class ModelDensity:
@@ -164,12 +191,15 @@ class ModelDensity:
         Raises:
             ValueError: naming the first site (in trace order) that differs.
         """
-        plates, sites = self._plates, _sample_sites(trace)
+        plates = self._plates
+        # an observed site without a density (a simulator) has nothing to check
+        sites = [s for s in _sample_sites(trace) if s["name"] not in self.obs_sites or _has_density(s)]
         points = ((0, 0), (num_chains - 1, num_data - 1))
         alone: dict[str, list] = {s["name"]: [] for s in sites}
         for c, i in points:
             # factor sites (Unit) are recomputed from the other values, not conditioned
-            cond = {s["name"]: plates.point(s["value"], c, i) for s in sites if not isinstance(s["fn"], dist.Unit)}
+            cond = {s["name"]: plates.point(s["value"], c, i) for s in _sample_sites(trace)
+                    if not isinstance(s["fn"], dist.Unit)}
             x = {o: self._to_data(cond[o]) for o in self.obs_sites}
             try:
                 one = plates.trace(poutine.condition(self._call, data=cond), 1, 1, x)
@@ -180,7 +210,8 @@ class ModelDensity:
                     return
                 raise
             for s in _sample_sites(one):
-                alone[s["name"]].append(plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0])
+                if s["name"] in alone:
+                    alone[s["name"]].append(plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0])
         index = tuple(torch.tensor(ix) for ix in zip(*points))
         for s in sites:
             batched = plates.per_point(_scaled_log_prob(s), num_chains, num_data)[index]
@@ -371,8 +402,9 @@ class ModelDensity:
             cond.update(x)
         return self._trace(zz.shape[0], N, cond, x, sample_obs=False), ldj
 
-    def log_terms(self, x: Data, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_terms(self, x: Data, z: torch.Tensor, likelihood: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(log p(z), log p(x|z))`` for packed z of shape (*S, N, D), each (*S, N).
+        With ``likelihood=False`` the observed sites' densities are not evaluated (log p(x|z) is 0).
 
         log p(z) is the density of the packed unconstrained z (prior plus the
         log-Jacobian of the transforms); log p(x|z) sums the observed sites. One
@@ -387,16 +419,17 @@ class ModelDensity:
         trace, ldj = self._model_trace(x, zz, with_log_jacobian=True)
         log_prior, log_lik = ldj, zz.new_zeros(C, N)
         for s in _sample_sites(trace):
-            lp = self._plates.per_point(_scaled_log_prob(s), C, N)
             if s["name"] in self.obs_sites:
-                log_lik = log_lik + lp
+                if likelihood:
+                    log_lik = log_lik + self._plates.per_point(_scaled_log_prob(s), C, N)
             else:
-                log_prior = log_prior + lp
+                log_prior = log_prior + self._plates.per_point(_scaled_log_prob(s), C, N)
         return log_prior.reshape(lead + (N,)), log_lik.reshape(lead + (N,))
 
     def log_prior(self, z: torch.Tensor, x: Data) -> torch.Tensor:
-        """log p(z) of packed unconstrained z (*S, N, D) -> (*S, N), nats."""
-        return self.log_terms(x, z)[0]
+        """log p(z) of packed unconstrained z (*S, N, D) -> (*S, N), nats. Never evaluates an
+        observed site's density (a simulator's likelihood may have none)."""
+        return self.log_terms(x, z, likelihood=False)[0]
 
     def log_likelihood(self, x: Data, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over observed sites: (*S, N, D) -> (*S, N), nats."""
@@ -414,6 +447,8 @@ class ModelDensity:
         zz = z.reshape((-1, N, self.latent_dim))
         trace, _ = self._model_trace(x, zz, with_log_jacobian=False)
         for s in _sample_sites(trace):
+            if s["name"] in self.obs_sites and not _has_density(s):
+                continue  # a simulator's observed site: checked where its density is needed
             lp = self._plates.per_point(_scaled_log_prob(s), zz.shape[0], N)
             bad = ~torch.isfinite(lp)
             if bad.any():
