@@ -173,7 +173,7 @@ def test_signal_stops_a_run_with_one_line(tmp_path, sig, status):
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == status and out == ""
-    assert one_line(err) == "pyro-mi: interrupted; nothing saved (--method iwae cannot resume; ais, im-ais, cr-ais, bdmc can)"
+    assert one_line(err) == "pyro-mi: interrupted; nothing saved (--method iwae cannot resume; ais, im-ais, cr-ais, bdmc, mine-ais can)"
 
 
 def test_sigterm_saves_the_ais_checkpoint(tmp_path):
