@@ -218,6 +218,10 @@ def test_bad_options_name_themselves(setup):
         mine_ais_bounds(d, q, x, z, num_negative_steps=0, **FAST)
     with pytest.raises(TypeError, match="critic"):
         ibal_bounds(d, q, x, z, critic="T", progress=False)
+    with pytest.raises(ValueError, match="proposal_lr applies only"):
+        mine_ais_bounds(d, q, x, z, proposal_lr=1e-3, **FAST)
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        mine_ais_bounds(d, q, x, z, critic=ConstantCritic(), **FAST)
 
 
 def test_cli_json(capsys):

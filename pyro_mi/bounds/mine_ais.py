@@ -297,9 +297,9 @@ def mine_ais_bounds(
     max_steps: int = 2000,
     batch_size: int = 128,
     lr: float = 3e-3,
-    proposal_lr: float | None = 1e-4,
+    proposal_lr: float | None = None,
     num_negative_steps: int = 5,
-    hidden_sizes: tuple[int, ...] = (256, 256),
+    hidden_sizes: tuple[int, ...] | None = None,
     num_val: int = 128,
     val_steps: int | None = None,
     eval_every: int = 100,
@@ -353,9 +353,10 @@ def mine_ais_bounds(
             drifted (BA term 22.30 -> 22.10 nats) and the bound ended at 22.29, below BA (22.30);
             with q fixed (and batch 128, lr 3e-3) it reached 22.43.
         max_steps, batch_size, lr, proposal_lr: training steps, simulated pairs per step,
+            (``proposal_lr`` only with ``train_proposal``; default 1e-4)
             Adam learning rates of the critic and the base.
         num_negative_steps: M, HMC transitions per negative (App. M.1 uses 10).
-        hidden_sizes: widths of the default critic's hidden layers.
+        hidden_sizes: widths of the default critic's hidden layers (default (256, 256); not with ``critic``).
         num_val, val_steps, eval_every, patience: early stopping on the validation IBAL
             (``val_steps`` defaults to ``num_steps``).
         checkpoint: file for the training state and the evaluation's chains, saved every
@@ -375,6 +376,13 @@ def mine_ais_bounds(
                     ("num_val", num_val), ("val_steps", 1 if val_steps is None else val_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    # an option that would be ignored is an error
+    if proposal_lr is not None and not (train_proposal and isinstance(proposal, GaussianEncoder)):
+        raise ValueError("proposal_lr applies only with train_proposal=True and a GaussianEncoder proposal")
+    if hidden_sizes is not None and critic is not None:
+        raise ValueError("hidden_sizes shapes the default critic; it does not apply when a critic is given")
+    proposal_lr = 1e-4 if proposal_lr is None else proposal_lr
+    hidden_sizes = (256, 256) if hidden_sizes is None else tuple(hidden_sizes)
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
                        pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress)
     x = density.check_data(x)
