@@ -50,6 +50,7 @@ from ..proposal import GaussianEncoder, GuideDensity, PriorProposal
 from ..recording import ChainRecorder, ChainSummary, ProgressBar
 from ..result import MIResult, require_finite
 from ..samplers import StepSizeAdapter, anneal, freeze, get_schedule, pilot_step_sizes
+from ..samplers.compile import COMPILE_MODES, compile_components, resolve_mode
 from ..weights import importance_ess, log_mean_exp
 
 #: default settings of the AIS methods. K is small because the interval for the model's MI is
@@ -331,8 +332,11 @@ _PLANS = {
 _KIND = {"ais": "im-ais", "im-ais": "im-ais", "cr-ais": "cr-ais", "bdmc": "bdmc"}
 
 
-def check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps) -> int:
+def check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
+                  compile="auto") -> int:
     """Validates the options; returns the number of pilot chains (default 8)."""
+    if compile not in ("auto",) + COMPILE_MODES:
+        raise ValueError(f"compile must be 'auto' or one of {COMPILE_MODES}, got {compile!r}")
     if adapt not in ADAPT_MODES:
         raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
     if adapt != "pilot" and (pilot_chains is not None or pilot_steps is not None):
@@ -392,6 +396,7 @@ def anneal_log_normalizer(
     callback: Callable | None,
     progress: bool,
     constrained: Callable,
+    compile: str = "auto",
 ) -> dict:
     """Multi-sample AIS bounds on log Z(x) = log ∫ gamma(z) dz for every data point.
 
@@ -400,14 +405,15 @@ def anneal_log_normalizer(
     (``components(z) -> (log pi0, log gamma)``, forward chains from ``draw_pi0(n)``,
     reverse chains from z (N, D)), and checks and summarises them. Arguments as in
     :func:`ais_bounds`; ``constrained`` maps packed z to constrained sites (for the
-    chain record).
+    chain record); ``compile`` says how the kernels evaluate ``components``
+    (:mod:`pyro_mi.samplers.compile`; ``"auto"`` traces long runs).
 
     Returns:
         dict with ``lower`` and ``upper`` (N,) bounds on log Z(x) (nats; the upper one
         holds if z are exact samples of the normalised gamma), ``betas``,
         ``diagnostics`` (ESS, log weights, step sizes, chain statistics, and
-        ``chains`` when ``record``) and ``warnings`` (divergent chains, low ESS,
-        the approximate online mode).
+        ``chains`` when ``record``), ``warnings`` (divergent chains, low ESS,
+        the approximate online mode) and ``notes`` (a trace that fell back to eager).
     """
     N, D = z.shape
     betas = get_schedule(schedule, num_steps)
@@ -416,6 +422,7 @@ def anneal_log_normalizer(
     bar = ProgressBar(num_steps, progress)
     observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
     plan, estimator = _PLANS[kind]
+    components = compile_components(components, resolve_mode(compile, num_steps * num_leapfrog))
     try:
         with pyro.validation_enabled(False):
             run = run_chains(
@@ -455,7 +462,9 @@ def anneal_log_normalizer(
             "try more num_steps or num_chains")
     if recorder is not None:
         diagnostics["chains"] = _chains(constrained, recorder, run["keys"], run["reverse_flags"], betas)
-    return {"lower": lower, "upper": upper, "betas": betas, "diagnostics": diagnostics, "warnings": warnings}
+    notes = list(getattr(components, "notices", []))
+    return {"lower": lower, "upper": upper, "betas": betas, "diagnostics": diagnostics, "warnings": warnings,
+            "notes": notes}
 
 
 def _bounds(
@@ -481,14 +490,16 @@ def _bounds(
     max_chains_per_chunk,
     callback,
     progress: bool,
+    compile: str,
 ) -> MIResult:
-    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps)
+    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
+                                 compile)
     if save_chains is not None:
         check_output_path(save_chains, "save_chains")
     x = density.check_data(x)
     seed = int(torch.randint(2**62, (1,), generator=generator))
     settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-                            pilot_steps)
+                            pilot_steps, compile)
     record = record or save_chains is not None
     ckpt = None
     if checkpoint is not None:
@@ -508,7 +519,7 @@ def _bounds(
         pilot_chains=pilot_chains, pilot_steps=pilot_steps, seed=seed, checkpoint=ckpt,
         checkpoint_every=checkpoint_every, record=record,
         max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, z.shape[0]), callback=callback,
-        progress=progress, constrained=density.constrained,
+        progress=progress, constrained=density.constrained, compile=compile,
     )
     elbo, eubo = ais["lower"], ais["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik,
@@ -516,7 +527,7 @@ def _bounds(
                             "the log p(x) upper bound": eubo})
     diagnostics = {"log_p_x_lower": elbo, "log_p_x_upper": eubo, **ais["diagnostics"]}
     result = MIResult(method, lower_per_point=log_lik - eubo, upper_per_point=log_lik - elbo, settings=settings,
-                      diagnostics=diagnostics, warnings=ais["warnings"], x=x, z=z)
+                      diagnostics=diagnostics, warnings=ais["warnings"], notes=ais["notes"], x=x, z=z)
     if save_chains is not None:
         from ..diagnostics import save_chains as _save
 
@@ -524,12 +535,14 @@ def _bounds(
     return result
 
 
-def ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains, pilot_steps) -> dict:
+def ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains, pilot_steps,
+                 compile="auto") -> dict:
     """The AIS settings a result reports (``exact`` is False only for ``adapt="online"``)."""
     return dict(
         num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
         schedule=schedule if isinstance(schedule, str) else "custom", adapt=adapt,
         pilot_chains=pilot_chains if adapt == "pilot" else None, pilot_steps=pilot_steps, exact=adapt != "online",
+        compile=compile,
     )
 
 
@@ -561,6 +574,7 @@ def _make(method: str, doc: str):
         max_chains_per_chunk: int | None = None,
         callback: Callable | None = None,
         progress: bool = True,
+        compile: str = "auto",
     ) -> MIResult:
         return _bounds(
             method, density, proposal, x, z, num_chains=num_chains, num_steps=num_steps,
@@ -568,6 +582,7 @@ def _make(method: str, doc: str):
             pilot_chains=pilot_chains, pilot_steps=pilot_steps, generator=generator, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, save_chains=save_chains, record=record,
             max_chains_per_chunk=max_chains_per_chunk, callback=callback, progress=progress,
+            compile=compile,
         )
 
     bound.__doc__ = doc + _COMMON_DOC
@@ -606,6 +621,11 @@ _COMMON_DOC = """
         max_chains_per_chunk: run the chains in sequential chunks of at most this many.
         callback: ``callback(key, AISState, StepInfo)`` after every annealing step.
         progress: show a progress bar over annealing steps.
+        compile: how the HMC kernels evaluate the densities (:mod:`pyro_mi.samplers.compile`):
+            ``"none"`` (a Pyro trace per leapfrog step), ``"trace"`` (a graph recorded once
+            and checked against the eager densities), ``"inductor"`` (that graph compiled by
+            ``torch.compile``), or ``"auto"``: ``"trace"`` when T x L >= 4000, where its
+            one-off cost pays. The numbers are the same (bit for bit with ``"trace"``).
 
     Returns:
         :class:`~pyro_mi.result.MIResult` (nats) whose ``diagnostics`` hold ``ess`` (mean

@@ -142,6 +142,7 @@ def _evaluate(
         path.components, path.draw_pi0, path.to_u(z), kind="im-ais", seed=seed, checkpoint=checkpoint,
         record=record, constrained=lambda u: density.constrained(path.to_z(u)), **ais,
     )
+    notes = [PROP_M1_NOTE] + out["notes"]
     log_z_lower, log_z_upper = out["lower"], out["upper"]
     require_finite(method, {"log q(z|x) - log p(z) of the simulated points": ba,
                             "the critic at the simulated points": t_pos,
@@ -171,20 +172,21 @@ def _evaluate(
     if "chains" in diagnostics:
         diagnostics["chains"]["coordinates"] = "whitened" if path.gaussian else "z"
     return MIResult(method, lower_per_point=lower, upper_per_point=None, settings=settings,
-                    diagnostics=diagnostics, warnings=warnings, notes=[PROP_M1_NOTE], x=x, z=z)
+                    diagnostics=diagnostics, warnings=warnings, notes=notes, x=x, z=z)
 
 
 def _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
                  pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback,
-                 progress) -> dict:
-    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps)
+                 progress, compile) -> dict:
+    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
+                                 compile)
     if save_chains is not None:
         check_output_path(save_chains, "save_chains")
     return dict(num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
                 schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
                 checkpoint_every=checkpoint_every, record=record or save_chains is not None,
                 max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, z.shape[0]),
-                callback=callback, progress=progress)
+                callback=callback, progress=progress, compile=compile)
 
 
 def _finish(result: MIResult, save_chains) -> MIResult:
@@ -218,6 +220,7 @@ def ibal_bounds(
     max_chains_per_chunk: int | None = None,
     callback: Callable | None = None,
     progress: bool = True,
+    compile: str = "auto",
 ) -> MIResult:
     """Multi-sample AIS evaluation of IBAL(q, T) for a given base and critic (App. M.2).
 
@@ -233,7 +236,7 @@ def ibal_bounds(
         x, z: simulated observations ``{site: (N, ...)}`` and their packed latents (N, D).
         num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
             pilot_steps, generator, checkpoint, checkpoint_every, save_chains, record,
-            max_chains_per_chunk, callback, progress: as for :func:`~pyro_mi.bounds.ais_bounds`.
+            max_chains_per_chunk, callback, progress, compile: as for :func:`~pyro_mi.bounds.ais_bounds`.
         critic: ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``, differentiable in z.
 
     Returns:
@@ -251,11 +254,12 @@ def ibal_bounds(
     if not callable(critic):
         raise TypeError(f"critic must be a callable critic(x_flat, z), got {type(critic).__name__}")
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress)
+                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress,
+                       compile)
     x = density.check_data(x)
     seed = int(torch.randint(2**62, (1,), generator=generator))
     settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, ais["pilot_chains"],
-                            pilot_steps)
+                            pilot_steps, compile)
     ckpt = None
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint, fingerprint("ibal", settings, seed, x, z, _proposal_identity(proposal), critic,
@@ -315,6 +319,7 @@ def mine_ais_bounds(
     max_chains_per_chunk: int | None = None,
     callback: Callable | None = None,
     progress: bool = True,
+    compile: str = "auto",
 ) -> MIResult:
     """MINE-AIS lower bound on I(x; z): energy-based training of (q, T), then AIS evaluation of the IBAL
     (Brekelmans et al. 2022, sec. 4, eq. 17–20, App. M).
@@ -342,8 +347,9 @@ def mine_ais_bounds(
         density, proposal, x, z: as for :func:`ibal_bounds`.
         num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
             pilot_steps, generator, save_chains, record, max_chains_per_chunk, callback,
-            progress: the AIS evaluation's, as for :func:`~pyro_mi.bounds.ais_bounds`;
-            ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives.
+            progress, compile: the AIS evaluation's, as for :func:`~pyro_mi.bounds.ais_bounds`;
+            ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives (whose
+            densities are never traced: the critic changes between training steps).
         critic: a module ``critic(x_flat, z) -> (..., N)`` trained in place; default: GIWAE's
             residual critic for a GaussianEncoder base, else an MLP on [standardised x, z]
             with a zero last layer (both start at T = 0).
@@ -384,7 +390,8 @@ def mine_ais_bounds(
     proposal_lr = 1e-4 if proposal_lr is None else proposal_lr
     hidden_sizes = (256, 256) if hidden_sizes is None else tuple(hidden_sizes)
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress)
+                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress,
+                       compile)
     x = density.check_data(x)
     val_steps = num_steps if val_steps is None else val_steps
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
@@ -401,7 +408,7 @@ def mine_ais_bounds(
     seed = int(torch.randint(2**62, (1,), generator=generator))
     settings = {
         **ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, ais["pilot_chains"],
-                       pilot_steps),
+                       pilot_steps, compile),
         "max_steps": max_steps, "batch_size": batch_size, "num_negative_steps": num_negative_steps,
         "num_val": num_val, "val_steps": val_steps, "proposal_trained": trained_q,
     }
@@ -442,7 +449,8 @@ def mine_ais_bounds(
             r = _evaluate("mine-ais", density, q, critic, x_val, z_val, seed=val_seed, checkpoint=None, settings={},
                           diagnostics={}, giwae=False, **{**ais, "num_chains": 1, "num_steps": val_steps, "adapt": "none",
                                          "step_size": float(eps.value), "pilot_chains": 8, "pilot_steps": None,
-                                         "record": False, "callback": None, "progress": False})
+                                         "record": False, "callback": None, "progress": False,
+                                         "compile": "none"})
         except ValueError:  # a non-finite critic or bound: the worst score, never the kept parameters
             return -math.inf
         return r.lower

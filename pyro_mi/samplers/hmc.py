@@ -13,10 +13,9 @@ function* ``components(z) -> (log_pi0, log_gamma)``, each of shape
 The state holds the positions, both components and both of their gradients at
 them, and nothing else: moving to a new beta needs no new evaluation, since the
 gradient of the annealed log density at any beta is a linear combination of the
-two. Every leapfrog step costs one evaluation of the components (one model trace);
-only the last step of a trajectory back-propagates each component separately, so
-that both gradients can be cached. Integration uses
-:func:`pyro.ops.integrator.velocity_verlet`; nothing synchronises with the host.
+two. Every leapfrog step costs one :func:`evaluate` of the components and both
+gradients: eagerly one model trace and two backward passes, or one run of a graph
+traced once (:mod:`.compile`). Nothing synchronises with the host.
 
 :func:`step` is a pure function of the state, the annealing parameter, the step
 size, the number of leapfrog steps and a ``torch.Generator``: the kernel has no
@@ -37,7 +36,6 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
-from pyro.ops.integrator import velocity_verlet
 
 Components = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -87,9 +85,19 @@ def mix(log_base: torch.Tensor, log_target: torch.Tensor, beta: torch.Tensor) ->
 
 
 def evaluate(components: Components, z: torch.Tensor):
-    """Components and both gradients at z (C, N, D): one components call, two backward passes.
+    """Components and both gradients at z (C, N, D).
 
-    Returns ``(log_base, log_target, grad_base, grad_target)``, all detached.
+    Returns ``(log_base, log_target, grad_base, grad_target)``, all detached. A
+    :class:`~pyro_mi.samplers.compile.Compiled` components function runs its traced graph;
+    any other is evaluated by :func:`eager_evaluate`.
+    """
+    compiled = getattr(components, "evaluate", None)
+    return compiled(z) if compiled is not None else eager_evaluate(components, z)
+
+
+def eager_evaluate(components: Components, z: torch.Tensor):
+    """:func:`evaluate` by one components call and two backward passes.
+
     Non-finite gradients are kept (the chain's proposals will be rejected).
     """
     with torch.enable_grad():
@@ -108,7 +116,7 @@ def _grad(out: torch.Tensor, z: torch.Tensor, retain: bool) -> torch.Tensor:
 
 
 def init(components: Components, z: torch.Tensor) -> HMCState:
-    """Initial state at positions z (C, N, D): one components call.
+    """Initial state at positions z (C, N, D): one components evaluation.
 
     Raises:
         ValueError: if z is not a floating tensor of rank 3.
@@ -119,62 +127,36 @@ def init(components: Components, z: torch.Tensor) -> HMCState:
     return HMCState(z.detach(), *evaluate(components, z))
 
 
-class _AnnealedPotential:
-    """Potential energy -log pi_beta for velocity_verlet, caching the components at the last point.
-
-    Intermediate leapfrog points back-propagate the annealed sum once (velocity_verlet
-    differentiates the returned energy; its value is never used). The last point of a
-    trajectory back-propagates each component separately and returns a linear
-    surrogate whose gradient is the annealed one, so that its components and
-    gradients can be cached in the next state.
-    """
-
-    def __init__(self, components: Components, beta: torch.Tensor, num_calls: int):
-        self.components = components
-        self.beta = beta  # (C, N)
-        self.w_base = 1.0 - beta
-        self.beta3 = beta.unsqueeze(-1)
-        self.remaining = num_calls
-        self.last = None
-
-    def __call__(self, params: dict) -> torch.Tensor:
-        z = params["z"]
-        self.remaining -= 1
-        with torch.enable_grad():
-            lb, lt = self.components(z)
-            if self.remaining > 0:
-                return -(lb * self.w_base + lt * self.beta).sum()
-            gb = _grad(lb, z, retain=True)
-            gt = _grad(lt, z, retain=False)
-            self.last = (lb.detach(), lt.detach(), gb, gt)
-            return -(z * torch.lerp(gb, gt, self.beta3)).sum()
-
-
 def _per_chain(value, z: torch.Tensor) -> torch.Tensor:
-    """A scalar, (N,), (1, N) or (C, N) value as a (C, N) tensor of z's dtype and device."""
+    """A scalar, (N,), (1, N), (C, 1) or (C, N) value as a tensor of z's dtype and device that
+    broadcasts to (C, N) (not expanded: a (C, 1) beta stays one number per chain)."""
     t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     if t.dtype != z.dtype or t.device != z.device:
         t = t.to(dtype=z.dtype, device=z.device)
-    return t.expand(z.shape[:2])
-
-
-def _kinetic_grad(r: dict) -> dict:
-    return r  # identity mass matrix: d(r.r/2)/dr = r
+    return t.reshape(1, -1) if t.dim() == 1 else t
 
 
 def leapfrog(state: HMCState, components: Components, beta, step_size, num_leapfrog: int, momentum: torch.Tensor):
-    """L leapfrog steps from ``state`` with initial momentum (C, N, D) under pi_beta.
+    """L leapfrog steps (velocity Verlet; Neal 2011, eq. 5.18–5.20) from ``state`` with initial
+    momentum (C, N, D) under pi_beta, identity mass matrix.
+
+    Written out rather than through :func:`pyro.ops.integrator.velocity_verlet`, which
+    differentiates a scalar potential itself: here each point's components and both
+    gradients come from one :func:`evaluate` (a traced graph when compiled), and the
+    annealed gradient at any beta is their linear combination.
 
     Returns ``(z1, r1, (log_base, log_target, grad_base, grad_target) at z1)``.
     """
-    beta = _per_chain(beta, state.z)
+    b = _per_chain(beta, state.z).unsqueeze(-1)
     eps = _per_chain(step_size, state.z).unsqueeze(-1)
-    grad0 = torch.lerp(state.grad_base, state.grad_target, beta.unsqueeze(-1))
-    potential = _AnnealedPotential(components, beta, num_leapfrog)
-    z1, r1, _, _ = velocity_verlet(
-        {"z": state.z}, {"z": momentum}, potential, _kinetic_grad, eps, num_leapfrog, {"z": -grad0}
-    )
-    return z1["z"].detach(), r1["z"], potential.last
+    z, gb, gt = state.z, state.grad_base, state.grad_target
+    r = momentum + (0.5 * eps) * (gb + b * (gt - gb))
+    for i in range(num_leapfrog):
+        z = z + eps * r
+        lb, lt, gb, gt = evaluate(components, z)
+        kick = eps if i < num_leapfrog - 1 else 0.5 * eps
+        r = r + kick * (gb + b * (gt - gb))
+    return z, r, (lb, lt, gb, gt)
 
 
 def step(

@@ -1,0 +1,127 @@
+"""Tests of the traced densities (pyro_mi.samplers.compile): same numbers as the eager path, or a fallback."""
+
+import shutil
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_mi.bounds import ais_bounds
+from pyro_mi.bounds.ais import components_fn
+from pyro_mi.density import ModelDensity
+from pyro_mi.examples import get_example
+from pyro_mi.proposal import GaussianEncoder, PriorProposal
+from pyro_mi.samplers import anneal, get_schedule, hmc
+from pyro_mi.samplers.compile import AUTO_TRACE_EVALUATIONS, Compiled, compile_components, resolve_mode
+
+
+def _problem(name="linear-vae", N=6):
+    ex = get_example(name)
+    d = ModelDensity(ex.model, ex.obs_sites)
+    pyro.set_rng_seed(0)
+    x, z = d.sample(N)
+    return d, x, z
+
+
+@pytest.mark.parametrize("proposal", ["prior", "encoder"])
+def test_traced_evaluation_equals_eager(proposal):
+    d, x, _ = _problem()
+    q = PriorProposal(d) if proposal == "prior" else GaussianEncoder(d, (16,))
+    comps = components_fn(d, q, x)
+    traced = compile_components(comps, "trace")
+    z = torch.randn(3, 6, d.latent_dim, generator=torch.Generator().manual_seed(1))
+    with pyro.validation_enabled(False):
+        for a, b in zip(hmc.eager_evaluate(comps, z), traced.evaluate(z)):
+            assert torch.equal(a, b)  # the same aten ops: bit for bit
+        # a second shape gets its own graph
+        z2 = z[:2]
+        for a, b in zip(hmc.eager_evaluate(comps, z2), traced.evaluate(z2)):
+            assert torch.equal(a, b)
+    assert len(traced._graphs) == 2 and traced.notices == []
+
+
+@pytest.mark.parametrize("name", ["linear-vae", "digits-vae"])
+def test_ais_bounds_identical_with_trace(name):
+    d, x, z = _problem(name, N=8)
+    runs = {
+        mode: ais_bounds(d, PriorProposal(d), x, z, num_chains=3, num_steps=12, num_leapfrog=2,
+                         generator=torch.Generator().manual_seed(0), progress=False, compile=mode)
+        for mode in ("none", "trace")
+    }
+    a, b = runs["none"], runs["trace"]
+    assert torch.equal(a.lower_per_point, b.lower_per_point)
+    assert torch.equal(a.upper_per_point, b.upper_per_point)
+    assert torch.equal(a.diagnostics["step_sizes"], b.diagnostics["step_sizes"])  # the pilot ran traced too
+    assert b.notes == [] and b.settings["compile"] == "trace"
+
+
+def _branching_model(x=None):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    # Python control flow on a latent value: a trace would freeze one branch
+    scale = 2.0 if float(z.detach().abs().max()) > 50 else 1.0
+    return pyro.sample("x", dist.Normal(z * scale, 1.0).to_event(1), obs=x)
+
+
+def test_control_flow_on_values_falls_back_to_eager_with_a_notice():
+    d = ModelDensity(_branching_model, "x")
+    pyro.set_rng_seed(0)
+    x, z = d.sample(5)
+    a, b = (ais_bounds(d, PriorProposal(d), x, z, num_chains=2, num_steps=6, generator=torch.Generator().manual_seed(0),
+                       progress=False, compile=mode) for mode in ("none", "trace"))
+    assert torch.equal(a.lower_per_point, b.lower_per_point)
+    assert b.notes and "could not be traced" in b.notes[0] and "eagerly" in b.notes[0]
+    assert "NOTE:" in str(b)
+
+
+def test_a_trace_that_disagrees_with_the_eager_densities_is_not_used():
+    def noisy(z):  # random numbers outside pyro.sample: the recorded graph cannot reproduce them
+        lb = -0.5 * (z**2).sum(-1)
+        return lb, lb + 1e-2 * torch.randn(z.shape[:2])
+
+    c = Compiled(noisy)
+    z = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        out = c.evaluate(z)
+    assert len(out) == 4 and out[2].shape == z.shape
+    assert c._graphs[((4, 3, 2), torch.float32, z.device)] is None
+    assert "differ from the eager ones" in c.notices[0] and "log gamma" in c.notices[0]
+
+
+def test_modes_and_auto():
+    comps = lambda z: (-(z**2).sum(-1), -(z**2).sum(-1))  # noqa: E731
+    assert compile_components(comps, "none") is comps
+    assert isinstance(compile_components(comps, "trace"), Compiled)
+    with pytest.raises(ValueError, match="compile must be"):
+        compile_components(comps, "jit")
+    assert resolve_mode("auto", AUTO_TRACE_EVALUATIONS) == "trace"
+    assert resolve_mode("auto", AUTO_TRACE_EVALUATIONS - 1) == "none"
+    assert resolve_mode("inductor", 1) == "inductor"
+    d, x, z = _problem(N=2)
+    with pytest.raises(ValueError, match="compile must be 'auto' or one of"):
+        ais_bounds(d, PriorProposal(d), x, z, num_steps=3, progress=False, compile="fast")
+
+
+def test_anneal_with_traced_components_matches_eager():
+    d, x, _ = _problem(N=4)
+    comps = components_fn(d, PriorProposal(d), x)
+    z0 = torch.randn(5, 4, d.latent_dim, generator=torch.Generator().manual_seed(3))
+    rev = torch.tensor([False] * 4 + [True])
+    betas = get_schedule("sigmoid", 20)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        a, b = (anneal(c, z0, rev, betas, 0.05, 3, torch.Generator().manual_seed(5))
+                for c in (comps, compile_components(comps, "trace")))
+    assert torch.equal(a.log_weights, b.log_weights) and torch.equal(a.hmc.z, b.hmc.z)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_inductor_agrees_with_eager_within_float_error():
+    d, x, z = _problem(N=4)
+    a, b = (ais_bounds(d, PriorProposal(d), x, z, num_chains=2, num_steps=8, adapt="none",
+                       generator=torch.Generator().manual_seed(0), progress=False, compile=mode)
+            for mode in ("none", "inductor"))
+    assert b.notes == []
+    # fused kernels reorder float32 sums: equal to rounding, accept decisions the same here
+    torch.testing.assert_close(a.lower_per_point, b.lower_per_point, rtol=0, atol=1e-3)
+    torch.testing.assert_close(a.upper_per_point, b.upper_per_point, rtol=0, atol=1e-3)
