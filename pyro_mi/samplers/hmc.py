@@ -189,9 +189,31 @@ def step(
     """
     z0 = state.z
     r0 = torch.randn(z0.shape, generator=generator, dtype=z0.dtype, device=z0.device)
-    beta = _per_chain(beta, z0)
-    z1, r1, (lb1, lt1, gb1, gt1) = leapfrog(state, components, beta, step_size, num_leapfrog, r0)
-    h0 = -mix(state.log_base, state.log_target, beta) + 0.5 * (r0 * r0).sum(-1)
+    u = torch.rand(z0.shape[:2], generator=generator, dtype=z0.dtype, device=z0.device)
+    beta, eps = _per_chain(beta, z0), _per_chain(step_size, z0)
+    compiled = getattr(components, "transition", None)  # a whole transition recorded as one graph
+    if compiled is not None:
+        return compiled(state, r0, u, beta, eps, num_leapfrog, max_energy_error)
+    return transition(components, state, r0, u, beta, eps, num_leapfrog, max_energy_error)
+
+
+def transition(
+    components: Components,
+    state: HMCState,
+    momentum: torch.Tensor,
+    uniform: torch.Tensor,
+    beta: torch.Tensor,
+    step_size: torch.Tensor,
+    num_leapfrog: int,
+    max_energy_error: float,
+) -> tuple[HMCState, HMCInfo]:
+    """The deterministic part of :func:`step`: L leapfrog steps from ``state`` with the given
+    momentum (C, N, D), then the Metropolis test of each chain against its uniform (C, N).
+    ``beta`` and ``step_size`` are tensors broadcasting to (C, N). A pure tensor function, so
+    that :mod:`.compile` can record it as one graph."""
+    z0 = state.z
+    z1, r1, (lb1, lt1, gb1, gt1) = leapfrog(state, components, beta, step_size, num_leapfrog, momentum)
+    h0 = -mix(state.log_base, state.log_target, beta) + 0.5 * (momentum * momentum).sum(-1)
     h1 = -mix(lb1, lt1, beta) + 0.5 * (r1 * r1).sum(-1)
     delta = h1 - h0
     # One reduction flags a non-finite energy, position or gradient (nan and inf propagate
@@ -202,8 +224,7 @@ def step(
     diverging = ~finite | (delta > max_energy_error)
     log_accept = torch.where(diverging, -math.inf, (-delta).clamp(max=0.0))
     accept_prob = log_accept.exp()
-    u = torch.rand(accept_prob.shape, generator=generator, dtype=accept_prob.dtype, device=accept_prob.device)
-    accepted = u < accept_prob
+    accepted = uniform < accept_prob
     a = accepted.unsqueeze(-1)
     new_state = HMCState(
         torch.where(a, z1, z0),
