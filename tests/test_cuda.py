@@ -28,14 +28,17 @@ CUDA = torch.device("cuda")
 D, OBS, NOISE = 4, 12, 0.7
 
 
-def linear_model():
+def linear_model(tensor_scales=False):
+    """The model on CUDA. Python-float scales are how people write models, but torch.distributions
+    copies them to the device at every call (a host sync); ``tensor_scales`` avoids that."""
     g = torch.Generator().manual_seed(0)
     W, b = torch.randn(OBS, D, generator=g).to(CUDA), torch.randn(OBS, generator=g).to(CUDA)
     loc0 = torch.zeros(D, device=CUDA)
+    one, noise = (torch.tensor(1.0, device=CUDA), torch.tensor(NOISE, device=CUDA)) if tensor_scales else (1.0, NOISE)
 
     def model(x=None):
-        z = pyro.sample("z", dist.Normal(loc0, 1.0).to_event(1))
-        return pyro.sample("x", dist.Normal(z @ W.T + b, NOISE).to_event(1), obs=x)
+        z = pyro.sample("z", dist.Normal(loc0, one).to_event(1))
+        return pyro.sample("x", dist.Normal(z @ W.T + b, noise).to_event(1), obs=x)
 
     gram = torch.eye(D, dtype=torch.float64) + (W.T @ W).double().cpu() / NOISE**2
     return model, 0.5 * float(torch.logdet(gram))
@@ -62,7 +65,7 @@ def test_every_method_runs_on_cuda_and_brackets_the_truth(method):
 
 
 def test_samplers_do_not_synchronise_and_trace_equals_eager_on_cuda():
-    model, _ = linear_model()
+    model, _ = linear_model(tensor_scales=True)
     d = ModelDensity(model, "x")
     pyro.set_rng_seed(0)
     x, _ = d.sample(32)
