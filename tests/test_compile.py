@@ -13,7 +13,7 @@ from pyro_mi.density import ModelDensity
 from pyro_mi.examples import get_example
 from pyro_mi.proposal import GaussianEncoder, PriorProposal
 from pyro_mi.samplers import anneal, get_schedule, hmc
-from pyro_mi.samplers.compile import AUTO_TRACE_EVALUATIONS, Compiled, compile_components, resolve_mode
+from pyro_mi.samplers.compile import AUTO_TRACE_STEPS, Compiled, compile_components, resolve_mode
 
 
 def _problem(name="linear-vae", N=6):
@@ -94,8 +94,8 @@ def test_modes_and_auto():
     assert isinstance(compile_components(comps, "trace"), Compiled)
     with pytest.raises(ValueError, match="compile must be"):
         compile_components(comps, "jit")
-    assert resolve_mode("auto", AUTO_TRACE_EVALUATIONS) == "trace"
-    assert resolve_mode("auto", AUTO_TRACE_EVALUATIONS - 1) == "none"
+    assert resolve_mode("auto", AUTO_TRACE_STEPS) == "trace"
+    assert resolve_mode("auto", AUTO_TRACE_STEPS - 1) == "none"
     assert resolve_mode("inductor", 1) == "inductor"
     d, x, z = _problem(N=2)
     with pytest.raises(ValueError, match="compile must be 'auto' or one of"):

@@ -422,7 +422,7 @@ def anneal_log_normalizer(
     bar = ProgressBar(num_steps, progress)
     observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
     plan, estimator = _PLANS[kind]
-    components = compile_components(components, resolve_mode(compile, num_steps * num_leapfrog))
+    components = compile_components(components, resolve_mode(compile, num_steps))
     try:
         with pyro.validation_enabled(False):
             run = run_chains(
@@ -624,8 +624,9 @@ _COMMON_DOC = """
         compile: how the HMC kernels evaluate the densities (:mod:`pyro_mi.samplers.compile`):
             ``"none"`` (a Pyro trace per leapfrog step), ``"trace"`` (a graph recorded once
             and checked against the eager densities), ``"inductor"`` (that graph compiled by
-            ``torch.compile``), or ``"auto"``: ``"trace"`` when T x L >= 4000, where its
-            one-off cost pays. The numbers are the same (bit for bit with ``"trace"``).
+            ``torch.compile``; CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T >= 1000,
+            where its one-off cost (about 2 s) pays. The numbers are the same (bit for bit
+            with ``"trace"``, to rounding with ``"inductor"``).
 
     Returns:
         :class:`~pyro_mi.result.MIResult` (nats) whose ``diagnostics`` hold ``ess`` (mean

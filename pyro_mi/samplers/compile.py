@@ -46,10 +46,10 @@ import torch
 from . import hmc
 
 COMPILE_MODES = ("none", "trace", "inductor")
-#: ``"auto"`` traces a run with at least this many leapfrog steps per chain (T x L): the first
-#: trace in a process costs about 2 s (importing torch._dynamo) and tracing saves 0.3-0.5 ms per
-#: evaluation at small batches (linear-vae and digits-vae, K x N = 16, one CPU thread)
-AUTO_TRACE_EVALUATIONS = 4000
+#: ``"auto"`` traces a run of at least this many annealing steps: the first trace in a process
+#: costs about 2 s (importing torch._dynamo, recording, checking) and a traced transition saves
+#: 1-10 ms on one CPU thread (linear-vae and digits-vae, K x N = 16 to 8,192, L = 2)
+AUTO_TRACE_STEPS = 1000
 
 
 class Compiled:
@@ -121,9 +121,7 @@ class Compiled:
 
         shape = tuple(inputs[0].shape)
         try:
-            graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
-            graph.graph.eliminate_dead_code()
-            graph.recompile()
+            graph = _simplify(make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs))
             if self.mode == "inductor":
                 graph = _inductor(graph, inputs[0].device)
             where = next((w for w in (_mismatch(fn(*c), graph(*c)) for c in checks) if w is not None), None)
@@ -140,6 +138,57 @@ class Compiled:
                 "eagerly. The model likely branches on latent values or draws random numbers outside pyro.sample")
             return None
         return graph
+
+
+_aten = torch.ops.aten
+#: shape-only ops that are no-ops where the output has the input's shape and strides
+_VIEWS = {_aten.view.default, _aten.expand.default, _aten.alias.default, _aten.detach.default,
+          _aten._unsafe_view.default, _aten.reshape.default}
+#: ops whose value depends only on the shape, dtype and device of their tensor arguments
+_SHAPE_ONLY = {_aten.ones_like.default, _aten.zeros_like.default, _aten.new_zeros.default,
+               _aten.new_ones.default, _aten.full_like.default}
+
+
+def _simplify(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Removes what a replay need not redo: views that change nothing (a third of a recorded
+    transition's nodes), and values computed from constants alone (log of a fixed scale, the
+    backward pass's seed of ones), which are computed once here and kept. Random and in-place
+    ops are never folded, nor is a graph output (the caller may keep it)."""
+    graph = gm.graph
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target in _VIEWS and isinstance(n.args[0], torch.fx.Node):
+            a, b = n.meta.get("val"), n.args[0].meta.get("val")
+            if a is not None and b is not None and a.shape == b.shape and a.stride() == b.stride():
+                n.replace_all_uses_with(n.args[0])
+                graph.erase_node(n)
+    outputs = set(next(n for n in graph.nodes if n.op == "output").all_input_nodes)
+    inplace = any(n.op == "call_function" and getattr(n.target, "_schema", None) is not None
+                  and n.target._schema.is_mutable for n in graph.nodes)
+    const: dict = {}
+    for n in graph.nodes if not inplace else ():
+        if n.op == "get_attr":
+            const[n] = getattr(gm, n.target)
+            continue
+        if n.op != "call_function" or n in outputs or not isinstance(n.target, torch._ops.OpOverload) \
+                or torch.Tag.nondeterministic_seeded in n.target.tags:
+            continue
+        if n.target in _SHAPE_ONLY:
+            meta = n.args[0].meta.get("val") if isinstance(n.args[0], torch.fx.Node) else None
+            if meta is None:
+                continue
+            like = torch.empty(meta.shape, dtype=meta.dtype, device=meta.device)
+            const[n] = n.target(like, *n.args[1:], **n.kwargs)
+        elif all(a in const for a in n.all_input_nodes):
+            const[n] = n.target(*torch.fx.node.map_arg(n.args, const.get), **torch.fx.node.map_arg(n.kwargs, const.get))
+    for i, n in enumerate(n for n in const if n.op == "call_function"):
+        if any(u not in const for u in n.users):
+            name = f"_folded{i}"
+            gm.register_buffer(name, const[n])
+            with graph.inserting_before(n):
+                n.replace_all_uses_with(graph.get_attr(name))
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 #: on CUDA, also replay the compiled kernels as CUDA graphs (``mode="reduce-overhead"``)
@@ -180,12 +229,12 @@ def _mismatch(eager, traced) -> str | None:
     return None
 
 
-def resolve_mode(mode: str, num_evaluations: int) -> str:
-    """``mode``, with ``"auto"`` read as ``"trace"`` for at least :data:`AUTO_TRACE_EVALUATIONS`
-    leapfrog steps per chain, else ``"none"``."""
+def resolve_mode(mode: str, num_steps: int) -> str:
+    """``mode``, with ``"auto"`` read as ``"trace"`` for runs of at least :data:`AUTO_TRACE_STEPS`
+    annealing steps, else ``"none"``."""
     if mode != "auto":
         return mode
-    return "trace" if num_evaluations >= AUTO_TRACE_EVALUATIONS else "none"
+    return "trace" if num_steps >= AUTO_TRACE_STEPS else "none"
 
 
 def compile_components(components: Callable, mode: str = "trace") -> Callable:
