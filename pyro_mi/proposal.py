@@ -209,8 +209,10 @@ class GaussianEncoder(nn.Module):
         self.register_buffer("x_std", torch.ones(density.obs_dim))
 
     def standardize_from(self, x: Data) -> None:
-        """Sets the input standardisation from observed values (N, ...)."""
+        """Sets the input standardisation from observed values (N, ...), and moves the encoder
+        to their device."""
         xf = self.density.flatten_data(x)
+        self.to(device=xf.device)  # the encoder follows the model's data (e.g. onto CUDA)
         self.x_mean.copy_(xf.mean(0))
         self.x_std.copy_(xf.std(0).clamp_min(1e-3))
 
