@@ -50,6 +50,10 @@ ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
     ("--schedule", dict(choices=("linear", "sigmoid"), help="annealing schedule")),
     ("--adapt", dict(choices=("pilot", "online", "none"),
                      help="step-size adaptation: pilot (exact bounds), online (approximate) or none")),
+    ("--compile", dict(choices=("auto", "none", "trace", "inductor"),
+                       help="how HMC evaluates the model: none (a Pyro trace per leapfrog step), trace (one "
+                            "recorded graph, same numbers), inductor (torch.compile; CUDA graphs on GPU), auto "
+                            "(trace when --num-steps >= 1000)")),
     ("--checkpoint", dict(metavar="FILE", help="save progress (AIS chains, MINE-AIS training) to FILE; rerunning "
                                              "the command resumes it")),
     ("--save-chains", dict(metavar="FILE.nc", help="write the AIS chains as ArviZ InferenceData (netCDF)")),

@@ -1,5 +1,6 @@
 """Tests of the traced densities (pyro_mi.samplers.compile): same numbers as the eager path, or a fallback."""
 
+import json
 import shutil
 
 import pyro
@@ -127,3 +128,17 @@ def test_inductor_agrees_with_eager_within_float_error():
     # fused kernels reorder float32 sums: equal to rounding, accept decisions the same here
     torch.testing.assert_close(a.lower_per_point, b.lower_per_point, rtol=0, atol=1e-3)
     torch.testing.assert_close(a.upper_per_point, b.upper_per_point, rtol=0, atol=1e-3)
+
+
+def test_cli_compile_flag_gives_the_same_json_numbers(capsys):
+    from pyro_mi.cli import main
+
+    out = {}
+    for mode in ("none", "trace"):
+        assert main(["estimate", "--example", "linear-vae", "--method", "ais", "--num-data", "8", "--num-steps", "20",
+                     "--fit-steps", "50", "--compile", mode, "--json"]) == 0
+        out[mode] = json.loads(capsys.readouterr().out)
+    assert out["trace"]["compile"] == "trace" and out["trace"]["notes"] == []
+    assert out["trace"]["lower"] == out["none"]["lower"] and out["trace"]["upper"] == out["none"]["upper"]
+    assert main(["estimate", "--example", "linear-vae", "--method", "iwae", "--compile", "trace"]) == 2
+    assert "--compile" in capsys.readouterr().err
