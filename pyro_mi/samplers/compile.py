@@ -12,7 +12,8 @@ tensors out, no poutine and none of the model's Python. Two graphs are recorded:
 * a whole HMC transition (:func:`hmc.transition`: L leapfrog steps, each evaluating the
   components and both gradients, and the Metropolis test), given its random numbers,
   which :func:`hmc.step` draws from the chain's generator outside the graph;
-* one evaluation (:meth:`Compiled.evaluate`), for the step-size search and ``hmc.init``.
+* one evaluation (:meth:`Compiled.evaluate`), for the step-size search, recorded at a
+  shape's second use (``hmc.init`` evaluates once per chunk).
 
 The recording is made with fake tensors, so Python control flow on a value of z (an
 ``if`` on a tensor, ``.item()``) fails the trace instead of freezing one branch; each
@@ -78,6 +79,7 @@ class Compiled:
         self.mode = mode
         self.notices: list[str] = []
         self._graphs: dict = {}
+        self._seen: dict = {}
 
     def __call__(self, z: torch.Tensor):
         return self.components(z)
@@ -88,6 +90,10 @@ class Compiled:
         def evaluate(zz):
             return hmc.eager_evaluate(self.components, zz)
 
+        key = (tuple(z.shape), z.dtype, z.device)
+        self._seen[key] = self._seen.get(key, 0) + 1
+        if self._seen[key] == 1:  # hmc.init evaluates once per chunk: recording would not pay
+            return evaluate(z)
         gen = torch.Generator(device=z.device).manual_seed(0)
         checks = ((z,), (z + 0.1 * torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device),))
         graph = self._graph(("evaluate",), evaluate, (z,), checks)
