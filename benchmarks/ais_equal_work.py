@@ -114,7 +114,7 @@ def main():
     ref = best["hand-written loop (autograd)"]
     print(f"linear-vae, prior as pi0, K={K} forward + 1 reverse, N={N}, T={T}, L={L}; CPU seconds, best of "
           f"{args.repeats}, {args.threads} thread(s); torch {torch.__version__}")
-    print(f"| implementation | CPU s | ÷ hand loop | gap (nats) |\n|---|---|---|---|")
+    print("| implementation | CPU s | ÷ hand loop | gap (nats) |\n|---|---|---|---|")
     for name, s in best.items():
         print(f"| {name} | {s:.2f} | {s / ref:.2f} | {gaps[name]:.3f} |")
 

@@ -51,9 +51,9 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, check_output_path, fingerprint
 from ..density import Data, ModelDensity
-from ..proposal import GaussianEncoder, PriorProposal
+from ..proposal import GaussianEncoder
 from ..result import MIResult, require_finite
-from ..samplers import StepSizeAdapter, get_schedule, hmc
+from ..samplers import StepSizeAdapter, hmc
 from ..training import train
 from .ais import (DEFAULTS, _proposal_identity, ais_settings, anneal_log_normalizer, check_options, default_chunk)
 from .giwae import default_giwae_critic, giwae_terms
