@@ -122,5 +122,9 @@ def estimate_mi(
     if result.x is None:
         result.x, result.z = x, z
     result.settings.update({"proposal": proposal, "seed": seed, "fit_steps": fit_steps})
+    fit = getattr(q, "fit_log", None)
+    if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
+        result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,
+                                  proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)
     result.seconds = time.perf_counter() - start
     return result

@@ -5,6 +5,7 @@ import math
 import textwrap
 
 import pytest
+import torch
 
 from models import beta_binomial, two_sites
 from pyro_mi import cli
@@ -155,3 +156,19 @@ def test_json_is_strict(capsys, model_file, monkeypatch):
     assert code == 0
     r = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
     assert r == {"lower": None, "interval_95": [None, 1.0], "diagnostics": {"ess": None}, "warnings": ["w"]}
+
+
+def test_threads_flag(capsys, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run(capsys, "--threads", "0", "estimate", "--example", "linear-vae", "--method", "ba")
+        assert code == 2 and "--threads must be >= 1" in err
+        code, _, _ = run(capsys, "--threads", "2", "estimate", "--example", "linear-vae", "--method", "ba",
+                         "--num-data", "8", "--fit-steps", "2", "--json")
+        assert code == 0 and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # default: one thread
+        code, _, _ = run(capsys, "estimate", "--example", "linear-vae", "--method", "ba", "--num-data", "8",
+                         "--fit-steps", "2", "--json")
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -70,7 +70,7 @@ def test_fit_guide_is_adam_with_a_cosine_learning_rate():
     torch.manual_seed(0)
     q = GaussianEncoder(d, hidden_sizes=(8,))
     torch.manual_seed(1)
-    losses = fit_guide(d, q, num_steps=20, batch_size=8, lr=1e-2, progress=False)
+    losses = fit_guide(d, q, num_steps=20, batch_size=8, lr=1e-2, num_val=0, progress=False)
     # the same steps written out: a pool of 20 x 8 pairs, Adam, cosine decay to 0 over the steps
     torch.manual_seed(0)
     ref = GaussianEncoder(d, hidden_sizes=(8,))
@@ -89,6 +89,20 @@ def test_fit_guide_is_adam_with_a_cosine_learning_rate():
         sched.step()
         expected.append(loss.item())
     assert losses == expected
+
+
+def test_fit_guide_stops_early_on_the_held_out_ba_estimate_and_keeps_the_best():
+    model, _, _, true_mi = linear_gaussian()
+    d = ModelDensity(model, "x")
+    torch.manual_seed(0)
+    q = GaussianEncoder(d, hidden_sizes=(16,))
+    losses = fit_guide(d, q, num_steps=3000, num_val=512, eval_every=50, patience=3, progress=False)
+    log = q.fit_log
+    assert log.stopped_early and log.steps == len(losses) < 3000
+    assert log.best_step == max(log.validation, key=lambda sv: sv[1])[0]  # the best evaluation's parameters
+    assert log.steps - log.best_step == 3 * 50  # patience evaluations without improvement
+    # the held-out BA estimate is a lower bound on these pairs' MI: below the truth, and not far
+    assert true_mi - 0.3 < log.best_value < true_mi + 0.1
 
 
 def test_fit_guide_trains_pyro_params_of_a_guide():
