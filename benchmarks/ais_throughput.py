@@ -1,199 +1,162 @@
-"""AIS throughput on the linear-vae example: pyro_mi against Pyro's stock HMC and hand-written torch loops.
+"""AIS throughput: pyro_mi against hand-written vectorised AIS loops doing the same work.
 
-Every row does the same work on the same simulated data: K chains per data point for
-N data points, T annealing steps (T - 1 HMC transitions per chain) and L leapfrog steps
-per transition, with exactly one gradient evaluation of the log density per leapfrog
-step, per-chain Metropolis accept/reject and per-chain step sizes adapted towards 65%
-acceptance (x1.02 / x0.98, clamped). Rates are chain-steps per second (one chain-step =
-one HMC transition of one chain for one data point):
+Every row anneals the same K x N chains (K = 16 chains per point, N points simulated from
+the example) from the prior p(z) to p(x, z) along the same linear schedule, T steps,
+L leapfrog steps per HMC transition, with one evaluation of both log densities and their
+gradients per leapfrog step, per-chain Metropolis accept, and per-chain step sizes
+adapted after every transition by the paper's rule (x1.02 above 65% acceptance, /1.02
+below; App. O.1.2). The plain loops draw their momenta and uniforms from a
+``torch.Generator`` in the same order as :func:`pyro_mi.samplers.hmc.step`, so every row
+makes the same moves: the mean log weight column shows it (equal up to float rounding).
 
-* ``pyro_mi``: :func:`pyro_mi.samplers.anneal` through the density layer (one Pyro
-  trace of the model per leapfrog step, every chain and data point in one tensor), as
-  run by the ``ais`` bounds (per-step statistics not recorded);
-* ``torch autograd``: the baseline of the goal, a straightforward hand-written AIS
-  loop: the same densities written with ``torch.distributions`` and differentiated
-  with ``torch.autograd.grad`` (log prior and log likelihood and both gradients kept
-  at the current state, as pyro_mi does, so one gradient evaluation per leapfrog step);
-* ``torch analytic``: the same loop with hand-derived gradients of the
-  linear-Gaussian densities (no autograd): a reference for the floor, not a goal;
-* ``pyro HMC``: ``pyro.infer.mcmc.HMC`` / ``MCMC`` (its kernel takes one state and
-  cannot run many chains in one tensor) on the one-data-point model at a fixed beta,
-  one chain at a time, without step-size adaptation. Its rate is the marginal cost
-  of a transition, (T - 2) transitions / (time of T - 1 transitions - time of 1), so
-  the per-chain set-up of ``MCMC`` does not inflate the ratio; a few chains are run
-  and the rate is per chain-step.
+Rows (chain-steps per second, a chain-step being one transition of one chain):
 
-pyro_mi runs the user's model through Pyro (a trace per leapfrog step), yet it can beat
-the autograd loop: the density layer evaluates ``Normal`` sites without materialising the
-scale terms at the full broadcast shape (:func:`pyro_mi.density.site_log_prob`), which
-torch's ``Normal.log_prob`` does. With few chains (say K x N < 1000) the Python cost of a
-Pyro trace (about 0.7 ms) dominates and the plain loops are faster; AIS is meant to run
-many chains at once.
+* ``pyro_mi none``: :func:`pyro_mi.samplers.anneal` on the components of ``ais_bounds``
+  (a Pyro trace of the model per leapfrog step);
+* ``pyro_mi trace``: the same with ``compile="trace"`` (the transition recorded once per
+  shape by :mod:`pyro_mi.samplers.compile`; recording happens in the warm-up run);
+* ``distributions``: a plain torch loop, densities by ``torch.distributions``, gradients by
+  ``torch.autograd.grad``;
+* ``expressions``: the same loop with the densities written as tensor expressions;
+* ``hand``: the same loop with hand-derived gradients (no autograd): the floor.
 
-Each row is timed ``--repeats`` times, interleaved with the others (the CPU may be
-shared), and the best and the median rates are shown; ratios use the best rates,
-all measured in this process. Usage::
+Examples: ``linear-vae`` (z in R^10, x in R^100, x ~ N(Wz + b, I)) and ``digits-vae``
+(z in R^8, x ~ N(sigmoid(MLP(z)), sigma^2 I_64), MLP 8 -> 128 softplus -> 64). Timings
+are the best of ``--repeats`` interleaved runs after a warm-up, on one CPU thread by
+default; all ratios are measured in this process. The goals of issue 13 are printed
+with the table. The end-to-end section times, in fresh processes (best of 3),
+``import torch``, ``import pyro_mi`` and the README's first command. Usage::
 
-    python benchmarks/ais_throughput.py [--chains 512] [--num-data 8] [--steps 20]
-        [--leapfrog 2] [--threads 1] [--repeats 5] [--pyro-chains 3] [--no-cuda]
-
-Runs on CPU, and on CUDA too when available.
+    python benchmarks/ais_throughput.py [--examples linear-vae digits-vae] [--sizes 16 128 1024 8192 65536]
+        [--steps 20] [--leapfrog 2] [--repeats 3] [--threads 1] [--device cpu] [--no-e2e]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
+import os
+import subprocess
+import sys
 import time
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro import poutine
+import torch.nn.functional as F
 
 from pyro_mi.bounds.ais import components_fn
 from pyro_mi.density import ModelDensity
 from pyro_mi.examples import get_example
+from pyro_mi.examples.digits_vae import load_digits_vae
 from pyro_mi.proposal import PriorProposal
-from pyro_mi.samplers import StepSizeAdapter, anneal, get_schedule
+from pyro_mi.samplers import StepSizeAdapter, anneal, compile_components, get_schedule
 
+K = 16
 STEP_SIZE = 0.05
+LOG_2PI = math.log(2 * math.pi)
 
 
-class Problem:
-    """The linear-vae example on one device: W, b, a pyro_mi density, N simulated x and K x N prior draws."""
+def linear_parts(device):
+    """(distributions, expressions, hand) parts functions of the linear-vae example."""
+    ex = get_example("linear-vae")
+    W, b = ex.params["W"].to(device), ex.params["b"].to(device)
+    D, O = W.shape[1], W.shape[0]
+    prior = torch.distributions.Normal(torch.zeros(D, device=device), 1.0)
 
-    def __init__(self, device, K, N, T, L):
-        ex = get_example("linear-vae")
-        self.device, self.K, self.N, self.T, self.L = device, K, N, T, L
-        W, b = ex.params["W"].to(device), ex.params["b"].to(device)
-        self.W, self.b = W, b
-        self.latent_dim, self.obs_dim = W.shape[1], W.shape[0]
-        loc0 = torch.zeros(self.latent_dim, device=device)
-        scale0 = torch.ones(self.latent_dim, device=device)
+    def dist_parts(z, x):
+        return _autograd(z, lambda z: (prior.log_prob(z).sum(-1),
+                                       torch.distributions.Normal(z @ W.T + b, 1.0).log_prob(x).sum(-1)))
 
-        def model(x=None):  # the example's model with its tensors on `device`
-            z = pyro.sample("z", dist.Normal(loc0, scale0).to_event(1))
-            return pyro.sample("x", dist.Normal(z @ W.T + b, 1.0).to_event(1), obs=x)
+    def expr_parts(z, x):
+        return _autograd(z, lambda z: (-0.5 * (z * z).sum(-1) - 0.5 * D * LOG_2PI,
+                                       -0.5 * ((x - z @ W.T - b) ** 2).sum(-1) - 0.5 * O * LOG_2PI))
 
-        self.model = model
-        self.density = ModelDensity(model, "x")
-        pyro.set_rng_seed(0)
-        x, _ = self.density.sample(N)
-        self.x_dict, self.x = x, x["x"]
-        self.z0 = torch.randn(K, N, self.latent_dim, device=device)
-        self.betas = get_schedule("linear", T)
+    def hand_parts(z, x):
+        r = x - (z @ W.T + b)
+        return -0.5 * (z * z).sum(-1) - 0.5 * D * LOG_2PI, -0.5 * (r * r).sum(-1) - 0.5 * O * LOG_2PI, -z, r @ W
 
-    def rate(self, seconds: float) -> float:
-        return self.K * self.N * (self.T - 1) / seconds
+    return ex.model, {"distributions": dist_parts, "expressions": expr_parts, "hand": hand_parts}
 
 
-def time_pyro_mi(p: Problem) -> float:
-    comps = components_fn(p.density, PriorProposal(p.density), p.x_dict)
-    rev = torch.zeros(p.K, dtype=torch.bool, device=p.device)
-    torch.manual_seed(1)
-    _sync(p.device)
-    t = time.perf_counter()
-    # the paper's per-chain multiplicative rule, as in the plain loops below (equal work)
-    gen = torch.Generator(device=p.device).manual_seed(1)
-    st = anneal(comps, p.z0, rev, p.betas, STEP_SIZE, p.L, gen, adapter=StepSizeAdapter("multiplicative", 1.02))
-    st.log_weights.sum().item()
-    _sync(p.device)
-    return time.perf_counter() - t
+def digits_parts(device):
+    """(distributions, expressions, hand) parts functions of the digits-vae example."""
+    vae = load_digits_vae()
+    dec = vae.decoder.to(device)
+    W1, b1 = dec.net[0].weight, dec.net[0].bias
+    W2, b2 = dec.net[2].weight, dec.net[2].bias
+    sigma = dec.obs_scale().detach()
+    D, O = W1.shape[1], W2.shape[0]
+    prior = torch.distributions.Normal(torch.zeros(D, device=device), 1.0)
+    zeros = torch.zeros(D, device=device)
+
+    def model(x=None):
+        z = pyro.sample("z", pyro.distributions.Normal(zeros, 1.0).to_event(1))
+        return pyro.sample("x", pyro.distributions.Normal(dec(z), dec.obs_scale()).to_event(1), obs=x)
+
+    def mean(z):
+        return torch.sigmoid(F.softplus(z @ W1.T + b1) @ W2.T + b2)
+
+    def dist_parts(z, x):
+        return _autograd(z, lambda z: (prior.log_prob(z).sum(-1),
+                                       torch.distributions.Normal(mean(z), sigma).log_prob(x).sum(-1)))
+
+    def expr_parts(z, x):
+        c = O * (torch.log(sigma) + 0.5 * LOG_2PI)
+        return _autograd(z, lambda z: (-0.5 * (z * z).sum(-1) - 0.5 * D * LOG_2PI,
+                                       -0.5 * (((x - mean(z)) / sigma) ** 2).sum(-1) - c))
+
+    def hand_parts(z, x):  # backpropagation through the MLP written out
+        a1 = z @ W1.T + b1
+        m = torch.sigmoid(F.softplus(a1) @ W2.T + b2)
+        r = (x - m) / sigma
+        d2 = r / sigma * m * (1 - m)
+        g = (d2 @ W2) * torch.sigmoid(a1) @ W1
+        ll = -0.5 * (r * r).sum(-1) - O * (torch.log(sigma) + 0.5 * LOG_2PI)
+        return -0.5 * (z * z).sum(-1) - 0.5 * D * LOG_2PI, ll, -z, g
+
+    with torch.no_grad():
+        return model, {"distributions": dist_parts, "expressions": expr_parts, "hand": hand_parts}
 
 
-def _plain_ais(p: Problem, parts) -> float:
-    """The hand-written AIS loop; ``parts(z) -> (log p(z), log p(x|z), their gradients)``."""
-    betas = p.betas.to(device=p.device, dtype=p.z0.dtype)
-    torch.manual_seed(1)
-    _sync(p.device)
-    t = time.perf_counter()
-    z = p.z0
-    eps = torch.full(z.shape[:2], STEP_SIZE, device=p.device)
-    lp, ll, gp, gl = parts(z)
-    logw = torch.zeros(z.shape[:2], device=p.device)
-    for j in range(1, p.T + 1):
-        logw = logw + (betas[j] - betas[j - 1]) * ll  # eq. 12, pi0 = prior
-        if j == p.T:
+def _autograd(z, densities):
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        lp, ll = densities(z)
+        gp, gl = torch.autograd.grad(lp.sum(), z, retain_graph=True)[0], torch.autograd.grad(ll.sum(), z)[0]
+    return lp.detach(), ll.detach(), gp, gl
+
+
+EXAMPLES = {"linear-vae": linear_parts, "digits-vae": digits_parts}
+
+
+def plain_ais(parts, x, z0, betas, L, generator):
+    """The hand-written loop: returns the final log weights (K, N)."""
+    z = z0
+    eps = torch.full(z.shape[:2], STEP_SIZE, device=z.device)
+    lp, ll, gp, gl = parts(z, x)
+    logw = torch.zeros(z.shape[:2], device=z.device)
+    T = betas.numel() - 1
+    for j in range(1, T + 1):
+        logw = logw + (betas[j] - betas[j - 1]) * ll
+        if j == T:
             break
         beta = betas[j]
         e = eps.unsqueeze(-1)
-        r0 = torch.randn_like(z)
+        r0 = torch.randn(z.shape, generator=generator, device=z.device)
+        u = torch.rand(z.shape[:2], generator=generator, device=z.device)
         zn, r = z, r0 + 0.5 * e * (gp + beta * gl)
-        for i in range(p.L):
+        for i in range(L):
             zn = zn + e * r
-            lpn, lln, gpn, gln = parts(zn)
-            r = r + (0.5 if i == p.L - 1 else 1.0) * e * (gpn + beta * gln)
+            lpn, lln, gpn, gln = parts(zn, x)
+            r = r + (e if i < L - 1 else 0.5 * e) * (gpn + beta * gln)
         dh = -(lpn + beta * lln) + 0.5 * (r * r).sum(-1) + (lp + beta * ll) - 0.5 * (r0 * r0).sum(-1)
         acc = torch.exp(torch.clamp(-dh, max=0.0)).nan_to_num(0.0)
-        a = torch.rand_like(acc) < acc
+        a = u < acc
         a3 = a.unsqueeze(-1)
-        z = torch.where(a3, zn, z)
-        lp, ll = torch.where(a, lpn, lp), torch.where(a, lln, ll)
+        z, lp, ll = torch.where(a3, zn, z), torch.where(a, lpn, lp), torch.where(a, lln, ll)
         gp, gl = torch.where(a3, gpn, gp), torch.where(a3, gln, gl)
-        eps = torch.where(acc > 0.65, eps * 1.02, eps * 0.98).clamp(1e-4, 10.0)
-    logw.sum().item()
-    _sync(p.device)
-    return time.perf_counter() - t
-
-
-def time_torch_analytic(p: Problem) -> float:
-    """Hand-derived log densities and gradients of the linear-Gaussian model."""
-    W, b, x = p.W, p.b, p.x
-    c_prior = 0.5 * p.latent_dim * math.log(2 * math.pi)
-    c_lik = 0.5 * p.obs_dim * math.log(2 * math.pi)
-
-    def parts(z):
-        r = x - (z @ W.T + b)
-        return -0.5 * (z * z).sum(-1) - c_prior, -0.5 * (r * r).sum(-1) - c_lik, -z, r @ W
-
-    return _plain_ais(p, parts)
-
-
-def time_torch_autograd(p: Problem) -> float:
-    """The densities written with torch.distributions, gradients by torch.autograd.grad."""
-    W, b, x = p.W, p.b, p.x
-    prior = torch.distributions.Normal(torch.zeros(p.latent_dim, device=p.device), 1.0)
-
-    def parts(z):
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
-            lp = prior.log_prob(z).sum(-1)
-            ll = torch.distributions.Normal(z @ W.T + b, 1.0).log_prob(x).sum(-1)
-            # two backward passes over disjoint parts of the graph (prior, likelihood)
-            (gl,) = torch.autograd.grad(ll.sum(), z)
-            (gp,) = torch.autograd.grad(lp.sum(), z)
-        return lp.detach(), ll.detach(), gp, gl
-
-    return _plain_ais(p, parts)
-
-
-def time_pyro_hmc(p: Problem, chains: int, T: int | None = None) -> float:
-    """Seconds per chain-step of Pyro's stock HMC: marginal cost of a transition, one chain at a time."""
-    from pyro.infer.mcmc import HMC, MCMC
-
-    W, b, x = p.W, p.b, p.x[0]
-    loc0 = torch.zeros(p.latent_dim, device=p.device)
-
-    def model(beta=0.5):
-        z = pyro.sample("z", dist.Normal(loc0, 1.0).to_event(1))
-        with poutine.scale(scale=beta):  # the annealed density p(z) p(x|z)^beta at a fixed beta
-            pyro.sample("x", dist.Normal(z @ W.T + b, 1.0).to_event(1), obs=x)
-
-    def run(num_samples):
-        pyro.set_rng_seed(2)
-        _sync(p.device)
-        t = time.perf_counter()
-        for _ in range(chains):
-            kernel = HMC(model, step_size=STEP_SIZE, num_steps=p.L, adapt_step_size=False, full_mass=False)
-            MCMC(kernel, num_samples=num_samples, warmup_steps=0, disable_progbar=True).run()
-        _sync(p.device)
-        return time.perf_counter() - t
-
-    T = T or p.T
-    full, one = run(T - 1), run(1)
-    return max(full - one, 1e-9) / (chains * (T - 2))
+        eps = torch.where(acc > 0.65, eps * 1.02, eps / 1.02).clamp(1e-4, 10.0)
+    return logw
 
 
 def _sync(device):
@@ -201,51 +164,103 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def run_size(name, device, KN, T, L, repeats):
+    """{row: (best chain-steps/s, mean log weight)} at K x N = KN."""
+    model, parts = EXAMPLES[name](device)
+    N = max(1, KN // K)
+    density = ModelDensity(model, "x")
+    pyro.set_rng_seed(0)
+    x_dict, _ = density.sample(N)
+    x = x_dict["x"]
+    z0 = torch.randn(K, N, density.latent_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    betas = get_schedule("linear", T).to(device)
+    comps = components_fn(density, PriorProposal(density), x_dict)
+    rev = torch.zeros(K, dtype=torch.bool, device=device)
+    rows = {}
+    for mode in ("none", "trace"):
+        c = compile_components(comps, mode)
+
+        def ours(c=c):
+            g = torch.Generator(device=device).manual_seed(2)
+            with torch.no_grad(), pyro.validation_enabled(False):
+                return anneal(c, z0, rev, betas, STEP_SIZE, L, g,
+                              adapter=StepSizeAdapter("multiplicative", 1.02)).log_weights
+        rows[f"pyro_mi {mode}"] = ours
+    for label, fn in parts.items():
+        rows[label] = lambda fn=fn: plain_ais(fn, x, z0, betas, L, torch.Generator(device=device).manual_seed(2))
+    best, logw = {}, {}
+    for f in rows.values():  # warm-up: first-call costs and recording (the transition on the first run,
+        f()                   # the evaluation of hmc.init on the fourth)
+        f(), f(), f()
+    for _ in range(repeats):
+        for label, f in rows.items():
+            _sync(device)
+            t = time.perf_counter()
+            lw = f()
+            _sync(device)
+            best[label] = min(best.get(label, math.inf), time.perf_counter() - t)
+            logw[label] = float(lw.mean())
+    return {label: (K * N * (T - 1) / best[label], logw[label]) for label in rows}
+
+
+def end_to_end(repeats=3):
+    """Best wall seconds of fresh processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmds = {
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "python -c 'import pyro_mi'": [sys.executable, "-c", "import pyro_mi"],
+        "pyro-mi estimate --example digits-vae --method iwae": [
+            sys.executable, "-m", "pyro_mi.cli", "estimate", "--example", "digits-vae", "--method", "iwae"],
+    }
+    out = {}
+    for label, cmd in cmds.items():
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            times.append(time.perf_counter() - t)
+        out[label] = min(times)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chains", type=int, default=512, help="K chains per data point")
-    ap.add_argument("--num-data", type=int, default=8, help="N data points")
-    ap.add_argument("--steps", type=int, default=20, help="T annealing steps (T - 1 HMC transitions)")
-    ap.add_argument("--leapfrog", type=int, default=2, help="L leapfrog steps per transition")
-    ap.add_argument("--pyro-chains", type=int, default=3, help="chains run with Pyro's stock HMC")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per row (best and median shown)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--no-cuda", action="store_true", help="CPU only")
+    ap.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=list(EXAMPLES))
+    ap.add_argument("--sizes", nargs="+", type=int, default=[16, 128, 1024, 8192, 65536], help="K x N (K = 16)")
+    ap.add_argument("--steps", type=int, default=20, help="T annealing steps (T - 1 transitions)")
+    ap.add_argument("--leapfrog", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (best kept); 1 from K x N = 8192")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end timings")
     args = ap.parse_args()
-    if args.steps < 3:
-        ap.error("--steps must be >= 3")
     torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available() and not args.no_cuda:
-        devices.append(torch.device("cuda"))
-    K, N, T, L = args.chains, args.num_data, args.steps, args.leapfrog
-    print(
-        f"linear-vae (latent 10, obs 100), K={K} chains x N={N} data, T={T} (T-1 transitions), L={L}, "
-        f"{args.threads} CPU thread(s), best and median of {args.repeats}; torch {torch.__version__}"
-    )
-    header = f"{'device':6} {'implementation':15} {'best chain-steps/s':>18} {'median':>10} {'pyro_mi / this':>15}"
-    for dev in devices:
-        p = Problem(dev, K, N, T, L)
-        rows = {"pyro_mi": [], "torch autograd": [], "torch analytic": [], "pyro HMC": []}
-        # warm-up (first-call costs), then interleaved timed runs
-        time_pyro_mi(p), time_torch_autograd(p), time_torch_analytic(p)
-        for _ in range(args.repeats):
-            rows["pyro_mi"].append(p.rate(time_pyro_mi(p)))
-            rows["torch autograd"].append(p.rate(time_torch_autograd(p)))
-            rows["torch analytic"].append(p.rate(time_torch_analytic(p)))
-        for _ in range(max(1, min(args.repeats, 3))):
-            rows["pyro HMC"].append(1.0 / time_pyro_hmc(p, args.pyro_chains))
-        ours = max(rows["pyro_mi"])
-        if dev.type == "cuda":
-            print(f"cuda device: {torch.cuda.get_device_name(dev)}")
-        print(header)
-        for name, rates in rows.items():
-            best = max(rates)
-            print(f"{dev.type:6} {name:15} {best:18.0f} {statistics.median(rates):10.0f} {ours / best:15.2f}")
-        print(
-            f"goals ({dev.type}): pyro_mi / pyro HMC = {ours / max(rows['pyro HMC']):.0f} (>= 300); "
-            f"pyro_mi / torch autograd = {ours / max(rows['torch autograd']):.2f} (>= 1)"
-        )
+    device = torch.device(args.device)
+    print(f"AIS throughput, K = {K} chains x N points, T = {args.steps}, L = {args.leapfrog}, prior as pi0, "
+          f"{args.threads} thread(s), {device}; torch {torch.__version__}")
+    goals = []
+    for name in args.examples:
+        print(f"\n{name}: chain-steps/s (mean log weight), and pyro_mi trace / each row")
+        print("| K·N | pyro_mi none | pyro_mi trace | distributions | expressions | hand | trace/none | "
+              "trace/distributions | trace/expressions | trace/hand |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for KN in args.sizes:
+            r = run_size(name, device, KN, args.steps, args.leapfrog, args.repeats if KN < 8192 else 1)
+            ours = r["pyro_mi trace"][0]
+            cells = " | ".join(f"{r[k][0]:,.0f} ({r[k][1]:.2f})" for k in
+                               ("pyro_mi none", "pyro_mi trace", "distributions", "expressions", "hand"))
+            ratios = " | ".join(f"{ours / r[k][0]:.2f}" for k in ("pyro_mi none", "distributions", "expressions", "hand"))
+            print(f"| {KN:,} | {cells} | {ratios} |", flush=True)
+            goals.append((name, KN, ours / r["expressions"][0], ours / r["hand"][0]))
+    print("\ngoals: pyro_mi >= 1.0x the expressions loop at every size; >= 0.6x the hand loop from K·N = 1,024 up")
+    for name, KN, e, h in goals:
+        ok_e = "met" if e >= 1.0 else "NOT met"
+        ok_h = "n/a" if KN < 1024 else ("met" if h >= 0.6 else "NOT met")
+        print(f"  {name:10} K·N = {KN:>6,}: {e:.2f}x expressions ({ok_e}), {h:.2f}x hand ({ok_h})")
+    if not args.no_e2e:
+        print("\nend to end, fresh processes, OMP_NUM_THREADS=1, best of 3 (goal: README command < 4 s)")
+        for label, s in end_to_end().items():
+            print(f"  {s:6.2f} s  {label}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ tensors out, no poutine and none of the model's Python. Two graphs are recorded:
   components and both gradients, and the Metropolis test), given its random numbers,
   which :func:`hmc.step` draws from the chain's generator outside the graph;
 * one evaluation (:meth:`Compiled.evaluate`), for the step-size search, recorded at a
-  shape's second use (``hmc.init`` evaluates once per chunk).
+  shape's fourth use (``hmc.init`` evaluates once per chunk).
 
 The recording is made with fake tensors, so Python control flow on a value of z (an
 ``if`` on a tensor, ``.item()``) fails the trace instead of freezing one branch; each
@@ -92,7 +92,7 @@ class Compiled:
 
         key = (tuple(z.shape), z.dtype, z.device)
         self._seen[key] = self._seen.get(key, 0) + 1
-        if self._seen[key] == 1:  # hmc.init evaluates once per chunk: recording would not pay
+        if self._seen[key] <= 3:  # hmc.init evaluates once per chunk: recording would not pay
             return evaluate(z)
         gen = torch.Generator(device=z.device).manual_seed(0)
         checks = ((z,), (z + 0.1 * torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device),))
