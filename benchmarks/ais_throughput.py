@@ -190,8 +190,8 @@ def run_size(name, device, KN, T, L, repeats):
         rows[label] = lambda fn=fn: plain_ais(fn, x, z0, betas, L, torch.Generator(device=device).manual_seed(2))
     best, logw = {}, {}
     for f in rows.values():  # warm-up: first-call costs and recording (the transition on the first run,
-        f()                   # the evaluation of hmc.init on the fourth)
-        f(), f(), f()
+        for _ in range(4):    # the evaluation of hmc.init on the fourth)
+            f()
     for _ in range(repeats):
         for label, f in rows.items():
             _sync(device)
