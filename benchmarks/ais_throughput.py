@@ -75,7 +75,13 @@ def linear_parts(device):
         r = x - (z @ W.T + b)
         return -0.5 * (z * z).sum(-1) - 0.5 * D * LOG_2PI, -0.5 * (r * r).sum(-1) - 0.5 * O * LOG_2PI, -z, r @ W
 
-    return ex.model, {"distributions": dist_parts, "expressions": expr_parts, "hand": hand_parts}
+    zeros = torch.zeros(D, device=device)
+
+    def model(x=None):  # the example's model with its tensors on `device`
+        z = pyro.sample("z", pyro.distributions.Normal(zeros, 1.0).to_event(1))
+        return pyro.sample("x", pyro.distributions.Normal(z @ W.T + b, 1.0).to_event(1), obs=x)
+
+    return model, {"distributions": dist_parts, "expressions": expr_parts, "hand": hand_parts}
 
 
 def digits_parts(device):
