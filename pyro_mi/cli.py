@@ -249,6 +249,7 @@ def _estimate(args: argparse.Namespace):
     guide = load_target(args.guide) if args.guide else None
     if args.obs and args.example:
         obs = tuple(args.obs)
+    data = _data_arrays(args.data, obs) if args.data else None
     result = estimate_mi(
         model,
         obs,
@@ -258,11 +259,57 @@ def _estimate(args: argparse.Namespace):
         num_data=args.num_data,
         seed=args.seed,
         fit_steps=args.fit_steps,
+        data=data,
+        model_kwargs=_model_args(args.model_arg),
         progress=not args.json and not args.no_progress and sys.stderr.isatty(),
         **options,
     )
     result.true_mi = true_mi
     return result
+
+
+def _tensor(array) -> torch.Tensor:
+    """An array as a tensor: floating and integer values in torch's default float dtype (Pyro's
+    distributions take float values, counts included), booleans as they are."""
+    t = torch.as_tensor(array)
+    return t if t.dtype == torch.bool else t.to(torch.get_default_dtype())
+
+
+def _data_arrays(path: str, obs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``--data``: the arrays of FILE.npz named after the observed sites."""
+    from .samples import read_arrays
+
+    arrays = read_arrays(path)
+    if "" in arrays:
+        if len(obs) != 1:
+            raise CLIError(f"--data {path} holds one array; save one per observed site {list(obs)} with numpy.savez")
+        arrays = {obs[0]: arrays[""]}
+    missing = [o for o in obs if o not in arrays]
+    if missing:
+        raise CLIError(f"--data {path} has no array {missing[0]!r} (an observed site); its arrays are: "
+                       f"{', '.join(arrays)}")
+    return {o: _tensor(arrays[o]) for o in obs}
+
+
+def _model_args(specs: list[str]) -> dict[str, torch.Tensor]:
+    """``--model-arg NAME=FILE``: the model's keyword arguments."""
+    from .samples import read_arrays
+
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.isidentifier() or not path:
+            raise CLIError(f"--model-arg takes NAME=FILE (NAME a Python identifier), got {spec!r}")
+        arrays = read_arrays(path)
+        if len(arrays) == 1:
+            (array,) = arrays.values()
+        elif name in arrays:
+            array = arrays[name]
+        else:
+            raise CLIError(f"--model-arg {spec}: {path} holds arrays {', '.join(arrays)}; save one array, or one "
+                           f"named {name!r}")
+        out[name] = _tensor(array)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--proposal", default="guide", choices=("guide", "prior"))
     est.add_argument("--num-data", type=int, default=NUM_DATA, help=f"simulated data points N (default {NUM_DATA})")
     est.add_argument("--fit-steps", type=int, help="BA fitting steps for the proposal (default encoder: 1000)")
+    est.add_argument("--data", metavar="FILE.npz", help="for a model with its own data plate: observed values, one "
+                                                        "array per --obs site (their shapes are the template)")
+    est.add_argument("--model-arg", metavar="NAME=FILE", action="append", default=[],
+                     help="pass the array in FILE (.npy, or .npz with one array or one named NAME) to the model "
+                          "as keyword argument NAME (e.g. a design); repeatable")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.add_argument("--no-progress", action="store_true")

@@ -143,26 +143,36 @@ def estimate_mi_samples(
     return result
 
 
+def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file by name, or the one array of an ``.npy`` file under the key ``""``.
+
+    Raises:
+        ValueError: a missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file {str(path)!r} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read {str(path)!r} as a .npz or .npy file: {e}") from e
+    return {k: data[k] for k in data.files} if hasattr(data, "files") else {"": data}
+
+
 def load_npz(path: str | Path, x_key: str = "x", z_key: str = "z") -> tuple[np.ndarray, np.ndarray]:
-    """Reads arrays ``x_key`` and ``z_key`` from an ``.npz`` (or ``.npy``-dict) file.
+    """Reads arrays ``x_key`` and ``z_key`` from an ``.npz`` file.
 
     Raises:
         ValueError: missing file, unreadable file, or a missing key (the message
             lists the keys the file has).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"sample file {str(path)!r} does not exist")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read {str(path)!r} as a .npz file: {e}") from e
-    if not hasattr(data, "files"):
+    arrays = read_arrays(path)
+    if "" in arrays:
         raise ValueError(f"{str(path)!r} holds one array; save x and z together with numpy.savez(path, x=..., z=...)")
     for key, flag in ((x_key, "--x-key"), (z_key, "--z-key")):
-        if key not in data.files:
-            raise ValueError(f"{str(path)!r} has no array {key!r} ({flag}); its arrays are: {', '.join(data.files)}")
-    return data[x_key], data[z_key]
+        if key not in arrays:
+            raise ValueError(f"{str(path)!r} has no array {key!r} ({flag}); its arrays are: {', '.join(arrays)}")
+    return arrays[x_key], arrays[z_key]
 
 
 def _run_estimate_samples(args: argparse.Namespace) -> MIResult:
