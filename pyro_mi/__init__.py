@@ -5,6 +5,7 @@ lower and upper bounds on I(x; z) in nats (Brekelmans et al. 2022).
 """
 
 from .density import ModelDensity
+from .oed import EIGResult, eig
 from .estimate import METHODS, estimate_mi, make_proposal
 from .infer import TraceMI_ELBO, Trace_MIM
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
@@ -12,6 +13,7 @@ from .result import MIResult
 from .samples import estimate_mi_samples
 
 __all__ = [
+    "EIGResult",
     "METHODS",
     "GaussianEncoder",
     "GuideDensity",
@@ -20,6 +22,7 @@ __all__ = [
     "PriorProposal",
     "TraceMI_ELBO",
     "Trace_MIM",
+    "eig",
     "estimate_mi",
     "estimate_mi_samples",
     "fit_guide",

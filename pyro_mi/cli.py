@@ -261,6 +261,7 @@ def _estimate(args: argparse.Namespace):
         fit_steps=args.fit_steps,
         data=data,
         model_kwargs=_model_args(args.model_arg),
+        vectorize=args.vectorize,
         progress=not args.json and not args.no_progress and sys.stderr.isatty(),
         **options,
     )
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--model-arg", metavar="NAME=FILE", action="append", default=[],
                      help="pass the array in FILE (.npy, or .npz with one array or one named NAME) to the model "
                           "as keyword argument NAME (e.g. a design); repeatable")
+    est.add_argument("--vectorize", default="auto", choices=("auto", "plate", "vmap", "loop"),
+                     help="how a one-data-point model is run over a batch: batched in plates, torch.func.vmap over "
+                          "points, or a loop; auto takes the first that runs and is checked (default auto)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.add_argument("--no-progress", action="store_true")

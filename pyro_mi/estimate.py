@@ -64,6 +64,7 @@ def estimate_mi(
     data: Data | torch.Tensor | None = None,
     model_args: tuple = (),
     model_kwargs: dict | None = None,
+    vectorize: str = "auto",
     progress: bool = True,
     **options,
 ) -> MIResult:
@@ -84,9 +85,14 @@ def estimate_mi(
             inside ``torch.random.fork_rng`` (the caller's RNG state is left as it was),
             and samplers get a ``torch.Generator`` seeded with it. None: the global RNG.
         fit_steps: BA fitting steps for the proposal (see :func:`make_proposal`).
-        data, model_args, model_kwargs: passed to :class:`ModelDensity`.
+        data, model_args, model_kwargs, vectorize: passed to :class:`ModelDensity`
+            (``vectorize``: how a one-data-point model is run over a batch, ``"auto"``
+            tries ``"plate"``, then ``"vmap"``, then ``"loop"``; the way taken, when it is
+            not ``"plate"``, is in the result's notes).
         progress: show progress bars.
-        **options: method options, e.g. ``num_particles=1000``.
+        **options: method options, e.g. ``num_particles=1000``; ``differentiable=True``
+            (``ba``, ``iwae``) simulates by ``rsample`` and keeps the graph, so that
+            ``result.lower_per_point.mean()`` is differentiable in the model's parameters.
 
     Returns:
         :class:`~pyro_mi.result.MIResult` with ``seconds`` set and ``x`` / ``z`` the
@@ -97,34 +103,69 @@ def estimate_mi(
             unwritable ``checkpoint`` / ``save_chains`` path (checked before any work), and
             every input error of the density layer and the bound.
     """
+    check_method_options(method, num_data, options)
+    start = time.perf_counter()
+    with seeded(seed, method, options):
+        density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data,
+                               vectorize=vectorize)
+        result = simulate_and_bound(density, method, proposal, guide, num_data, fit_steps, progress, options)
+    result.settings.update({"proposal": proposal, "seed": seed, "fit_steps": fit_steps})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_method_options(method: str, num_data: int, options: dict) -> None:
+    """Refuses an unknown method, an option it does not take, N < 2 and unwritable output paths.
+
+    Raises:
+        ValueError: naming the method, option or path.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 2:
         raise ValueError(f"num_data must be an integer >= 2 (a standard error needs two points), got {num_data!r}")
-    fn = METHODS[method]
-    params = inspect.signature(fn).parameters
+    params = inspect.signature(METHODS[method]).parameters
     unknown = [k for k in options if k not in params]
     if unknown:
         raise ValueError(f"method {method!r} takes no option {unknown[0]!r}")
     for key in ("checkpoint", "save_chains"):
         if options.get(key) is not None:
             check_output_path(options[key], key)
-    start = time.perf_counter()
-    with torch.random.fork_rng() if seed is not None else contextlib.nullcontext():
-        if seed is not None:
-            torch.manual_seed(seed)
-            if "generator" in params and options.get("generator") is None:
-                options["generator"] = torch.Generator().manual_seed(seed)
-        density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data)
-        x, z = density.sample(num_data)
-        q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
-        result = fn(density, q, x, z, progress=progress, **options)
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, method: str, options: dict):
+    """Runs the block on torch's global RNG seeded with ``seed`` inside ``fork_rng`` (the caller's
+    RNG state is left as it was), and gives a method that takes a ``generator`` one seeded with it.
+    None: the global RNG as it is."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if "generator" in inspect.signature(METHODS[method]).parameters and options.get("generator") is None:
+            options["generator"] = torch.Generator().manual_seed(seed)
+        yield
+
+
+def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide, num_data: int,
+                       fit_steps: int | None, progress: bool, options: dict) -> MIResult:
+    """Simulates ``num_data`` pairs from ``density``, builds the proposal and evaluates the bound
+    ``METHODS[method]`` on them (the body of :func:`estimate_mi`, on the caller's RNG).
+
+    Returns:
+        the :class:`MIResult`, with ``x``/``z``, the density's notices, ``vectorize`` and the
+        proposal fit's diagnostics filled in.
+    """
+    x, z = density.sample(num_data, differentiable=bool(options.get("differentiable")))
+    q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
+    result = METHODS[method](density, q, x, z, progress=progress, **options)
     if result.x is None:
         result.x, result.z = x, z
-    result.settings.update({"proposal": proposal, "seed": seed, "fit_steps": fit_steps})
+    result.settings["vectorize"] = density.vectorize
+    result.notes[:0] = density.notices
     fit = getattr(q, "fit_log", None)
     if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
         result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,
                                   proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)
-    result.seconds = time.perf_counter() - start
     return result

@@ -173,7 +173,8 @@ def test_non_broadcasting_model_gets_clear_error():
         return pyro.sample("x", dist.Normal(mu, 1.0).expand([5]).to_event(1), obs=x)
 
     with pytest.raises(ValueError, match="failed after site 'mu'.*broadcast"):
-        ModelDensity(model, "x")
+        ModelDensity(model, "x", vectorize="plate")
+    assert ModelDensity(model, "x").vectorize == "vmap"  # "auto" runs it as written, point by point
 
 
 def test_scale_and_mask_are_applied():

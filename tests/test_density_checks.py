@@ -22,10 +22,13 @@ def _reduces_in_prior(x=None):
 
 
 @pytest.mark.parametrize("model, site", [(_reduces_in_likelihood, "x"), (_reduces_in_prior, "b")])
-def test_reduction_over_the_batch_is_refused(model, site):
+def test_reduction_over_the_batch_is_refused_when_batched(model, site):
     pyro.set_rng_seed(0)
     with pytest.raises(ValueError, match=rf"site '{site}' at one data point depends on the other points.*reduce"):
-        ModelDensity(model, "x")
+        ModelDensity(model, "x", vectorize="plate")
+    # "auto" falls back to vmap, where a reduction over all dims of one point is what the model means
+    d = ModelDensity(model, "x")
+    assert d.vectorize == "vmap" and "does not run batched" in d.notices[0]
 
 
 def test_reduction_over_the_batch_in_a_data_plate_model_is_refused():

@@ -12,7 +12,8 @@ from pyro.distributions.util import scale_and_mask
 
 from . import packing
 from .normal import site_log_prob
-from .plates import _sample_sites, plate_layout
+from .plates import BatchingError, _sample_sites, plate_layout
+from .pointwise import VECTORIZE, PointwiseModel
 
 Data = Mapping[str, torch.Tensor]
 
@@ -81,14 +82,23 @@ class ModelDensity:
         data: for a data-plate model, observed values ``{site: (n, *shape)}``
             (or one tensor if there is one observed site); only their shapes are
             used, as the template for simulation.
+        vectorize: how a batch of (chain, data point) pairs is run (see
+            :mod:`pyro_mi.density.pointwise`): ``"plate"`` (the model batched inside
+            pyro_mi's plates, the fastest), ``"vmap"`` (``torch.func.vmap`` over the
+            model written for one point), ``"loop"`` (one call per point), or
+            ``"auto"`` (default): the first of these that runs the model and gives, at
+            two probed points, the same per-site log densities as the model run on
+            each point alone. Only ``"plate"`` applies to a data-plate model.
 
     Raises:
         ValueError: an observed site that does not exist, a discrete latent
             site, a latent site outside the data plate, a batch dim that no
             ``pyro.plate`` declares (e.g. a batch of designs), a latent whose
-            simulated values lie at the boundary of its support, or a site whose
+            simulated values lie at the boundary of its support, a site whose
             per-point log density depends on the other points of the batch
-            (each names the site; see :meth:`_probe`).
+            (with ``vectorize="plate"``, or for a data-plate model) or on the
+            call (randomness outside ``pyro.sample``), each naming the site (see
+            :meth:`_probe`); an unknown ``vectorize``.
         TypeError: bad argument types.
 
     Attributes:
@@ -96,6 +106,9 @@ class ModelDensity:
         latent_sites: tuple of :class:`LatentSite`, in trace order.
         latent_dim: D, the length of the packed unconstrained latent vector.
         obs_shapes: ``{site: per-data-point shape}`` of the observed values.
+        vectorize: the way chosen (``"plate"``, ``"vmap"`` or ``"loop"``).
+        notices: sentences for a result's notes (the way chosen, when it is not
+            ``"plate"``, why, and what a point costs).
     """
 
     def __init__(
@@ -106,25 +119,37 @@ class ModelDensity:
         model_args: tuple = (),
         model_kwargs: dict | None = None,
         data: Data | torch.Tensor | None = None,
+        vectorize: str = "auto",
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if vectorize != "auto" and vectorize not in VECTORIZE:
+            raise ValueError(f"vectorize must be 'auto' or one of {VECTORIZE}, got {vectorize!r}")
+        if data is not None and vectorize not in ("auto", "plate"):
+            raise ValueError(
+                f"vectorize={vectorize!r} runs a one-data-point model point by point; a data-plate model "
+                "(data given) is always run batched in its own plate"
+            )
         self.model = model
         self.obs_sites = _as_tuple(obs_sites)
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
         self.has_data_plate = data is not None
         self._template = self.check_data(data, name="data") if data is not None else None
-        self._probe()
+        self.notices: list[str] = []
+        self._probe(vectorize)
 
     # ------------------------------------------------------------------ probe
-    def _probe(self) -> None:
-        """Traces the model to learn sites, shapes and plate dims, and checks it.
+    def _probe(self, vectorize: str) -> None:
+        """Traces the model to learn sites, shapes and plate dims, chooses how to
+        run it over a batch, and checks it.
 
-        One trace of the bare model finds the sites and plates; one trace inside
-        pyro_mi's plates (2 chains x 3 data points) gives the packed layout and
-        the data for the checks of :meth:`_check_support` and
-        :meth:`_check_pointwise`. Runs under ``fork_rng`` so that building a
+        One trace of the bare model finds the sites and plates. Then, for each way
+        of running a batch (``vectorize``, or each of :data:`VECTORIZE` in turn
+        under ``"auto"``), 2 chains x 3 data points are simulated and give the
+        packed layout and the data for the checks of :meth:`_check_support` and
+        :meth:`_check_pointwise`; the first way whose batch runs and passes the
+        pointwise check is kept. Runs under ``fork_rng`` so that building a
         density does not move the RNG: a seed gives the same simulated data
         whichever way the model is written."""
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
@@ -149,84 +174,156 @@ class ModelDensity:
                 )
         self._plates = plate_layout(sites, self.obs_sites, n)
         self._latent_names = tuple(s["name"] for s in latents)
+        self._fns = {k: s["fn"] for k, s in sites.items()}
+        # an observed site without a density (a simulator): evaluated only where a method needs p(x|z)
+        self._no_density = frozenset(o for o in self.obs_sites if not _has_density(sites[o]))
+        self._alone = None if self.has_data_plate else self._pointwise(sites, "loop")
+        ways = VECTORIZE if vectorize == "auto" else (vectorize,)
+        if self.has_data_plate:
+            ways = ("plate",)
+        failures = []
+        for way in ways:
+            self.vectorize = way
+            self._points = None if way == "plate" else self._pointwise(sites, way)
+            try:
+                self._probe_batch()
+            except BatchingError as e:
+                if way == ways[-1]:
+                    raise
+                failures.append(f"{way}: {str(e).splitlines()[0]}")
+                continue
+            break
+        if failures:
+            self.notices.append(self._notice(failures))
+
+    def _pointwise(self, sites: Mapping[str, dict], how: str) -> PointwiseModel:
+        """A :class:`PointwiseModel` of this one-data-point model from the sites of its bare trace."""
+        rank = -self._plates.data_dim - 1  # batch dims right of the data dim in a batched trace
+        real = {k: s for k, s in sites.items() if not isinstance(s["fn"], dist.Unit)}
+        bare = {k: s["value"].shape for k, s in real.items()}
+        layout = {k: torch.Size((1,) * (rank - len(s["fn"].batch_shape)) + tuple(s["value"].shape))
+                  for k, s in real.items()}
+        return PointwiseModel(lambda: self._call(None), bare, layout, {k: s["fn"] for k, s in real.items()}, how)
+
+    def _probe_batch(self) -> None:
+        """Simulates 2 chains x 3 points the current way, sets the packed layout, and checks
+        supports and the per-point log densities (raises :class:`BatchingError` if the
+        batch fails or differs from the points evaluated alone)."""
         C, N = _PROBE_CHAINS, _PROBE_DATA
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-            trace = self._simulate(C, N)
-            values = {s["name"]: s["value"] for s in _sample_sites(trace)}
+            try:
+                values, fns = self.draw(C, N)
+            except BatchingError:
+                raise
+            except Exception as e:  # vmap and loop: the model fails on one point
+                raise BatchingError(f"the model failed when pyro_mi simulated it by {self.vectorize}: {e}") from e
+            latents = [{"name": k, "fn": fns[k]} for k in self._latent_names]
             self.latent_sites, self.latent_dim = packing.layout(latents, values, self._plates.pos)
             self.obs_shapes = {o: self._to_data(values[o]).shape[1:] for o in self.obs_sites}
-            self._check_support(trace, C, N)
-            self._check_pointwise(trace, C, N)
+            self._check_support(values, fns, C, N)
+            self._check_pointwise(values, C, N)
 
-    def _check_support(self, trace, num_chains: int, num_data: int) -> None:
-        """Raises ValueError naming the first latent site of a simulated trace with
-        points at the boundary of its support (see :func:`packing.boundary_points`)."""
-        for s in _sample_sites(trace):
-            if s["name"] not in self._latent_names:
-                continue
-            bad = packing.boundary_points(s["fn"].support, s["value"], num_chains, num_data)
+    def _notice(self, failures: list[str]) -> str:
+        """Why the model is not run batched, how it is run, and what a point costs."""
+        C, N = 2, 32
+        with torch.random.fork_rng(), poutine.block():
+            with torch.no_grad():
+                values, _ = self.draw(C, N)
+            seconds = self._points.seconds_per_point(values, _scaled_log_prob, self._no_density)
+        how = {"vmap": "by torch.func.vmap over the model written for one point",
+               "loop": "one point at a time in a Python loop"}
+        return (
+            f"the model does not run batched over pyro_mi's chains and data points ({'; '.join(failures)}); its log "
+            f"densities are computed {how[self.vectorize]} ({seconds * 1e6:.0f} µs per point with gradients, "
+            f"measured on {C * N} points) and it is simulated {how[self._points.draws]}. Writing it to "
+            "broadcast over leading batch dims (e.g. z @ A.T for A @ z) runs it batched"
+        )
+
+    def _check_support(self, values: Mapping, fns: Mapping, num_chains: int, num_data: int) -> None:
+        """Raises ValueError naming the first latent site of simulated ``values`` (with their
+        distributions ``fns``) with points at the boundary of its support
+        (see :func:`packing.boundary_points`)."""
+        for name in self._latent_names:
+            value, support = values[name], fns[name].support
+            bad = packing.boundary_points(support, value, num_chains, num_data)
             if bad.any():
                 raise ValueError(
-                    f"latent site {s['name']!r} has {int(bad.sum())} of {bad.numel()} simulated points at the "
-                    f"boundary of its support {s['fn'].support} (e.g. value "
-                    f"{s['value'].reshape(num_chains, num_data, -1)[bad].flatten()[:4].tolist()}): "
+                    f"latent site {name!r} has {int(bad.sum())} of {bad.numel()} simulated points at the "
+                    f"boundary of its support {support} (e.g. value "
+                    f"{value.reshape(num_chains, num_data, -1)[bad].flatten()[:4].tolist()}): "
                     "they are non-finite in unconstrained space (biject_to(support).inv), or draws that "
-                    f"underflowed in {s['value'].dtype} and were clamped to the boundary, so they are not draws "
+                    f"underflowed in {value.dtype} and were clamped to the boundary, so they are not draws "
                     "of the distribution. Change its parameters, sample a transformed variable (e.g. the log) "
                     "instead, or use float64"
                 )
 
-    def _check_pointwise(self, trace, num_chains: int, num_data: int) -> None:
+    def _alone_log_probs(self, values: Mapping, c: int, i: int) -> dict | None:
+        """Per-site log densities (scalars) of point (chain ``c``, data point ``i``) of
+        ``values`` (every latent and observed site) evaluated by the model alone; None for a data-plate model that cannot
+        run on one point (e.g. covariates sized to the data passed as arguments)."""
+        if self._alone is not None:
+            point = {k: v[c : c + 1, i : i + 1] for k, v in values.items()}
+            out = self._alone.log_probs(point, _scaled_log_prob, self._no_density)
+            return {k: v[0, 0] for k, v in out.items()}
+        plates = self._plates
+        cond = {k: plates.point(v, c, i) for k, v in values.items()}
+        x1 = {o: self._to_data(cond[o]) for o in self.obs_sites}
+        try:
+            one = plates.trace(poutine.condition(self._call, data=cond), 1, 1, x1)
+        except ValueError:
+            return None
+        return {s["name"]: plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0]
+                for s in _sample_sites(one) if s["name"] not in self._no_density}
+
+    def _check_pointwise(self, values: Mapping, num_chains: int, num_data: int) -> None:
         """Checks that each site's per-point log density depends on that point only.
 
-        Compares the per-site log densities of the simulated ``trace`` (all
-        points at once) at its first and last (chain, data point) with the same
-        (x, z) values evaluated one point at a time, within sqrt(eps) of the
-        dtype times (1 + the largest |log density| of the site at those points).
-        A reduction over pyro_mi's batch dims (``z.mean()``, ``x.sum()`` over
-        every dim), a batch-norm layer in training mode or randomness outside
+        Compares the per-site log densities of the ``values`` of a simulated batch
+        (every latent and observed site), computed the chosen way for
+        all points at once, at the first and the last (chain, data point) with the
+        same (x, z) evaluated by the model on that point alone, within sqrt(eps)
+        of the dtype times (1 + the largest |log density| of the site at those
+        points). A reduction over pyro_mi's batch dims (``z.mean()``, ``x.sum()``
+        over every dim), a batch-norm layer in training mode or randomness outside
         ``pyro.sample`` makes them differ. Runs without a gradient, like the rest
         of the probe; the RNG is not used (every site is conditioned).
 
         Raises:
-            ValueError: naming the first site (in trace order) that differs.
+            BatchingError: naming the first site (in trace order) that differs.
         """
-        plates = self._plates
-        # an observed site without a density (a simulator) has nothing to check
-        sites = [s for s in _sample_sites(trace) if s["name"] not in self.obs_sites or _has_density(s)]
+        x = {o: self._to_data(values[o]) for o in self.obs_sites}
+        try:
+            batched = self.site_log_probs(values, x, num_chains, num_data, self._no_density)
+        except BatchingError:
+            raise
+        except Exception as e:  # vmap refuses the model (e.g. .item(), data-dependent branches)
+            raise BatchingError(f"the model failed when pyro_mi ran it by {self.vectorize}: {e}") from e
         points = ((0, 0), (num_chains - 1, num_data - 1))
-        alone: dict[str, list] = {s["name"]: [] for s in sites}
-        for c, i in points:
-            # factor sites (Unit) are recomputed from the other values, not conditioned
-            cond = {s["name"]: plates.point(s["value"], c, i) for s in _sample_sites(trace)
-                    if not isinstance(s["fn"], dist.Unit)}
-            x = {o: self._to_data(cond[o]) for o in self.obs_sites}
-            try:
-                one = plates.trace(poutine.condition(self._call, data=cond), 1, 1, x)
-            except ValueError:
-                if self.has_data_plate:
-                    # a data-plate model that cannot run on one point (e.g. covariates sized to
-                    # the data passed as arguments) cannot be split point by point: no probe
-                    return
-                raise
-            for s in _sample_sites(one):
-                if s["name"] in alone:
-                    alone[s["name"]].append(plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0])
+        alone = [self._alone_log_probs(values, c, i) for c, i in points]
+        if alone[0] is None or alone[1] is None:
+            return
         index = tuple(torch.tensor(ix) for ix in zip(*points))
-        for s in sites:
-            batched = plates.per_point(_scaled_log_prob(s), num_chains, num_data)[index]
-            single = torch.stack(alone[s["name"]])
-            finite = batched[torch.isfinite(batched)]
+        for name, lp in batched.items():
+            at = lp[index]
+            single = torch.stack([a[name] for a in alone])
+            finite = at[torch.isfinite(at)]
             scale = 1.0 + (float(finite.abs().max()) if finite.numel() else 0.0)
-            tol = torch.finfo(batched.dtype).eps ** 0.5 * scale
-            differ = ~torch.isclose(batched, single, rtol=0.0, atol=tol, equal_nan=True)
+            tol = torch.finfo(at.dtype).eps ** 0.5 * scale
+            differ = ~torch.isclose(at, single, rtol=0.0, atol=tol, equal_nan=True)
             if differ.any():
                 k = int(differ.nonzero()[0])
-                (c, i), batched, single = points[k], batched[k], single[k]
-                raise ValueError(
-                    f"the log density of site {s['name']!r} at one data point depends on the other points of "
-                    f"the batch: evaluated on {num_chains} chains x {num_data} data points at once it is "
-                    f"{float(batched):.6g} nats at (chain {c}, point {i}), evaluated alone "
+                (c, i), at, single = points[k], at[k], single[k]
+                if self.vectorize == "loop":
+                    raise BatchingError(
+                        f"the log density of site {name!r} at one data point differs between two calls of the "
+                        f"model on the same values: {float(at):.6g} and {float(single):.6g} nats at (chain {c}, "
+                        f"point {i}). The model uses randomness outside pyro.sample (e.g. torch.randn, dropout "
+                        "in training mode): draw every random number with pyro.sample"
+                    )
+                raise BatchingError(
+                    f"the log density of site {name!r} at one data point depends on the other points of "
+                    f"the batch: evaluated on {num_chains} chains x {num_data} data points at once "
+                    f"({self.vectorize}) it is {float(at):.6g} nats at (chain {c}, point {i}), evaluated alone "
                     f"{float(single):.6g}. The model likely reduces over pyro_mi's batch dims (e.g. "
                     "z.mean() or .sum() over all dims): reduce only over event dims (dim=-1, ...) and declare "
                     "vector sites with .to_event(); batch norm in training mode, or randomness outside "
@@ -241,20 +338,63 @@ class ModelDensity:
         return self.model(*self.model_args, **kwargs)
 
     def _trace(self, num_chains: int, num_data: int, cond: dict, x: Data | None, sample_obs: bool):
-        fn = poutine.condition(self._call, data=cond)
-        if sample_obs:
-            fn = poutine.uncondition(fn)
+        # uncondition innermost, so that only the model's own observations are released
+        fn = poutine.uncondition(self._call) if sample_obs else self._call
+        fn = poutine.condition(fn, data=cond)
         if x is None and self.has_data_plate:
             x = self._template_of(num_data)
         return self.trace_program(fn, num_chains, num_data, x)
+
+    def draw(self, num_chains: int, num_data: int, x: Data | None = None, cond: Mapping | None = None,
+              differentiable: bool = False) -> tuple[dict, dict]:
+        """Simulates (x, z) ~ p(x, z) for C x N points the chosen way.
+
+        Args:
+            x: for a data-plate model, the template its plate is sized by (default: the
+                ``data`` given at construction).
+            cond: ``{latent site: value (C, 1.., N, *shape)}`` held fixed: the other sites
+                are drawn from the model given them (ancestral sampling).
+            differentiable: draw by ``rsample`` (a loop over points for a model run
+                point by point), so that the values carry gradients.
+
+        Returns:
+            ``({site: value (C, 1.., N, *shape)}, {site: its distribution})`` for every
+            latent and observed site.
+        """
+        cond = dict(cond or {})
+        if self._points is not None:
+            return self._points.draw(num_chains, num_data, cond, differentiable), self._points.fns
+        trace = self._trace(num_chains, num_data, cond, x, sample_obs=True)
+        sites = [s for s in _sample_sites(trace) if not isinstance(s["fn"], dist.Unit)]
+        return {s["name"]: s["value"] for s in sites}, {s["name"]: s["fn"] for s in sites}
+
+    def site_log_probs(self, values: Mapping, x: Data, num_chains: int, num_data: int, skip=frozenset()) -> dict:
+        """Per-site log densities ``{site: (C, N)}`` (nats) of the model conditioned on
+        ``values`` ``{site: (C, 1.., N, *shape)}`` (every latent site; observed sites too, if
+        each chain has its own) and observed ``x`` ``{site: (N, *shape)}`` (the observed
+        values not in ``values``; a data-plate model's arguments), computed the chosen way;
+        the sites named in ``skip`` are left out."""
+        C, N = num_chains, num_data
+        shared = {o: x[o] for o in self.obs_sites if o not in values}
+        if self._points is not None:
+            both = dict(values)
+            both.update({o: v.expand((C,) + v.shape) for o, v in shared.items()})
+            return self._points.log_probs(both, _scaled_log_prob, skip)
+        cond = dict(values)
+        if not self.has_data_plate:
+            cond.update(shared)
+        trace = self._trace(C, N, cond, x, sample_obs=False)
+        return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
+                for s in _sample_sites(trace) if s["name"] not in skip}
 
     def trace_program(self, fn: Callable, num_chains: int, num_data: int, x: Data | None, what: str = "model"):
         """Traces ``fn(x)`` inside pyro_mi's chains plate (and, for a one-data-point
         model, its data plate), at the plate dims of this model. Used for the model
         and for guides, so that both see the same batch layout.
 
-        Raises ValueError, naming the last site reached, if the program fails when
-        batched (typically a one-data-point model whose sites do not broadcast)."""
+        Raises :class:`BatchingError` (a ValueError), naming the last site reached, if the
+        program fails when batched (typically a one-data-point model whose sites do not
+        broadcast)."""
         return self._plates.trace(fn, num_chains, num_data, x, what)
 
     def per_point_log_prob(self, trace, sites: Sequence[str], num_chains: int, num_data: int) -> torch.Tensor:
@@ -273,16 +413,6 @@ class ModelDensity:
     def _template_of(self, num_data: int) -> dict:
         idx = torch.arange(num_data) % next(iter(self._template.values())).shape[0]
         return {k: v[idx] for k, v in self._template.items()}
-
-    def _simulate(self, num_chains: int, num_data: int):
-        """A trace of (x, z) ~ p(x, z) inside pyro_mi's plates."""
-        return self._trace(num_chains, num_data, {}, None, sample_obs=True)
-
-    def _split(self, trace) -> tuple[dict, dict]:
-        """The observed values ``{site: (N, *shape)}`` (first chain) and latent values of a trace."""
-        values = {s["name"]: s["value"] for s in _sample_sites(trace)}
-        x = {o: self._to_data(values[o]) for o in self.obs_sites}
-        return x, {k: v for k, v in values.items() if k not in self.obs_sites}
 
     def _to_data(self, value: torch.Tensor) -> torch.Tensor:
         """(chains, 1.., num_data, *shape) value of the first chain -> (num_data, *shape)."""
@@ -359,48 +489,60 @@ class ModelDensity:
             )
 
     # ------------------------------------------------------------ public API
-    def sample(self, num_data: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def sample(self, num_data: int, differentiable: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Simulates ``num_data`` pairs (x, z) ~ p(x, z) from the model.
+
+        Args:
+            num_data: N, the number of pairs.
+            differentiable: draw every site by ``rsample`` with gradients on, so that x
+                and z are differentiable in the model's arguments (a design) and
+                parameters (pathwise gradients).
 
         Returns ``(x, z)`` with ``x = {site: (num_data, *shape)}`` and packed
         unconstrained ``z`` of shape ``(num_data, latent_dim)``.
 
         Raises ValueError naming the site if a latent's simulated values lie at
         the boundary of its support (non-finite in unconstrained space, or
-        clamped there after underflow), or if the log density at a simulated
-        point is not finite.
+        clamped there after underflow), if the log density at a simulated
+        point is not finite, or (``differentiable``) if its distribution has no
+        ``rsample`` (e.g. a discrete observation).
         """
         if not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+        if differentiable:
+            self.check_reparameterized(self.obs_sites + self._latent_names)
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            values, fns = self.draw(1, num_data, differentiable=differentiable)
+            self._check_support(values, fns, 1, num_data)
+            x = {o: self._to_data(values[o]) for o in self.obs_sites}
+            z = self.pack({k: values[k] for k in self._latent_names})[0]
         with torch.no_grad():
-            trace = self._simulate(1, num_data)
-            self._check_support(trace, 1, num_data)
-            x, z_sites = self._split(trace)
-            z = self.pack(z_sites)[0]
             self.check_finite(x, z)
         return x, z
+
+    def check_reparameterized(self, sites: Sequence[str]) -> None:
+        """Raises ValueError naming the first of ``sites`` whose distribution has no
+        ``rsample`` (its draws cannot carry pathwise gradients)."""
+        for name in sites:
+            fn = self._fns[name]
+            if not fn.has_rsample:
+                raise ValueError(
+                    f"site {name!r} ({type(fn).__name__}) has no rsample, so its draws carry no gradient; "
+                    "differentiable bounds need reparameterisable latent and observed sites"
+                )
 
     def sample_prior(self, num_samples: int, x: Data) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws z ~ p(z) for each data point of ``x``.
 
         Returns ``(z, log_prior)`` of shapes (num_samples, N, D) and (num_samples, N);
-        gradients flow through reparameterised latent sites.
+        with gradients on, z is drawn by ``rsample`` and gradients flow through it.
         """
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
-        trace = self._trace(num_samples, N, {}, x if self.has_data_plate else None, sample_obs=True)
-        z = self.pack({s["name"]: s["value"] for s in _sample_sites(trace) if s["name"] in self._latent_names})
+        values, _ = self.draw(num_samples, N, x if self.has_data_plate else None,
+                               differentiable=torch.is_grad_enabled())
+        z = self.pack({k: values[k] for k in self._latent_names})
         return z, self.log_prior(z, x)
-
-    def _model_trace(self, x: Data, zz: torch.Tensor, with_log_jacobian: bool):
-        """The model traced at observed x and packed z (C, N, D); also log|det J| (C, N) if asked."""
-        N = zz.shape[1]
-        unpacked = self.unpack(zz, with_log_jacobian=with_log_jacobian)
-        values, ldj = unpacked if with_log_jacobian else (unpacked, None)
-        cond = dict(values)
-        if not self.has_data_plate:
-            cond.update(x)
-        return self._trace(zz.shape[0], N, cond, x, sample_obs=False), ldj
 
     def log_terms(self, x: Data, z: torch.Tensor, likelihood: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(log p(z), log p(x|z))`` for packed z of shape (*S, N, D), each (*S, N).
@@ -416,14 +558,14 @@ class ModelDensity:
         lead = z.shape[:-2]
         zz = z.reshape((-1, N, self.latent_dim))
         C = zz.shape[0]
-        trace, ldj = self._model_trace(x, zz, with_log_jacobian=True)
-        log_prior, log_lik = ldj, zz.new_zeros(C, N)
-        for s in _sample_sites(trace):
-            if s["name"] in self.obs_sites:
-                if likelihood:
-                    log_lik = log_lik + self._plates.per_point(_scaled_log_prob(s), C, N)
+        values, log_prior = self.unpack(zz, with_log_jacobian=True)
+        skip = frozenset(self.obs_sites) if not likelihood else frozenset()
+        log_lik = zz.new_zeros(C, N)
+        for name, lp in self.site_log_probs(values, x, C, N, skip).items():
+            if name in self.obs_sites:
+                log_lik = log_lik + lp
             else:
-                log_prior = log_prior + self._plates.per_point(_scaled_log_prob(s), C, N)
+                log_prior = log_prior + lp
         return log_prior.reshape(lead + (N,)), log_lik.reshape(lead + (N,))
 
     def log_prior(self, z: torch.Tensor, x: Data) -> torch.Tensor:
@@ -445,16 +587,15 @@ class ModelDensity:
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
         zz = z.reshape((-1, N, self.latent_dim))
-        trace, _ = self._model_trace(x, zz, with_log_jacobian=False)
-        for s in _sample_sites(trace):
-            if s["name"] in self.obs_sites and not _has_density(s):
-                continue  # a simulator's observed site: checked where its density is needed
-            lp = self._plates.per_point(_scaled_log_prob(s), zz.shape[0], N)
+        values = self.unpack(zz)
+        # a simulator's observed site is checked where its density is needed
+        for name, lp in self.site_log_probs(values, x, zz.shape[0], N, self._no_density).items():
             bad = ~torch.isfinite(lp)
             if bad.any():
+                value = x[name] if name in self.obs_sites else values.get(name, torch.zeros(0))
                 raise ValueError(
-                    f"the log density of site {s['name']!r} is not finite at {int(bad.sum())} of "
-                    f"{bad.numel()} simulated points (e.g. value {s['value'].flatten()[:4].tolist()}); "
+                    f"the log density of site {name!r} is not finite at {int(bad.sum())} of "
+                    f"{bad.numel()} simulated points (e.g. value {value.flatten()[:4].tolist()}); "
                     "check its distribution's parameters and support"
                 )
 

@@ -22,6 +22,10 @@ _CHAINS = "_pyro_mi_chains"
 _DATA = "_pyro_mi_data"
 
 
+class BatchingError(ValueError):
+    """A program that fails, or computes something else, when run batched over pyro_mi's plates."""
+
+
 def _sample_sites(trace) -> list[dict]:
     """The sample sites of a trace, without subsample and ``pyro.deterministic`` sites."""
     return [
@@ -62,8 +66,9 @@ class PlateLayout:
         """Traces ``fn(x)`` inside the chains plate (and, without a data plate of the
         model's own, pyro_mi's data plate).
 
-        Raises ValueError, naming the last site reached, if the program fails when
-        batched (typically a one-data-point model whose sites do not broadcast)."""
+        Raises :class:`BatchingError` (a ValueError), naming the last site reached, if the
+        program fails when batched (typically a one-data-point model whose sites do not
+        broadcast)."""
         try:
             with poutine.trace() as tracer, pyro.plate(_CHAINS, num_chains, dim=self.chains_dim):
                 if self.has_data_plate:
@@ -74,7 +79,7 @@ class PlateLayout:
         except (RuntimeError, ValueError, IndexError) as e:
             done = [s["name"] for s in _sample_sites(tracer.trace)]
             where = f"after site {done[-1]!r}" if done else "before its first sample site"
-            raise ValueError(
+            raise BatchingError(
                 f"the {what} failed {where} when pyro_mi ran it batched over {num_chains} chains x "
                 f"{num_data} data points: {e}. Its sites must broadcast over leading batch dims "
                 "(use .to_event() for event dims, expand(batch_shape + ...) rather than expand([...]))"

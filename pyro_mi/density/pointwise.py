@@ -1,0 +1,161 @@
+"""Running a one-data-point model point by point: by ``torch.func.vmap`` or by a loop.
+
+pyro_mi runs a model batched inside its plates when the model broadcasts over
+leading batch dims (see :mod:`.plates`). A one-data-point model written the usual
+way, ``dist.Normal(A @ z + b, s)``, does not: it fails there, or (``z.mean()``)
+computes something else. For such a model the log densities of a batch of
+(chain, data point) pairs are computed from the model exactly as written for one
+point:
+
+* ``"vmap"``: ``torch.func.vmap`` over the points, one vectorised call that
+  autograd differentiates through;
+* ``"loop"``: a Python loop over the points, for models vmap cannot run
+  (data-dependent Python control flow, ``.item()``, in-place ops on inputs).
+
+Simulation uses vmap too (``randomness="different"``, every site drawn by
+``fn.sample()``) where the model's distributions allow it (Normal, LogNormal,
+Gamma, Uniform, ...), and otherwise loops over points: some torch.distributions
+draw through in-place random ops on fresh tensors (``Exponential``, ``Cauchy``,
+``MultivariateNormal``) or through autograd Functions (``Beta``, ``Dirichlet``),
+which vmap refuses to run (it raises; it never draws the same numbers for all
+points).
+
+Values travel in pyro_mi's layout, ``{site: (C, N, *shape)}``, where ``shape`` is
+the site's per-point shape in a batched trace (the one-point shape padded on the
+left with 1s to the model's plate rank); each point is reshaped to the shape the
+model itself gives the site.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Mapping
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+
+from .plates import _sample_sites
+
+#: the ways of running a model over pyro_mi's batch, in the order ``"auto"`` tries them
+VECTORIZE = ("plate", "vmap", "loop")
+
+
+class _DrawBySample(Messenger):
+    """Draws each unobserved site by ``fn.sample()``: torch's ``rsample`` of a Normal fills a
+    fresh tensor in place, which vmap cannot make differ between points; ``sample`` draws
+    out of place (no gradient flows through the draw)."""
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
+            msg["value"] = msg["fn"].sample()
+
+
+class PointwiseModel:
+    """A one-data-point model evaluated and simulated one point at a time.
+
+    Args:
+        call: the model, called with no arguments (model args bound).
+        fns: ``{site: distribution}`` of each sample site in a trace of the bare model
+            (one data point, outside any pyro_mi plate): its value shape and support.
+        layout_shapes: ``{site: shape}`` of one point in pyro_mi's layout; same
+            number of elements as ``bare_shapes``.
+        how: ``"vmap"`` or ``"loop"``, the way :meth:`log_probs` runs.
+    """
+
+    def __init__(self, call: Callable, bare_shapes: Mapping[str, torch.Size], layout_shapes: Mapping[str, torch.Size],
+                 fns: Mapping, how: str):
+        if how not in ("vmap", "loop"):
+            raise ValueError(f"how must be 'vmap' or 'loop', got {how!r}")
+        self.call, self.how, self.fns = call, how, dict(fns)
+        self.bare_shapes, self.layout_shapes = dict(bare_shapes), dict(layout_shapes)
+        #: how :meth:`draw` runs: "vmap" until vmap fails to draw from this model once
+        self.draws = how
+
+    def _point_log_probs(self, values: Mapping[str, torch.Tensor], site_log_prob: Callable, skip: frozenset):
+        """Per-site log densities (scalars, summed over the point's dims) of the model
+        conditioned on one point's ``values`` (layout shapes)."""
+        cond = {k: v.reshape(self.bare_shapes[k]) for k, v in values.items()}
+        trace = poutine.trace(poutine.condition(self.call, data=cond)).get_trace()
+        return {s["name"]: site_log_prob(s).sum() for s in _sample_sites(trace) if s["name"] not in skip}
+
+    def log_probs(self, values: Mapping[str, torch.Tensor], site_log_prob: Callable, skip=frozenset()):
+        """Per-site log densities of C x N points, each evaluated by the model alone.
+
+        Args:
+            values: ``{site: (C, N, *layout_shape)}``, every latent and observed site.
+            site_log_prob: ``site -> log density`` of a trace site (scale and mask applied).
+            skip: names of sites whose density is not wanted (e.g. a simulator's).
+
+        Returns:
+            ``{site: (C, N)}`` in nats, differentiable in ``values``.
+
+        Raises:
+            Whatever the model raises on one point (vmap also raises on
+            data-dependent control flow and on randomness outside ``pyro.sample``).
+        """
+        first = next(iter(values.values()))
+        C, N = first.shape[:2]
+        flat = {k: v.reshape((C * N,) + v.shape[2:]) for k, v in values.items()}
+        skip = frozenset(skip)
+        if self.how == "vmap":
+            # vmap cannot run argument checks that branch on data: the loop (and the probe) keep them
+            with pyro.validation_enabled(False):
+                out = torch.func.vmap(lambda v: self._point_log_probs(v, site_log_prob, skip))(flat)
+        else:
+            rows = [self._point_log_probs({k: v[b] for k, v in flat.items()}, site_log_prob, skip)
+                    for b in range(C * N)]
+            out = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return {k: v.reshape(C, N) for k, v in out.items()}
+
+    def draw(self, num_chains: int, num_data: int, cond: Mapping | None = None,
+             differentiable: bool = False) -> dict[str, torch.Tensor]:
+        """Simulates C x N independent points (x, z) ~ p(x, z) of the model written for one point.
+
+        Args:
+            cond: ``{site: (C, N, *layout_shape)}`` values held fixed; the other sites are
+                drawn given them.
+            differentiable: loop over points and draw by ``rsample``, so that values carry
+                gradients (vmap draws by ``sample``).
+
+        Returns:
+            ``{site: (C, N, *layout_shape)}`` for every sample site but ``pyro.factor`` ones.
+        """
+        B = num_chains * num_data
+        flat_cond = {k: v.reshape((B,) + v.shape[2:]) for k, v in (cond or {}).items()}
+        program = poutine.uncondition(self.call)
+
+        def one(point: dict):
+            fixed = {k: v.reshape(self.bare_shapes[k]) for k, v in point.items() if k in self.bare_shapes}
+            trace = poutine.trace(poutine.condition(program, data=fixed)).get_trace()
+            return {s["name"]: s["value"].reshape(self.layout_shapes[s["name"]])
+                    for s in _sample_sites(trace) if s["name"] in self.layout_shapes}
+
+        flat = None
+        if self.draws == "vmap" and not differentiable:
+            try:
+                with pyro.validation_enabled(False), _DrawBySample(), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    flat = torch.func.vmap(one, randomness="different")(
+                        flat_cond if flat_cond else {"_": torch.arange(B)})
+            except Exception:  # a distribution vmap cannot draw from: loop from now on
+                self.draws = "loop"
+        if flat is None:
+            rows = [one({k: v[b] for k, v in flat_cond.items()}) for b in range(B)]
+            flat = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return {k: v.reshape((num_chains, num_data) + v.shape[1:]) for k, v in flat.items()}
+
+    def seconds_per_point(self, values: Mapping[str, torch.Tensor], site_log_prob: Callable, skip=frozenset()) -> float:
+        """Wall time of :meth:`log_probs` with a gradient, per point, measured on ``values``."""
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in values.items()}
+            start = time.perf_counter()
+            out = self.log_probs(leaves, site_log_prob, skip)
+            total = sum(v.sum() for v in out.values())
+            grads = [v for v in leaves.values() if v.requires_grad]
+            torch.autograd.grad(total, grads, allow_unused=True)
+            seconds = time.perf_counter() - start
+        first = next(iter(values.values()))
+        return seconds / (first.shape[0] * first.shape[1])
