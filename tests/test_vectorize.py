@@ -158,3 +158,25 @@ def test_vectorize_is_checked():
 
     with pytest.raises(ValueError, match="data-plate model"):
         ModelDensity(model, "x", data=torch.zeros(3), vectorize="vmap")
+
+
+def test_cli_runs_a_model_file_written_for_one_point(capsys, tmp_path):
+    import json
+
+    from pyro_mi.cli import main
+
+    path = tmp_path / "model.py"
+    path.write_text(
+        "import torch, pyro, pyro.distributions as dist\n"
+        "A = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))\n"
+        "def model(x=None):\n"
+        "    z = pyro.sample('z', dist.Normal(torch.zeros(2), 1.0).to_event(1))\n"
+        "    return pyro.sample('x', dist.Normal(A @ z, 0.5).to_event(1), obs=x)\n")
+    runs = {}
+    for way in ("auto", "loop"):
+        code = main(["estimate", f"{path}:model", "--obs", "x", "--num-data", "20", "--num-particles", "10",
+                     "--fit-steps", "20", "--vectorize", way, "--json"])
+        assert code == 0
+        runs[way] = json.loads(capsys.readouterr().out)
+    assert runs["auto"]["vectorize"] == "vmap" and "does not run batched" in runs["auto"]["notes"][0]
+    assert runs["loop"]["vectorize"] == "loop" and runs["loop"]["lower"] <= runs["loop"]["upper"] + 0.5
