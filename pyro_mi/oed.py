@@ -38,7 +38,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from .bounds import METHODS
 from .density import ModelDensity, _sample_sites
 from .estimate import check_method_options, seeded, simulate_and_bound
 from .result import MIResult, require_finite
