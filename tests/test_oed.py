@@ -150,3 +150,30 @@ def test_bad_requests_are_refused():
         pyro_mi.eig(linear_model(), X, "y", "nope", num_data=10)
     with pytest.raises(ValueError, match="batch_dims"):
         pyro_mi.eig(linear_model(), X, "y", batch_dims=3)
+
+
+def test_pyro_oed_tutorial_model_runs_unchanged():
+    """The model of Pyro's OED tutorial (working memory): θ ~ N(7, 2²), one Bernoulli answer
+    with logit θ - l per length l; a batch of lengths is a plate_stack. True EIG by quadrature."""
+    prior_mean, prior_sd = torch.tensor(7.0), torch.tensor(2.0)
+
+    def model(l):
+        with pyro.plate_stack("plate", l.shape[:-1]):
+            theta = pyro.sample("theta", dist.Normal(prior_mean, prior_sd))
+            theta = theta.unsqueeze(-1)
+            logit_p = 1.0 * (theta - l)
+            return pyro.sample("y", dist.Bernoulli(logits=logit_p).to_event(1))
+
+    lengths = torch.tensor([[4.0], [7.0], [12.0]])
+    r = pyro_mi.eig(model, lengths, "y", "theta", num_data=1000, num_particles=200)
+    assert r.batch_shape == (3,)
+    theta = torch.linspace(-13, 27, 40_001, dtype=torch.float64)
+    weight = torch.distributions.Normal(7.0, 2.0).log_prob(theta).exp() * (theta[1] - theta[0])
+
+    def entropy(p):
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+
+    for b, l in enumerate(lengths[:, 0].double()):
+        p = torch.sigmoid(theta - l).clamp(1e-300, 1 - 1e-16)
+        truth = float(entropy((weight * p).sum()) - (weight * entropy(p)).sum())
+        assert float(r.lower[b] - 3 * r.lower_stderr[b]) <= truth <= float(r.upper[b] + 3 * r.upper_stderr[b])
