@@ -11,7 +11,7 @@ Models, each with a batch of designs and a true EIG per design:
   entropies, E_y over 10^6 prior-predictive draws.
 
 Each estimator runs at several budgets (N outer samples, M inner samples; pyro_mi:
-num_data = N, num_particles = num_nuisance = M, prior proposal), 5 seeds each. The
+num_data = N, num_particles = num_nuisance = M, prior proposal), 20 seeds each. The
 table gives the mean absolute error over designs and seeds, and the seconds per call
 (all designs). pyro_mi's "mid" is the midpoint of its two sides. nmc_eig with a nuisance
 latent uses M' = M (its docstring warns that this draws τ from its prior, not given w).
@@ -32,7 +32,7 @@ from pyro.contrib.oed.eig import nmc_eig
 
 import pyro_mi
 
-SEEDS = range(5)
+SEEDS = range(20)
 BUDGETS = [(100, 10), (100, 100), (1000, 100), (1000, 1000)]
 
 
