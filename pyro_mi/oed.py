@@ -262,7 +262,7 @@ def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -
     lower, upper = lo_yt - up_t - up_y, up_yt - lo_t - lo_y
     require_finite("eig", {"the nuisance bounds on log p(y, θ)": lo_yt + up_yt,
                            "the nuisance bounds on log p(θ)": lo_t + up_t})
-    out = MIResult(
+    return MIResult(
         result.method,
         lower_per_point=lower,
         upper_per_point=upper,
@@ -279,7 +279,6 @@ def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -
         x=result.x,
         z=result.z,
     )
-    return out
 
 
 def _collect(results: list[MIResult], batch_shape: torch.Size, seconds: float) -> EIGResult:
