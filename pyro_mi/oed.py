@@ -29,7 +29,6 @@ design batch.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -41,6 +40,7 @@ from pyro import poutine
 from .density import ModelDensity, _sample_sites
 from .estimate import check_method_options, seeded, simulate_and_bound
 from .result import MIResult, require_finite
+from .weights import log_mean_exp
 
 #: methods whose results carry per-point log p(y) bounds, usable beside nuisance latents
 _LOG_PX_METHODS = ("iwae", "ais", "im-ais", "cr-ais", "bdmc")
@@ -89,10 +89,6 @@ def design_batch_shape(model: Callable, design: torch.Tensor) -> torch.Size:
     return torch.Size(shape)
 
 
-def _logmeanexp(t: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(t, 0) - math.log(t.shape[0])
-
-
 def nuisance_log_bounds(density: ModelDensity, x, z: torch.Tensor, targets: Sequence[str], num_nuisance: int):
     """Importance-sampling bounds on log p(y, θ) and log p(θ) per point, over nuisance ψ.
 
@@ -128,8 +124,10 @@ def nuisance_log_bounds(density: ModelDensity, x, z: torch.Tensor, targets: Sequ
 
     a, b = weights(drawn, M)
     a0, b0 = weights(true, 1)
-    eubo = lambda w, w0: _logmeanexp(torch.cat([w[: M - 1], w0]))  # noqa: E731
-    return _logmeanexp(a), eubo(a, a0), _logmeanexp(b), eubo(b, b0)
+    def eubo(w, w0):  # the simulated ψ in place of the last draw
+        return log_mean_exp(torch.cat([w[: M - 1], w0]), 0)
+
+    return log_mean_exp(a, 0), eubo(a, a0), log_mean_exp(b, 0), eubo(b, b0)
 
 
 def _check_targets(density: ModelDensity, targets) -> tuple[str, ...]:
@@ -286,8 +284,8 @@ def _collect(results: list[MIResult], batch_shape: torch.Size, seconds: float) -
         values = [getattr(r, f"{side}_per_point") for r in results]
         if any(v is None for v in values):
             return None, None
-        means = torch.stack([v.mean() for v in values]).reshape(batch_shape)
-        stderrs = torch.tensor([float(v.detach().double().std() / math.sqrt(v.numel())) for v in values])
+        means = torch.stack([v.mean() for v in values]).reshape(batch_shape)  # keeps the graph
+        stderrs = torch.tensor([getattr(r, f"{side}_stderr") for r in results])
         return means, stderrs.reshape(batch_shape)
 
     (lower, lower_se), (upper, upper_se) = stack("lower"), stack("upper")

@@ -88,8 +88,9 @@ def lower_bound(xi, seed):
 #
 # All four measurements start near ξ = 1.45: they nearly repeat one direction, the one
 # of the less uncertain coefficient w₂. Each
-# estimator's gradient is averaged over independent seeds; `nmc_eig` with N = 64 outer
-# and M = 64 inner samples costs about the same as pyro_mi's bound at N = K = 64.
+# estimator's gradient is averaged over independent seeds; `nmc_eig` runs with the same
+# N = 64 outer and M = 64 inner samples as pyro_mi's bound (N = K = 64); the table gives
+# the time of each.
 
 # %%
 xi0 = torch.tensor([1.3, 1.4, 1.5, 1.6])
