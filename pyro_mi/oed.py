@@ -39,7 +39,7 @@ from pyro import poutine
 
 from .density import ModelDensity, _sample_sites
 from .estimate import check_method_options, seeded, simulate_and_bound
-from .result import MIResult, require_finite
+from .result import CROSSED, MIResult, require_finite
 from .weights import log_mean_exp
 
 #: methods whose results carry per-point log p(y) bounds, usable beside nuisance latents
@@ -177,9 +177,25 @@ def eig(
 ) -> EIGResult:
     """Lower and upper bounds on the expected information gain of each design, in nats.
 
+    **A design batch** of B designs runs in one of two ways, recorded in each result's
+    ``settings["designs"]``:
+
+    * ``"together"`` (when the method's per-point values depend on their own point alone:
+      ``ba``, ``iwae`` and the AIS methods, with the prior proposal): one run of B·N
+      simulated experiments, the model called on a batch of designs whose design plate
+      serves as pyro_mi's data plate (experiment i has design i % B; checked like any
+      data-plate model), then split per design. One model trace evaluates every design,
+      as in ``nmc_eig``.
+    * ``"one by one"`` (fitted proposals, critics, or a model whose design plates do not
+      enclose every site): each design runs alone from ``seed``; the reason is in the
+      results' notes.
+
+    Either way design b's bounds are those of design b alone, with its own draws.
+
     Args:
         model: a Pyro model called as ``model(design)`` for one design (``model(design[b])``
-            for each design of a batch), with no data plate: one call is one experiment.
+            for each design of a batch), with no data plate: one call is one experiment;
+            called on a batch of designs too when its plates declare the batch.
         design: a tensor; its leading ``batch_dims`` dims index designs.
         batch_dims: how many leading dims of ``design`` form the design batch; default:
             those the model declares as its leftmost plates (see :func:`design_batch_shape`).
@@ -193,8 +209,8 @@ def eig(
             encoder per design, ``fit_steps`` steps).
         num_data: N >= 2 simulated experiments per design.
         num_nuisance: M, nuisance draws per point (with nuisance latents).
-        seed: every design's run starts from this seed (see :func:`pyro_mi.estimate_mi`),
-            so a design's result does not depend on the other designs of the batch.
+        seed: the run (one by one: every design's run) starts from this seed (see
+            :func:`pyro_mi.estimate_mi`).
         differentiable: ``iwae`` and ``ba`` only: simulate by ``rsample`` and keep the
             graph, so that ``lower`` and ``upper`` are differentiable in the design and the
             model's parameters (pathwise gradients; every latent and observation site must
@@ -232,25 +248,108 @@ def eig(
     else:
         raise ValueError(f"batch_dims must be an integer in [0, {design.dim() - 1}], got {batch_dims!r}")
     designs = design.reshape((-1,) + design.shape[len(batch_shape):])
-    results = []
-    for d in designs:
-        run_options = dict(options)  # a fresh seeded generator per design
-        with seeded(seed, method, run_options):
-            density = ModelDensity(model, obs, model_args=(d,), vectorize=vectorize)
-            targets = _check_targets(density, target_labels)
-            nuisance = [s.name for s in density.latent_sites if s.name not in targets]
-            if nuisance:
-                if method not in _LOG_PX_METHODS:
-                    raise ValueError(f"with nuisance latents {nuisance}, method must bound log p(y) per point: one "
-                                     f"of {list(_LOG_PX_METHODS)}, not {method!r}")
-                _check_order(model, d, obs)
-            result = simulate_and_bound(density, method, proposal, None, num_data, fit_steps, progress, run_options)
-            if nuisance:
-                with torch.enable_grad() if differentiable else torch.no_grad():
-                    result = _with_nuisance(density, result, targets, nuisance, num_nuisance)
-        result.settings.update({"proposal": proposal, "seed": seed, "targets": list(targets)})
-        results.append(result)
+    together, why = None, "a single design"
+    if batch_shape:
+        why = _one_by_one_reason(method, proposal, vectorize)
+        if why is None:
+            try:
+                with seeded(seed, method, {}):  # the probe's draws
+                    together = _designs_density(model, designs, obs)
+            except ValueError as e:  # the design plates do not enclose the model, or it mixes designs
+                why = f"the design batch does not run as one data plate ({str(e).splitlines()[0]})"
+    if together is not None:
+        result = _bound(model, lambda: together, designs, target_labels, num_nuisance, method, proposal,
+                        num_data * len(designs), fit_steps, differentiable, progress, seed, options)
+        results = _split(result, len(designs))
+    else:
+        results = [_bound(model, lambda: ModelDensity(model, obs, model_args=(d,), vectorize=vectorize), d,
+                          target_labels, num_nuisance, method, proposal, num_data, fit_steps, differentiable,
+                          progress, seed, options) for d in designs]
+    for r in results:
+        r.settings["designs"] = "together" if together is not None else "one by one"
+        if batch_shape and together is None:
+            r.notes.append(f"the {len(designs)} designs ran one at a time: {why}")
     return _collect(results, batch_shape, time.perf_counter() - start)
+
+
+#: methods whose per-point values depend on that point alone, when the proposal is the prior
+_POINTWISE_METHODS = ("ba",) + _LOG_PX_METHODS
+
+
+def _one_by_one_reason(method: str, proposal: str, vectorize: str) -> str | None:
+    """Why a design batch must run one design at a time (None: it can run as one batch)."""
+    if proposal != "prior":
+        return "a fitted proposal is fitted to each design"
+    if method not in _POINTWISE_METHODS:
+        return f"{method} trains on each design's points"
+    if vectorize not in ("auto", "plate"):
+        return f"vectorize={vectorize!r} runs one design point by point"
+    return None
+
+
+def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str]) -> ModelDensity:
+    """The density of B designs x N experiments as one data-plate model: the model run on a
+    batch of designs (B', ...), whose design plates then act as the data plate, with design
+    ``i % B`` at data point i (a covariate, see :class:`~pyro_mi.density.ModelDensity`).
+
+    Raises:
+        ValueError: the model does not run as a data-plate model on the batch (a site outside
+            the design plate, or a point's density that depends on the other designs).
+    """
+    def batched(design, **observed):
+        return poutine.condition(model, data=observed)(design)
+
+    with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+        trace = poutine.trace(model).get_trace(designs)
+    template = {o: trace.nodes[o]["value"].detach() for o in obs if o in trace.nodes}
+    if len(template) != len(obs):
+        missing = [o for o in obs if o not in template]
+        raise ValueError(f"observation site {missing[0]!r} is not a sample site of the model")
+    return ModelDensity(batched, obs, data=template, covariates={"design": designs})
+
+
+def _bound(model, make_density: Callable[[], ModelDensity], design, target_labels, num_nuisance, method, proposal,
+           num_data, fit_steps, differentiable, progress, seed, options) -> MIResult:
+    """One seeded run of ``method`` on the density ``make_density()`` (of one design, or of a design
+    batch as data points)."""
+    run_options = dict(options)  # a fresh seeded generator per run
+    with seeded(seed, method, run_options):
+        density = make_density()
+        targets = _check_targets(density, target_labels)
+        nuisance = [s.name for s in density.latent_sites if s.name not in targets]
+        if nuisance:
+            if method not in _LOG_PX_METHODS:
+                raise ValueError(f"with nuisance latents {nuisance}, method must bound log p(y) per point: one "
+                                 f"of {list(_LOG_PX_METHODS)}, not {method!r}")
+            _check_order(model, design, density.obs_sites)
+        result = simulate_and_bound(density, method, proposal, None, num_data, fit_steps, progress, run_options)
+        if nuisance:
+            with torch.enable_grad() if differentiable else torch.no_grad():
+                result = _with_nuisance(density, result, targets, nuisance, num_nuisance)
+    result.settings.update({"proposal": proposal, "seed": seed, "targets": list(targets)})
+    return result
+
+
+def _split(result: MIResult, num_designs: int) -> list[MIResult]:
+    """The per-design results of a run over B designs, whose data point i has design i % B:
+    per-point values, per-point diagnostics, x and z of each design's points (the joint run's
+    warnings, but a crossing of its sides, which each design checks for itself)."""
+    total = result.num_data
+
+    def rows(v, b):
+        return v[b::num_designs] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == total else v
+
+    return [MIResult(
+        result.method,
+        lower_per_point=rows(result.lower_per_point, b),
+        upper_per_point=rows(result.upper_per_point, b),
+        settings=dict(result.settings),
+        diagnostics={k: rows(v, b) for k, v in result.diagnostics.items()},
+        warnings=[w for w in result.warnings if not w.startswith(CROSSED)],
+        notes=list(result.notes),
+        x={k: rows(v, b) for k, v in result.x.items()},
+        z=rows(result.z, b),
+    ) for b in range(num_designs)]
 
 
 def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -> MIResult:

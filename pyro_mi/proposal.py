@@ -3,7 +3,9 @@
 A proposal has ``rsample(x, num_samples) -> (z, log_q)`` with shapes
 (K, N, D) and (K, N), and ``log_prob(z, x) -> (..., N)``, all in nats and for
 the packed unconstrained z (the log-Jacobian of Pyro's transforms included, as
-in :mod:`pyro_mi.density`). Three kinds:
+in :mod:`pyro_mi.density`); one that can give the importance log weights of fresh
+draws more cheaply than ``log p(x, z) - log q`` has ``log_weights(x, num_samples)
+-> (K, N)``. Three kinds:
 
 * :class:`PriorProposal`: q(z|x) = p(z);
 * :class:`GuideDensity`: a user's Pyro guide (one-data-point guides take the
@@ -45,6 +47,10 @@ class PriorProposal:
     def log_prob(self, z: torch.Tensor, x: Data) -> torch.Tensor:
         """log p(z) for packed z (..., N, D) -> (..., N)."""
         return self.density.log_prior(z, x)
+
+    def log_weights(self, x: Data, num_samples: int) -> torch.Tensor:
+        """Importance log weights log p(x, z_k) - log p(z_k) = log p(x|z_k) of K fresh draws: (K, N)."""
+        return self.density.prior_log_likelihood(x, num_samples)
 
     def parameters(self) -> Iterable[torch.Tensor]:
         return iter(())

@@ -11,6 +11,8 @@ import torch
 #: what the two kinds of numbers mean, in the words every result prints
 SANDWICH_WORDS = "bounds on the MI of these {n} simulated points"
 INTERVAL_WORDS = "95% interval for the model's MI"
+#: how the warning of crossed sides begins
+CROSSED = "the sides crossed"
 
 
 def mean_and_stderr(values: torch.Tensor | None) -> tuple[float | None, float | None]:
@@ -98,7 +100,7 @@ class MIResult:
         self.num_data = 0 if pp is None else int(pp.numel())
         if self.gap is not None and self.gap < 0:
             self.warnings.append(
-                f"the sides crossed: lower exceeds upper by {-self.gap:.3g} nats. Each side is a bound in "
+                f"{CROSSED}: lower exceeds upper by {-self.gap:.3g} nats. Each side is a bound in "
                 "expectation over its own random draws, so their means can cross by Monte-Carlo noise; "
                 "a crossing larger than the standard errors means a side is not a bound here"
             )

@@ -94,7 +94,7 @@ def test_streaming_matches_direct_computation(monkeypatch):
         def log_prob(self, z_, x_):
             return q.log_prob(z_, x_)
 
-    monkeypatch.setattr(importance, "CHUNK_EVALS", 7 * 200)  # 7 particles per chunk
+    monkeypatch.setattr(importance, "CHUNK_NUMBERS", 7 * 200 * (d.latent_dim + d.obs_dim))  # 7 particles a chunk
     with torch.no_grad():
         r = iwae_bounds(d, Recording(), x, z, num_particles=50, progress=False)
         assert len(draws) == 8

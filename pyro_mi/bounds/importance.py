@@ -24,10 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..density import Data, ModelDensity
+from ..proposal import PriorProposal
 from ..result import MIResult, require_finite
 
-#: number of (particle, data point) log-weight evaluations per chunk
-CHUNK_EVALS = 1 << 16
+#: latent and observed numbers per chunk of (particle, data point) log-weight evaluations (at
+#: most 2^20 evaluations): a small model takes few, large chunks, and so few model runs
+CHUNK_NUMBERS = 1 << 22
 #: a warning is attached below this mean importance ESS (as for AIS)
 ESS_WARNING = 1.5
 
@@ -43,23 +45,28 @@ def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Te
     Also returns log q(z|x) - log p(z) (the BA lower bound per point).
     """
     log_prior, log_lik = density.log_terms(x, z)
-    log_q = proposal.log_prob(z, x)
+    log_q = log_prior if isinstance(proposal, PriorProposal) else proposal.log_prob(z, x)
     return log_prior + log_lik - log_q, log_lik, log_q - log_prior
 
 
 def _stream(density, proposal, x, num_particles, progress, desc):
-    """Yields log weights (k, N) of proposal draws, chunk by chunk, K in all."""
+    """Yields log weights (k, N) of proposal draws, chunk by chunk, K in all (the proposal's own
+    ``log_weights`` where it has one: the prior's need one model run, not three)."""
     N = next(iter(density.check_data(x).values())).shape[0]
-    chunk = max(1, min(num_particles, CHUNK_EVALS // max(N, 1)))
+    evals = min(1 << 20, CHUNK_NUMBERS // (density.latent_dim + density.obs_dim))
+    chunk = max(1, min(num_particles, evals // max(N, 1)))
+    log_weights = getattr(proposal, "log_weights", None)
     bar = tqdm(total=num_particles, desc=desc, disable=not progress or num_particles <= chunk, leave=False)
     done = 0
     while done < num_particles:
         k = min(chunk, num_particles - done)
         # a draw where p(x, z) = 0 has log weight -inf: not an error
         with pyro.validation_enabled(False):
-            z, log_q = proposal.rsample(x, k)
-            log_joint = density.log_joint(x, z)
-        yield log_joint - log_q
+            if log_weights is not None:
+                yield log_weights(x, k)
+            else:
+                z, log_q = proposal.rsample(x, k)
+                yield density.log_joint(x, z) - log_q
         done += k
         bar.update(k)
     bar.close()
@@ -113,11 +120,18 @@ def _iwae(density, proposal, x, z, num_particles, progress) -> MIResult:
     lse_sq = torch.full_like(log_w_true, -math.inf)
     seen = 0
     for log_w in _stream(density, proposal, x, K, progress, "IWAE"):
-        lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
-        lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
-        keep = min(log_w.shape[0], K - 1 - seen)
-        if keep > 0:
-            lse_eubo = torch.logaddexp(lse_eubo, torch.logsumexp(log_w[:keep], 0))
+        keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one overall
+        if keep > 0:  # sums of w and w^2 (the ESS) from one exp, relative to the chunk's max
+            top = log_w[:keep].max(0).values
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            w = torch.exp(log_w[:keep] - top)
+            part = top + w.sum(0).log()
+            lse_eubo = torch.logaddexp(lse_eubo, part)
+            lse = torch.logaddexp(lse, part)
+            lse_sq = torch.logaddexp(lse_sq, 2 * top + (w * w).sum(0).log())
+        if keep < log_w.shape[0]:
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w[keep:], 0))
+            lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w[keep:], 0))
         seen += log_w.shape[0]
     elbo = lse - math.log(K)
     eubo = lse_eubo - math.log(K)

@@ -82,6 +82,11 @@ class ModelDensity:
         data: for a data-plate model, observed values ``{site: (n, *shape)}``
             (or one tensor if there is one observed site); only their shapes are
             used, as the template for simulation.
+        covariates: for a data-plate model, per-data-point keyword arguments of the model
+            ``{name: (n, ...)}``, row j belonging to row j of ``data``: data point i of every
+            batch pyro_mi simulates or evaluates gets row i % n (so data simulated by this
+            density keeps each point's covariates; e.g. a batch of designs). Passed to the
+            model only, not to a guide.
         vectorize: how a batch of (chain, data point) pairs is run (see
             :mod:`pyro_mi.density.pointwise`): ``"plate"`` (the model batched inside
             pyro_mi's plates, the fastest), ``"vmap"`` (``torch.func.vmap`` over the
@@ -119,6 +124,7 @@ class ModelDensity:
         model_args: tuple = (),
         model_kwargs: dict | None = None,
         data: Data | torch.Tensor | None = None,
+        covariates: Mapping[str, torch.Tensor] | None = None,
         vectorize: str = "auto",
     ):
         if not callable(model):
@@ -136,8 +142,23 @@ class ModelDensity:
         self.model_kwargs = dict(model_kwargs or {})
         self.has_data_plate = data is not None
         self._template = self.check_data(data, name="data") if data is not None else None
+        self._covariates = self._check_covariates(covariates)
         self.notices: list[str] = []
         self._probe(vectorize)
+
+    def _check_covariates(self, covariates) -> tuple[str, ...]:
+        """Adds ``covariates`` to the data template; returns their names."""
+        if not covariates:
+            return ()
+        if not self.has_data_plate:
+            raise ValueError("covariates need a data-plate model (data given)")
+        n = next(iter(self._template.values())).shape[0]
+        for k, v in covariates.items():
+            if k in self.obs_sites or not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n:
+                raise ValueError(f"covariate {k!r} must be a tensor with one row per data point of data ({n}), "
+                                 "named unlike an observed site")
+        self._template.update(covariates)
+        return tuple(covariates)
 
     # ------------------------------------------------------------------ probe
     def _probe(self, vectorize: str) -> None:
@@ -268,6 +289,7 @@ class ModelDensity:
         plates = self._plates
         cond = {k: plates.point(v, c, i) for k, v in values.items()}
         x1 = {o: self._to_data(cond[o]) for o in self.obs_sites}
+        x1.update(self._template_of(1, self._covariates, start=i))
         try:
             one = plates.trace(poutine.condition(self._call, data=cond), 1, 1, x1)
         except ValueError:
@@ -341,8 +363,8 @@ class ModelDensity:
         # uncondition innermost, so that only the model's own observations are released
         fn = poutine.uncondition(self._call) if sample_obs else self._call
         fn = poutine.condition(fn, data=cond)
-        if x is None and self.has_data_plate:
-            x = self._template_of(num_data)
+        if self.has_data_plate:
+            x = self._template_of(num_data) if x is None else {**self._template_of(num_data, self._covariates), **x}
         return self.trace_program(fn, num_chains, num_data, x)
 
     def draw(self, num_chains: int, num_data: int, x: Data | None = None, cond: Mapping | None = None,
@@ -410,9 +432,11 @@ class ModelDensity:
         (C, 1.., N, *shape) -> shape."""
         return self._plates.point_shape(value)
 
-    def _template_of(self, num_data: int) -> dict:
-        idx = torch.arange(num_data) % next(iter(self._template.values())).shape[0]
-        return {k: v[idx] for k, v in self._template.items()}
+    def _template_of(self, num_data: int, keys=None, start: int = 0) -> dict:
+        """Rows start .. start + num_data of the template (observed values and covariates; only
+        ``keys`` if given), cyclically."""
+        idx = (start + torch.arange(num_data)) % next(iter(self._template.values())).shape[0]
+        return {k: v[idx] for k, v in self._template.items() if keys is None or k in keys}
 
     def _to_data(self, value: torch.Tensor) -> torch.Tensor:
         """(chains, 1.., num_data, *shape) value of the first chain -> (num_data, *shape)."""
@@ -543,6 +567,24 @@ class ModelDensity:
                                differentiable=torch.is_grad_enabled())
         z = self.pack({k: values[k] for k in self._latent_names})
         return z, self.log_prior(z, x)
+
+    def prior_log_likelihood(self, x: Data, num_samples: int) -> torch.Tensor:
+        """log p(x|z_k) for K = ``num_samples`` draws z_k ~ p(z) per data point: (K, N), nats.
+
+        These are the importance log weights log p(x, z) - log q(z|x) of the prior proposal,
+        computed by running the model once with x observed (the latents drawn as it runs),
+        so log p(z) is never evaluated (nested Monte Carlo's inner term). With gradients on,
+        latents are drawn by ``rsample``.
+        """
+        x = self.check_data(x)
+        N, K = next(iter(x.values())).shape[0], num_samples
+        if self._points is not None:
+            values = self._points.draw(K, N, {o: v.expand((K,) + v.shape) for o, v in x.items()},
+                                       differentiable=torch.is_grad_enabled())
+            skip = frozenset(self._latent_names)
+            return sum(self.site_log_probs(values, x, K, N, skip).values())
+        trace = self._trace(K, N, {} if self.has_data_plate else dict(x), x, sample_obs=False)
+        return self.per_point_log_prob(trace, self.obs_sites, K, N)
 
     def log_terms(self, x: Data, z: torch.Tensor, likelihood: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(log p(z), log p(x|z))`` for packed z of shape (*S, N, D), each (*S, N).

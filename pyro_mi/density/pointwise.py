@@ -43,6 +43,20 @@ from .plates import _sample_sites
 VECTORIZE = ("plate", "vmap", "loop")
 
 
+def _sample_out_of_place(fn) -> torch.Tensor:
+    """A draw of ``fn`` without in-place ops: torch's Gamma clamps its draw in place, an op
+    vmap has no batching rule for and runs point by point (10x slower); here it is clamped
+    out of place. Every other distribution draws by ``fn.sample()``."""
+    base = fn
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if type(base) in (torch.distributions.Gamma, pyro.distributions.Gamma):
+        shape = base.batch_shape + base.event_shape
+        value = torch._standard_gamma(base.concentration.expand(shape)) / base.rate.expand(shape)
+        return value.clamp(min=torch.finfo(value.dtype).tiny)
+    return fn.sample()
+
+
 class _DrawBySample(Messenger):
     """Draws each unobserved site by ``fn.sample()``: torch's ``rsample`` of a Normal fills a
     fresh tensor in place, which vmap cannot make differ between points; ``sample`` draws
@@ -50,7 +64,7 @@ class _DrawBySample(Messenger):
 
     def _process_message(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"] and msg["value"] is None:
-            msg["value"] = msg["fn"].sample()
+            msg["value"] = _sample_out_of_place(msg["fn"])
 
 
 class PointwiseModel:
