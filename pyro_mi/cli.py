@@ -334,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--model-arg", metavar="NAME=FILE", action="append", default=[],
                      help="pass the array in FILE (.npy, or .npz with one array or one named NAME) to the model "
                           "as keyword argument NAME (e.g. a design); repeatable")
-    est.add_argument("--vectorize", default="auto", choices=("auto", "plate", "vmap", "loop"),
-                     help="how a one-data-point model is run over a batch: batched in plates, torch.func.vmap over "
-                          "points, or a loop; auto takes the first that runs and is checked (default auto)")
+    est.add_argument("--vectorize", default="auto", choices=("auto", "plate", "vmap", "loop", "fold"),
+                     help="how the model is run over a batch: batched in plates, torch.func.vmap over points, or a "
+                          "loop (a one-data-point model); plates, or chains folded into its data plate (a model "
+                          "with --data); auto takes the first that runs and is checked (default auto)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.add_argument("--no-progress", action="store_true")

@@ -248,26 +248,23 @@ def eig(
     else:
         raise ValueError(f"batch_dims must be an integer in [0, {design.dim() - 1}], got {batch_dims!r}")
     designs = design.reshape((-1,) + design.shape[len(batch_shape):])
-    together, why = None, "a single design"
-    if batch_shape:
-        why = _one_by_one_reason(method, proposal, vectorize)
-        if why is None:
-            try:
-                with seeded(seed, method, {}):  # the probe's draws
-                    together = _designs_density(model, designs, obs)
-            except ValueError as e:  # the design plates do not enclose the model, or it mixes designs
-                why = f"the design batch does not run as one data plate ({str(e).splitlines()[0]})"
-    if together is not None:
-        result = _bound(model, lambda: together, designs, target_labels, num_nuisance, method, proposal,
-                        num_data * len(designs), fit_steps, differentiable, progress, seed, options)
-        results = _split(result, len(designs))
-    else:
+    together = False
+    why = _one_by_one_reason(method, proposal, vectorize) if batch_shape else None
+    if batch_shape and why is None:
+        try:
+            result = _bound(model, lambda: _designs_density(model, designs, obs), designs, target_labels,
+                            num_nuisance, method, proposal, num_data * len(designs), fit_steps, differentiable,
+                            progress, seed, options)
+            results, together = _split(result, len(designs)), True
+        except _NotTogether as e:
+            why = str(e)
+    if not together:
         results = [_bound(model, lambda: ModelDensity(model, obs, model_args=(d,), vectorize=vectorize), d,
                           target_labels, num_nuisance, method, proposal, num_data, fit_steps, differentiable,
                           progress, seed, options) for d in designs]
     for r in results:
-        r.settings["designs"] = "together" if together is not None else "one by one"
-        if batch_shape and together is None:
+        r.settings["designs"] = "together" if together else "one by one"
+        if batch_shape and not together:
             r.notes.append(f"the {len(designs)} designs ran one at a time: {why}")
     return _collect(results, batch_shape, time.perf_counter() - start)
 
@@ -287,14 +284,19 @@ def _one_by_one_reason(method: str, proposal: str, vectorize: str) -> str | None
     return None
 
 
+class _NotTogether(Exception):
+    """The design batch does not run as one data plate (the reason)."""
+
+
 def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str]) -> ModelDensity:
     """The density of B designs x N experiments as one data-plate model: the model run on a
-    batch of designs (B', ...), whose design plates then act as the data plate, with design
+    batch of designs (B, ...), whose design plate then acts as the data plate, with design
     ``i % B`` at data point i (a covariate, see :class:`~pyro_mi.density.ModelDensity`).
 
     Raises:
-        ValueError: the model does not run as a data-plate model on the batch (a site outside
-            the design plate, or a point's density that depends on the other designs).
+        _NotTogether: the model does not run as a data-plate model on the batch (a site
+            outside the design plate, sites that do not broadcast over pyro_mi's chains, or a
+            point's density that depends on the other designs), with the reason.
     """
     def batched(design, **observed):
         return poutine.condition(model, data=observed)(design)
@@ -302,10 +304,10 @@ def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str])
     with torch.random.fork_rng(), torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(designs)
     template = {o: trace.nodes[o]["value"].detach() for o in obs if o in trace.nodes}
-    if len(template) != len(obs):
-        missing = [o for o in obs if o not in template]
-        raise ValueError(f"observation site {missing[0]!r} is not a sample site of the model")
-    return ModelDensity(batched, obs, data=template, covariates={"design": designs})
+    try:
+        return ModelDensity(batched, obs, data=template, covariates={"design": designs})
+    except ValueError as e:
+        raise _NotTogether(f"the design batch does not run as one data plate ({str(e).splitlines()[0]})") from e
 
 
 def _bound(model, make_density: Callable[[], ModelDensity], design, target_labels, num_nuisance, method, proposal,

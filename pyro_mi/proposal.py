@@ -163,12 +163,13 @@ class GuideDensity:
     def _trace(self, x: Data, num_samples: int, cond: dict):
         x = self.density.check_data(x)
         n = next(iter(x.values())).shape[0]
-        return self.density.trace_program(poutine.condition(self._call, data=cond), num_samples, n, x, "guide")
+        return self.density.trace_program(self._call, num_samples, n, x, "guide", cond)
 
     def rsample(self, x: Data, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """z ~ q(z|x): returns z (K, N, D) and log q(z|x) (K, N), reparameterised where the guide is."""
         trace = self._trace(x, num_samples, {})
-        z = self.density.pack({s["name"]: s["value"] for s in _sample_sites(trace)})
+        n = next(iter(self.density.check_data(x).values())).shape[0]
+        z = self.density.pack(self.density.site_values(trace, num_samples, n))
         return z, self.log_prob(z, x)
 
     def log_prob(self, z: torch.Tensor, x: Data) -> torch.Tensor:

@@ -186,3 +186,61 @@ def test_scale_and_mask_are_applied():
     d = ModelDensity(model, "x")
     x, z = d.sample(4)
     torch.testing.assert_close(d.log_likelihood(x, z), 2.0 * dist.Normal(z[:, 0], 1.0).log_prob(x["x"]))
+
+
+def _regression(mix=False):
+    """A data-plate regression y_i ~ N(c_i z_i, 0.5) with a covariate c_i per point."""
+    def model(cov, y=None):
+        scale = cov.mean() if mix else cov  # mix: every point sees the whole batch
+        with pyro.plate("data", cov.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            return pyro.sample("y", dist.Normal(scale * z, 0.5), obs=y)
+    return model
+
+
+def test_covariates_follow_their_data_points():
+    cov = torch.tensor([0.5, 1.0, 2.0])
+    d = ModelDensity(_regression(), "y", data=torch.zeros(3), covariates={"cov": cov})
+    pyro.set_rng_seed(0)
+    x, z = d.sample(7)  # point i has covariate i % 3
+    c = cov[torch.arange(7) % 3]
+    lp, ll = d.log_terms(x, z)
+    torch.testing.assert_close(ll, dist.Normal(c * z[:, 0], 0.5).log_prob(x["y"]))
+    torch.testing.assert_close(lp, dist.Normal(0.0, 1.0).log_prob(z[:, 0]))
+    zk = torch.randn(5, 7, 1)
+    torch.testing.assert_close(d.log_likelihood(x, zk), dist.Normal(c * zk[..., 0], 0.5).log_prob(x["y"]))
+
+
+def test_covariates_mixed_across_points_are_refused():
+    with pytest.raises(ValueError, match="depends on the other points"):
+        ModelDensity(_regression(mix=True), "y", data=torch.zeros(3), covariates={"cov": torch.tensor([0.5, 1.0, 2.0])})
+    with pytest.raises(ValueError, match="one row per data point"):
+        ModelDensity(_regression(), "y", data=torch.zeros(3), covariates={"cov": torch.ones(2)})
+    with pytest.raises(ValueError, match="data-plate model"):
+        ModelDensity(two_sites()[0], "x", covariates={"cov": torch.ones(2)})
+
+
+def test_data_plate_model_that_does_not_broadcast_over_chains_runs_folded():
+    """expand(own batch shape), as glmm's normal-inverse-gamma model writes it: the chains run as
+    rows of the model's data plate, with the same draws and densities as the broadcasting model."""
+    def model(y=None, rigid=True):
+        n = y.shape[0]
+        with pyro.plate("data", n):
+            tau = pyro.sample("tau", dist.Gamma(3.0, 3.0))
+            sd = tau.rsqrt().expand((n,)) if rigid else tau.rsqrt()
+            return pyro.sample("y", dist.Normal(0.0, sd), obs=y)
+
+    template = torch.zeros(4)
+    with pytest.raises(ValueError, match="failed after site 'tau'"):
+        ModelDensity(model, "y", data=template, vectorize="plate")
+    folded = ModelDensity(model, "y", data=template)
+    plain = ModelDensity(lambda y=None: model(y, rigid=False), "y", data=template)
+    assert (folded.vectorize, plain.vectorize) == ("fold", "plate") and "folded" in folded.notices[0]
+    runs = []
+    for d in (folded, plain):
+        pyro.set_rng_seed(0)
+        x, z = d.sample(6)
+        zk = torch.randn(3, 6, 1)
+        runs.append((x["y"], z, *d.log_terms(x, zk), d.prior_log_likelihood(x, 5)))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b)

@@ -143,6 +143,11 @@ def test_pyro_glmm_models_run_unchanged(name):
     r = pyro_mi.eig(model, design, "y", targets, batch_dims=1, num_data=100, num_particles=50, num_nuisance=50)
     assert r.lower.shape == (2,) and torch.isfinite(r.lower).all() and torch.isfinite(r.upper).all()
     assert torch.all(r.lower <= r.upper + 3 * (r.lower_stderr + r.upper_stderr))
+    # designs run together where the design plate encloses the model (nig and lmer expand their
+    # draws to the design batch: their chains run folded into the design plate)
+    assert r.results[0].settings["designs"] == ("one by one" if name == "sigmoid" else "together")
+    if name == "sigmoid":  # it samples k outside its plates
+        assert "ran one at a time" in r.results[0].notes[-1] and "'k'" in r.results[0].notes[-1]
 
 
 def test_bad_requests_are_refused():

@@ -120,18 +120,11 @@ def _iwae(density, proposal, x, z, num_particles, progress) -> MIResult:
     lse_sq = torch.full_like(log_w_true, -math.inf)
     seen = 0
     for log_w in _stream(density, proposal, x, K, progress, "IWAE"):
-        keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one overall
-        if keep > 0:  # sums of w and w^2 (the ESS) from one exp, relative to the chunk's max
-            top = log_w[:keep].max(0).values
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            w = torch.exp(log_w[:keep] - top)
-            part = top + w.sum(0).log()
-            lse_eubo = torch.logaddexp(lse_eubo, part)
-            lse = torch.logaddexp(lse, part)
-            lse_sq = torch.logaddexp(lse_sq, 2 * top + (w * w).sum(0).log())
-        if keep < log_w.shape[0]:
-            lse = torch.logaddexp(lse, torch.logsumexp(log_w[keep:], 0))
-            lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w[keep:], 0))
+        keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one is in the EUBO
+        head, tail = torch.logsumexp(log_w[:keep], 0), torch.logsumexp(log_w[keep:], 0)  # empty: -inf
+        lse_eubo = torch.logaddexp(lse_eubo, head)
+        lse = torch.logaddexp(lse, torch.logaddexp(head, tail))
+        lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
         seen += log_w.shape[0]
     elbo = lse - math.log(K)
     eubo = lse_eubo - math.log(K)

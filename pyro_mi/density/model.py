@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -21,6 +22,8 @@ Data = Mapping[str, torch.Tensor]
 # first and the last point are also evaluated alone (two points catch a reduction over
 # the batch, and a dependence on a neighbour or on the first point; each costs a trace)
 _PROBE_CHAINS, _PROBE_DATA = 2, 3
+#: the ways of running a data-plate model, in the order ``"auto"`` tries them
+_DATA_PLATE_WAYS = ("plate", "fold")
 
 
 def _as_tuple(obs_sites) -> tuple[str, ...]:
@@ -93,7 +96,9 @@ class ModelDensity:
             model written for one point), ``"loop"`` (one call per point), or
             ``"auto"`` (default): the first of these that runs the model and gives, at
             two probed points, the same per-site log densities as the model run on
-            each point alone. Only ``"plate"`` applies to a data-plate model.
+            each point alone. A data-plate model runs ``"plate"`` or ``"fold"`` (its chains
+            folded into its own data plate, for sites that do not broadcast over a chains
+            dim; see :mod:`.plates`); ``"auto"`` tries them in that order.
 
     Raises:
         ValueError: an observed site that does not exist, a discrete latent
@@ -111,7 +116,7 @@ class ModelDensity:
         latent_sites: tuple of :class:`LatentSite`, in trace order.
         latent_dim: D, the length of the packed unconstrained latent vector.
         obs_shapes: ``{site: per-data-point shape}`` of the observed values.
-        vectorize: the way chosen (``"plate"``, ``"vmap"`` or ``"loop"``).
+        vectorize: the way chosen (``"plate"``, ``"vmap"``, ``"loop"`` or ``"fold"``).
         notices: sentences for a result's notes (the way chosen, when it is not
             ``"plate"``, why, and what a point costs).
     """
@@ -129,12 +134,14 @@ class ModelDensity:
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if vectorize != "auto" and vectorize not in VECTORIZE:
-            raise ValueError(f"vectorize must be 'auto' or one of {VECTORIZE}, got {vectorize!r}")
-        if data is not None and vectorize not in ("auto", "plate"):
+        if vectorize != "auto" and vectorize not in VECTORIZE + _DATA_PLATE_WAYS:
+            raise ValueError(f"vectorize must be 'auto' or one of {VECTORIZE + _DATA_PLATE_WAYS[1:]}, "
+                             f"got {vectorize!r}")
+        if vectorize != "auto" and (vectorize in _DATA_PLATE_WAYS) != (data is not None or vectorize == "plate"):
             raise ValueError(
-                f"vectorize={vectorize!r} runs a one-data-point model point by point; a data-plate model "
-                "(data given) is always run batched in its own plate"
+                f"vectorize={vectorize!r} does not apply to a {'data-plate' if data is not None else 'one-data-point'} "
+                f"model: a data-plate model (data given) runs one of {_DATA_PLATE_WAYS}, a one-data-point "
+                f"model one of {VECTORIZE}"
             )
         self.model = model
         self.obs_sites = _as_tuple(obs_sites)
@@ -199,13 +206,13 @@ class ModelDensity:
         # an observed site without a density (a simulator): evaluated only where a method needs p(x|z)
         self._no_density = frozenset(o for o in self.obs_sites if not _has_density(sites[o]))
         self._alone = None if self.has_data_plate else self._pointwise(sites, "loop")
-        ways = VECTORIZE if vectorize == "auto" else (vectorize,)
-        if self.has_data_plate:
-            ways = ("plate",)
+        ways = (_DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE) if vectorize == "auto" else (vectorize,)
         failures = []
+        layout = self._plates
         for way in ways:
             self.vectorize = way
-            self._points = None if way == "plate" else self._pointwise(sites, way)
+            self._plates = dataclasses.replace(layout, folded=way == "fold")
+            self._points = None if way in _DATA_PLATE_WAYS else self._pointwise(sites, way)
             try:
                 self._probe_batch()
             except BatchingError as e:
@@ -246,6 +253,9 @@ class ModelDensity:
 
     def _notice(self, failures: list[str]) -> str:
         """Why the model is not run batched, how it is run, and what a point costs."""
+        if self.vectorize == "fold":
+            return (f"the model's sites do not broadcast over pyro_mi's chains dim ({'; '.join(failures)}); its "
+                    "chains run folded into its own data plate (C x N rows), as fast as batched")
         C, N = 2, 32
         with torch.random.fork_rng(), poutine.block():
             with torch.no_grad():
@@ -291,7 +301,7 @@ class ModelDensity:
         x1 = {o: self._to_data(cond[o]) for o in self.obs_sites}
         x1.update(self._template_of(1, self._covariates, start=i))
         try:
-            one = plates.trace(poutine.condition(self._call, data=cond), 1, 1, x1)
+            one = plates.trace(self._call, 1, 1, x1, cond=cond)
         except ValueError:
             return None
         return {s["name"]: plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0]
@@ -362,10 +372,9 @@ class ModelDensity:
     def _trace(self, num_chains: int, num_data: int, cond: dict, x: Data | None, sample_obs: bool):
         # uncondition innermost, so that only the model's own observations are released
         fn = poutine.uncondition(self._call) if sample_obs else self._call
-        fn = poutine.condition(fn, data=cond)
         if self.has_data_plate:
             x = self._template_of(num_data) if x is None else {**self._template_of(num_data, self._covariates), **x}
-        return self.trace_program(fn, num_chains, num_data, x)
+        return self.trace_program(fn, num_chains, num_data, x, cond=cond)
 
     def draw(self, num_chains: int, num_data: int, x: Data | None = None, cond: Mapping | None = None,
               differentiable: bool = False) -> tuple[dict, dict]:
@@ -388,7 +397,7 @@ class ModelDensity:
             return self._points.draw(num_chains, num_data, cond, differentiable), self._points.fns
         trace = self._trace(num_chains, num_data, cond, x, sample_obs=True)
         sites = [s for s in _sample_sites(trace) if not isinstance(s["fn"], dist.Unit)]
-        return {s["name"]: s["value"] for s in sites}, {s["name"]: s["fn"] for s in sites}
+        return self.site_values(trace, num_chains, num_data), {s["name"]: s["fn"] for s in sites}
 
     def site_log_probs(self, values: Mapping, x: Data, num_chains: int, num_data: int, skip=frozenset()) -> dict:
         """Per-site log densities ``{site: (C, N)}`` (nats) of the model conditioned on
@@ -409,15 +418,24 @@ class ModelDensity:
         return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
                 for s in _sample_sites(trace) if s["name"] not in skip}
 
-    def trace_program(self, fn: Callable, num_chains: int, num_data: int, x: Data | None, what: str = "model"):
-        """Traces ``fn(x)`` inside pyro_mi's chains plate (and, for a one-data-point
-        model, its data plate), at the plate dims of this model. Used for the model
-        and for guides, so that both see the same batch layout.
+    def trace_program(self, fn: Callable, num_chains: int, num_data: int, x: Data | None, what: str = "model",
+                      cond: Mapping | None = None):
+        """Traces ``fn(x)``, conditioned on ``cond`` ``{site: (C, 1.., N, *shape)}``, inside
+        pyro_mi's chains plate (and, for a one-data-point model, its data plate), at the
+        plate dims of this model (see :meth:`PlateLayout.trace`; read its values with
+        :meth:`site_values`). Used for the model and for guides, so that both see the same
+        batch layout.
 
         Raises :class:`BatchingError` (a ValueError), naming the last site reached, if the
         program fails when batched (typically a one-data-point model whose sites do not
         broadcast)."""
-        return self._plates.trace(fn, num_chains, num_data, x, what)
+        return self._plates.trace(fn, num_chains, num_data, x, what, cond)
+
+    def site_values(self, trace, num_chains: int, num_data: int) -> dict[str, torch.Tensor]:
+        """``{site: value (C, 1.., N, *shape)}`` of the sample sites (but ``pyro.factor`` ones) of a
+        :meth:`trace_program` trace."""
+        return {s["name"]: self._plates.unfold(s["value"], num_chains, num_data)
+                for s in _sample_sites(trace) if not isinstance(s["fn"], dist.Unit)}
 
     def per_point_log_prob(self, trace, sites: Sequence[str], num_chains: int, num_data: int) -> torch.Tensor:
         """Sums the log densities of the named sites of a :meth:`trace_program` trace to (C, N)."""

@@ -2,7 +2,9 @@
 
 Every trace pyro_mi reads is made inside a chains plate (leftmost) and, for a
 one-data-point model, a data plate right of it; a data-plate model brings its
-own data plate. :class:`PlateLayout` records those dims for one model, traces
+own data plate. A data-plate model whose sites do not broadcast over a chains dim
+(``expand(batch_shape)`` with its own batch shape) runs *folded*: no chains plate,
+its C chains x N points as C·N rows of its own data plate (row c·N + i). :class:`PlateLayout` records those dims for one model, traces
 programs inside them and sums per-site log densities to one value per
 (chain, data point). :func:`plate_layout` finds the dims from a trace of the
 bare model and refuses batch dims that no ``pyro.plate`` declares.
@@ -51,44 +53,68 @@ class PlateLayout:
         has_data_plate: whether the model brings its own data plate.
         data_dim: the (negative) dim of the data plate.
         chains_dim: the (negative) dim of pyro_mi's chains plate, left of every other.
+        folded: a data-plate model run without the chains plate, chains folded into its
+            data plate.
     """
 
     has_data_plate: bool
     data_dim: int
     chains_dim: int
+    folded: bool = False
 
     @property
     def pos(self) -> int:
         """Index of the data dim among the batch dims right of the chains dim."""
         return (-self.chains_dim - 1) + self.data_dim
 
-    def trace(self, fn: Callable, num_chains: int, num_data: int, x: Mapping | None, what: str = "model"):
-        """Traces ``fn(x)`` inside the chains plate (and, without a data plate of the
-        model's own, pyro_mi's data plate).
+    def trace(self, fn: Callable, num_chains: int, num_data: int, x: Mapping | None, what: str = "model",
+              cond: Mapping | None = None):
+        """Traces ``fn(x)``, conditioned on ``cond`` ``{site: (C, 1.., N, *shape)}``, inside the
+        chains plate (and, without a data plate of the model's own, pyro_mi's data plate); folded,
+        on x repeated C times, without the chains plate. Site values and log densities of the
+        trace are read through :meth:`unfold` and :meth:`per_point`.
 
         Raises :class:`BatchingError` (a ValueError), naming the last site reached, if the
         program fails when batched (typically a one-data-point model whose sites do not
         broadcast)."""
+        C, N = num_chains, num_data
+        if cond:
+            fn = poutine.condition(fn, data={k: self.fold(v, C, N) for k, v in cond.items()})
         try:
-            with poutine.trace() as tracer, pyro.plate(_CHAINS, num_chains, dim=self.chains_dim):
-                if self.has_data_plate:
-                    fn(x)
+            with poutine.trace() as tracer:
+                if self.folded:
+                    fn({k: v.repeat((C,) + (1,) * (v.dim() - 1)) for k, v in x.items()})
                 else:
-                    with pyro.plate(_DATA, num_data, dim=self.data_dim):
-                        fn(x)
+                    with pyro.plate(_CHAINS, C, dim=self.chains_dim):
+                        if self.has_data_plate:
+                            fn(x)
+                        else:
+                            with pyro.plate(_DATA, N, dim=self.data_dim):
+                                fn(x)
         except (RuntimeError, ValueError, IndexError) as e:
             done = [s["name"] for s in _sample_sites(tracer.trace)]
             where = f"after site {done[-1]!r}" if done else "before its first sample site"
             raise BatchingError(
-                f"the {what} failed {where} when pyro_mi ran it batched over {num_chains} chains x "
-                f"{num_data} data points: {e}. Its sites must broadcast over leading batch dims "
+                f"the {what} failed {where} when pyro_mi ran it batched over {C} chains x "
+                f"{N} data points: {e}. Its sites must broadcast over leading batch dims "
                 "(use .to_event() for event dims, expand(batch_shape + ...) rather than expand([...]))"
             ) from e
         return tracer.trace
 
+    def fold(self, value: torch.Tensor, num_chains: int, num_data: int) -> torch.Tensor:
+        """A value in pyro_mi's layout (C or 1, 1.., N, *shape) as a trace of this layout takes it."""
+        if not self.folded:
+            return value
+        value = value.expand((num_chains, num_data) + value.shape[2:])
+        return value.reshape((num_chains * num_data,) + value.shape[2:])
+
+    def unfold(self, value: torch.Tensor, num_chains: int, num_data: int) -> torch.Tensor:
+        """A traced site value in pyro_mi's layout (C, 1.., N, *shape)."""
+        return value.reshape((num_chains, num_data) + value.shape[1:]) if self.folded else value
+
     def per_point(self, t: torch.Tensor, num_chains: int, num_data: int) -> torch.Tensor:
         """A site's log density (num_chains, *batch) summed to (num_chains, num_data)."""
-        return _per_point(t, num_chains, num_data, self.pos)
+        return _per_point(self.unfold(t, num_chains, num_data), num_chains, num_data, self.pos)
 
     def point(self, value: torch.Tensor, chain: int, index: int) -> torch.Tensor:
         """The value of one (chain, data point) of a traced site, keeping every dim:
@@ -97,7 +123,7 @@ class PlateLayout:
 
     def point_shape(self, value: torch.Tensor) -> torch.Size:
         """The shape of one data point of a traced site's value: (C, 1.., N, *shape) -> shape."""
-        return value.shape[2 + self.pos :]
+        return value.shape[1:] if self.folded else value.shape[2 + self.pos :]
 
 
 def check_declared_batch_dims(sites: Iterable[dict]) -> None:
