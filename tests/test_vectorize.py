@@ -117,6 +117,24 @@ def test_same_bounds_on_the_same_draws(densities):
     torch.testing.assert_close(results["loop"], results["plate"], rtol=1e-4, atol=1e-4)
 
 
+def test_prior_weights_agree_between_ways(densities):
+    """The prior proposal's log weights log p(x|z_k), z_k ~ p(z), drawn each way: the same mean
+    over 100 draws x 16 points within 5 se (the draws differ between ways)."""
+    pyro.set_rng_seed(3)
+    x, _ = densities["plate"].sample(16)
+    means = {}
+    for way, d in densities.items():
+        torch.manual_seed(7)
+        with torch.no_grad():
+            log_w = d.prior_log_likelihood(x, 100)
+        assert log_w.shape == (100, 16)
+        means[way] = (log_w.mean(0), log_w.std(0) / 10)
+    for way in ("vmap", "loop"):
+        diff = means[way][0] - means["plate"][0]
+        se = torch.hypot(means[way][1], means["plate"][1])
+        assert torch.all(diff.abs() < 5 * se), (way, diff / se)
+
+
 def test_one_point_model_brackets_the_truth_end_to_end():
     """``A @ z`` on a linear-Gaussian model: IWAE brackets ½ log det(I + AᵀA/σ²) per point."""
     torch.manual_seed(0)
@@ -158,6 +176,8 @@ def test_vectorize_is_checked():
 
     with pytest.raises(ValueError, match="data-plate model"):
         ModelDensity(model, "x", data=torch.zeros(3), vectorize="vmap")
+    with pytest.raises(ValueError, match="one-data-point model"):
+        ModelDensity(batched, "x", vectorize="fold")
 
 
 def test_cli_runs_a_model_file_written_for_one_point(capsys, tmp_path):

@@ -134,15 +134,10 @@ class ModelDensity:
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if vectorize != "auto" and vectorize not in VECTORIZE + _DATA_PLATE_WAYS:
-            raise ValueError(f"vectorize must be 'auto' or one of {VECTORIZE + _DATA_PLATE_WAYS[1:]}, "
-                             f"got {vectorize!r}")
-        if vectorize != "auto" and (vectorize in _DATA_PLATE_WAYS) != (data is not None or vectorize == "plate"):
-            raise ValueError(
-                f"vectorize={vectorize!r} does not apply to a {'data-plate' if data is not None else 'one-data-point'} "
-                f"model: a data-plate model (data given) runs one of {_DATA_PLATE_WAYS}, a one-data-point "
-                f"model one of {VECTORIZE}"
-            )
+        ways = _DATA_PLATE_WAYS if data is not None else VECTORIZE
+        if vectorize != "auto" and vectorize not in ways:
+            kind = "a data-plate model (data given)" if data is not None else "a one-data-point model"
+            raise ValueError(f"vectorize must be 'auto' or, for {kind}, one of {ways}; got {vectorize!r}")
         self.model = model
         self.obs_sites = _as_tuple(obs_sites)
         self.model_args = tuple(model_args)

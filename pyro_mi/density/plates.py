@@ -4,9 +4,9 @@ Every trace pyro_mi reads is made inside a chains plate (leftmost) and, for a
 one-data-point model, a data plate right of it; a data-plate model brings its
 own data plate. A data-plate model whose sites do not broadcast over a chains dim
 (``expand(batch_shape)`` with its own batch shape) runs *folded*: no chains plate,
-its C chains x N points as C·N rows of its own data plate (row c·N + i). :class:`PlateLayout` records those dims for one model, traces
-programs inside them and sums per-site log densities to one value per
-(chain, data point). :func:`plate_layout` finds the dims from a trace of the
+its C chains x N points as C·N rows of its own data plate (row c·N + i).
+:class:`PlateLayout` records those dims for one model, traces programs inside them
+and sums per-site log densities to one value per (chain, data point). :func:`plate_layout` finds the dims from a trace of the
 bare model and refuses batch dims that no ``pyro.plate`` declares.
 """
 
