@@ -50,8 +50,15 @@ class JointCritic(nn.Module):
         return self.net(xz).squeeze(-1)
 
     def pairwise(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Scores of all pairs: (B, x_dim), (M, z_dim) -> (B, M)."""
-        return self(x.unsqueeze(1), z.unsqueeze(0))
+        """Scores of all pairs: (B, x_dim), (M, z_dim) -> (B, M).
+
+        The first layer is affine in [x, z], so it is applied to x and z apart and added
+        over the pairs: B + M first-layer products instead of B M.
+        """
+        first, rest = self.net[0], self.net[1:]
+        wx, wz = first.weight[:, : self.x_dim], first.weight[:, self.x_dim :]
+        h = (x @ wx.T + first.bias).unsqueeze(1) + (z @ wz.T).unsqueeze(0)
+        return rest(h).squeeze(-1)
 
 
 class SeparableCritic(nn.Module):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bounds.dual import DUAL_METHODS, NEGATIVES, fit_dual_bound
+from .bounds.dual import CRITICS, DUAL_METHODS, NEGATIVES, PREPROCESS, fit_dual_bound
 from .result import MIResult
 
 __all__ = ["as_sample_tensors", "estimate_mi_samples", "load_npz"]
@@ -115,9 +115,11 @@ def estimate_mi_samples(
             minibatches (None leaves the RNG alone).
         progress: show a progress bar.
         **options: passed to :func:`pyro_mi.bounds.dual.fit_dual_bound`:
-            ``max_steps`` (2000), ``batch_size`` (256), ``lr`` (1e-3),
-            ``negatives`` ("shuffle" | "all"), ``xi``, ``critic``, ``hidden_sizes``,
-            ``val_fraction`` (0.2), ``test_fraction`` (0.2), ``patience``, ...
+            ``max_steps`` (5000), ``batch_size`` (256), ``lr`` (1e-3),
+            ``negatives`` ("shuffle" | "all"), ``xi``, ``critic`` (a module, "joint" or
+            "separable"), ``hidden_sizes``, ``preprocess`` ("robust", "standardize",
+            "gaussianize", "none"), ``val_fraction`` (0.2), ``test_fraction`` (0.2),
+            ``patience`` (20 epochs), ``lr_schedule`` ("plateau"), ...
 
     Returns:
         :class:`~pyro_mi.result.MIResult` with ``lower`` ± ``lower_stderr`` on the
@@ -187,6 +189,9 @@ def _run_estimate_samples(args: argparse.Namespace) -> MIResult:
             xi=args.xi,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
+            critic=args.critic,
+            preprocess=args.preprocess,
+            patience=args.patience,
         ).items()
         if v is not None
     }
@@ -232,7 +237,7 @@ class _SamplesResult:
             f"method        {r.method}",
             f"lower (nats)  {r.lower:9.3f} ± {r.lower_stderr:.3f}   ({where})",
             f"num_samples   {r.settings['num_samples']:9d}",
-            f"steps         {r.settings['steps']:9d}",
+            f"steps         {r.settings['steps']:9d}   ({r.settings['stop_reason']})",
             f"seconds       {r.seconds:9.2f}",
         ]
         if r.method == "infonce":
@@ -255,11 +260,15 @@ def add_estimate_samples_command(subparsers) -> None:
     p.add_argument("--x-key", default="x", help="name of the x array in the file (default x)")
     p.add_argument("--z-key", default="z", help="name of the z array in the file (default z)")
     p.add_argument("--method", default="mine", choices=DUAL_METHODS)
-    p.add_argument("--max-steps", type=int, help="maximum training steps (default 2000)")
+    p.add_argument("--max-steps", type=int, help="maximum training steps (default 5000)")
     p.add_argument("--batch-size", type=int, help="minibatch size B; InfoNCE's K (default 256)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--negatives", choices=NEGATIVES, help="negative pairs in training (default shuffle)")
     p.add_argument("--xi", type=float, help="fixed xi for --method xi (default: optimised jointly)")
+    p.add_argument("--critic", choices=CRITICS, help="critic: an MLP on [x, z] or f(x)ᵀg(z) (default: by method)")
+    p.add_argument("--preprocess", choices=PREPROCESS,
+                   help="strictly increasing per-coordinate map of x and z before training (default robust)")
+    p.add_argument("--patience", type=int, help="epochs without a better validation bound before stopping (default 20)")
     p.add_argument("--val-fraction", type=float, help="fraction held out for early stopping (default 0.2)")
     p.add_argument("--test-fraction", type=float, help="fraction held out for the reported bound (default 0.2)")
     p.add_argument("--seed", type=int, default=0)

@@ -39,6 +39,7 @@ class TrainingLog:
         best_value: the validation score of the kept parameters (nats; None
             without validation).
         stopped_early: whether ``patience`` ran out before ``max_steps``.
+        stop_reason: why training ended, in words (patience, ``max_steps``, no training).
         objective: the training objective of every step (nats, higher is better).
         validation: ``(step, score)`` of every validation evaluation.
     """
@@ -47,6 +48,7 @@ class TrainingLog:
     best_step: int = 0
     best_value: float | None = None
     stopped_early: bool = False
+    stop_reason: str = "max_steps reached"
     objective: list[float] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
 
@@ -57,6 +59,7 @@ class TrainingLog:
             "best_step": self.best_step,
             "best_value": self.best_value,
             "stopped_early": self.stopped_early,
+            "stop_reason": self.stop_reason,
         }
 
 
@@ -106,9 +109,11 @@ def train(
         module_lrs: optional per-module learning rates, one per entry of
             ``modules`` (None entries use ``lr``), e.g. a smaller one for a
             pre-fitted encoder trained jointly with a fresh critic.
-        lr_schedule: ``"constant"``, or ``"cosine"``: learning rates decayed
+        lr_schedule: ``"constant"``; ``"cosine"``: learning rates decayed
             to 0 over ``max_steps`` by a cosine (``CosineAnnealingLR``), stepped
-            after every optimisation step.
+            after every optimisation step; or ``"plateau"`` (with ``validate``): halved
+            after every ``max(1, patience // 3) + 1`` evaluations without improvement
+            (``ReduceLROnPlateau``), so that training slows down before it stops.
         checkpoint: a :class:`~pyro_mi.checkpoint.Checkpoint` (or a section of one):
             the parameters, optimiser, early-stopping state and torch's global RNG
             state are saved every ``checkpoint_every`` seconds, on KeyboardInterrupt
@@ -130,8 +135,8 @@ def train(
     _check_positive_int("patience", patience)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if lr_schedule not in ("constant", "cosine", "plateau"):
+        raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'plateau', got {lr_schedule!r}")
     if module_lrs is not None and len(module_lrs) != len(modules):
         raise ValueError(f"module_lrs must have one entry per module ({len(modules)}), got {len(module_lrs)}")
     groups, seen = [], set()
@@ -146,13 +151,18 @@ def train(
     params = [p for g in groups for p in g["params"]]
     log = TrainingLog()
     if not params or max_steps == 0:
+        log.stop_reason = "no training (max_steps = 0 or no trainable parameters)"
         if validate is not None:
             log.best_value = _evaluate(modules, validate)
             log.validation.append((0, log.best_value))
         return log
 
     opt = torch.optim.Adam(groups, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max_steps) if lr_schedule == "cosine" else None
+    sched = None
+    if lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max_steps)
+    elif lr_schedule == "plateau" and validate is not None:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=max(1, patience // 3))
     cuda = params[0].device if params[0].device.type == "cuda" else None
 
     def rng_state():
@@ -203,7 +213,13 @@ def train(
             state["best"] = [copy.deepcopy(m.state_dict()) for m in modules]
         else:
             state["bad_evals"] += 1
-        return state["bad_evals"] >= patience
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(score if math.isfinite(score) else -math.inf)
+        if state["bad_evals"] >= patience:
+            log.stop_reason = (f"patience: no better validation score in {patience} evaluations "
+                               f"({patience * eval_every} steps) after step {log.best_step}")
+            return True
+        return False
 
     bar = tqdm(range(log.steps + 1, max_steps + 1), desc=desc, disable=not progress, leave=False,
                initial=log.steps, total=max_steps)
@@ -224,7 +240,7 @@ def train(
                 nn.utils.clip_grad_norm_(params, max_grad_norm)
             phase = "update"
             opt.step()
-            if sched is not None:
+            if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
                 sched.step()
             values.append(value.detach())
             log.steps = step
