@@ -122,5 +122,20 @@ def test_fit_guide_trains_pyro_params_of_a_guide():
 
 def test_train_refuses_an_unknown_schedule():
     p = torch.nn.Linear(1, 1)
-    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine'"):
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant', 'cosine' or 'plateau'"):
         train([p], lambda step: p.weight.sum(), max_steps=1, lr_schedule="linear", progress=False)
+
+
+def test_plateau_schedule_halves_the_rate_and_says_why_it_stopped():
+    """A validation score that never improves: the rate halves after patience // 3 + 1 = 3
+    evaluations without improvement (ReduceLROnPlateau counts its own first call as one), and
+    training stops after patience = 6."""
+    p = torch.nn.Linear(1, 1)
+    log = train([p], lambda step: p.weight.sum(), validate=lambda: 0.0, max_steps=100, lr=1.0, eval_every=1,
+                patience=6, lr_schedule="plateau", progress=False)
+    assert log.steps == 6 and log.stopped_early
+    assert log.stop_reason == "patience: no better validation score in 6 evaluations (6 steps) after step 0"
+    assert log.to_dict()["stop_reason"] == log.stop_reason
+    # a constant gradient: each Adam step moves the weight by the learning rate
+    moves = torch.tensor(log.objective).diff()
+    torch.testing.assert_close(moves, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5]), atol=1e-5, rtol=0)
