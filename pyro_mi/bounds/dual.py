@@ -246,7 +246,8 @@ def _infonce_values(critic, x, z, num_negatives, generator) -> torch.Tensor:
         for a in range(0, r, step):
             b = min(r, a + step)
             scores = pair(x[idx[a:b]], zs)  # (b - a, K), the positives at columns a..b-1
-            pos = scores[torch.arange(b - a), torch.arange(a, b)]
+            rows_i = torch.arange(b - a, device=scores.device)
+            pos = scores[rows_i, rows_i + a]
             rows[p[s + a : s + b]] = pos - log_mean_exp(scores, 1)
     return rows
 
