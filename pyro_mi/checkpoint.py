@@ -7,15 +7,25 @@ file written under other settings, another model or another proposal
 (:class:`Checkpoint` holds an exclusive ``flock`` on ``FILE.lock`` while it runs, and
 a second writer gets a clear refusal); (4) never leave a half-written file: each save
 writes a temporary file named after the process and renames it over the old one.
+
+Under ``torch.distributed`` (:mod:`pyro_mi.distributed`) rank r writes its own file,
+``FILE`` for rank 0 and ``FILE.rank<r>`` for the others, and reads every rank's file when it
+starts: a run resumes with any number of processes. Parts of a payload whose name holds
+``"block:"`` are blocks of points; of several copies the one with the most ``"progress"``
+is kept. Every rank carries all it read into its own saves, so no finished block is lost.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import inspect
 import os
+import re
 
 import torch
+
+from .distributed import world
 
 try:
     import fcntl
@@ -91,11 +101,42 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+def rank_path(path: str, rank: int) -> str:
+    """The checkpoint file of ``rank``: ``path`` for rank 0, ``path.rank<r>`` for the others."""
+    return path if rank == 0 else f"{path}.rank{rank}"
+
+
+def rank_files(path: str) -> list[str]:
+    """The existing checkpoint files of every rank of ``path``, rank 0's first."""
+    others = [f for f in glob.glob(glob.escape(path) + ".rank*") if re.fullmatch(r"\.rank\d+", f[len(path):])]
+    return [f for f in [path] if os.path.exists(f)] + sorted(others, key=lambda f: int(f.rsplit("rank", 1)[1]))
+
+
+def merge_payloads(parts: list) -> dict | None:
+    """One payload from the payloads of several ranks' files (the caller's own first): a block part
+    (name holding ``"block:"``) from the copy with the greatest ``progress``, any other part from
+    the first file that has it."""
+    parts = [p for p in parts if isinstance(p, dict)]
+    if not parts:
+        return None
+    out: dict = {}
+    for p in parts:
+        for k, v in p.items():
+            if k not in out or ("block:" in str(k) and _progress(v) > _progress(out[k])):
+                out[k] = v
+    return out
+
+
+def _progress(part) -> tuple:
+    return tuple(part.get("progress", ())) if isinstance(part, dict) else ()
+
+
 class Checkpoint:
     """An exclusively held checkpoint file of one run.
 
     Args:
-        path: the file. Its directory must exist and be writable.
+        path: the file (rank 0's; rank r > 0 writes ``path.rank<r>``). Its directory must
+            exist and be writable.
         fingerprint: identifies the run; a file with another fingerprint is refused.
 
     Raises:
@@ -107,7 +148,8 @@ class Checkpoint:
     """
 
     def __init__(self, path, fingerprint: str):
-        self.path = os.fspath(path)
+        self.base = os.fspath(path)
+        self.path = rank_path(self.base, world()[0])
         check_output_path(self.path, "checkpoint")
         self.fingerprint = fingerprint
         self._lock = open(self.path + ".lock", "a+")
@@ -120,20 +162,25 @@ class Checkpoint:
                     f"checkpoint {self.path!r} is in use by another running process; wait for it to finish "
                     "or give this run another checkpoint file"
                 ) from None
-        self.payload = None
-        if os.path.exists(self.path):
-            try:
-                data = torch.load(self.path, weights_only=False)
-            except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
-                self.release()
-                raise ValueError(f"checkpoint {self.path!r} cannot be read: {e}") from e
-            if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
-                self.release()
-                raise ValueError(
-                    f"checkpoint {self.path!r} was written by a different run (the model, guide, proposal, "
-                    "method, settings or seed differ); delete it or give another checkpoint file"
-                )
-            self.payload = data["payload"]
+        files = rank_files(self.base)
+        files.sort(key=lambda f: f != self.path)  # this rank's own file first
+        self.payload = merge_payloads([self._read(f) for f in files])
+
+    def _read(self, path: str):
+        try:
+            data = torch.load(path, weights_only=False)
+        except FileNotFoundError:  # another rank finished and removed it meanwhile
+            return None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+            self.release()
+            raise ValueError(f"checkpoint {path!r} cannot be read: {e}") from e
+        if not isinstance(data, dict) or data.get("fingerprint") != self.fingerprint:
+            self.release()
+            raise ValueError(
+                f"checkpoint {path!r} was written by a different run (the model, guide, proposal, "
+                "method, settings or seed differ); delete it or give another checkpoint file"
+            )
+        return data["payload"]
 
     def save(self, payload: dict) -> None:
         """Writes ``payload`` atomically (a per-process temporary file renamed over the old one)."""
@@ -142,9 +189,16 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
     def finish(self) -> None:
-        """Removes the file (the run is complete) and releases the lock."""
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        """Removes the file (the run is complete) and releases the lock; rank 0 also removes the files
+        of ranks beyond this run's world size (left by an interrupted run with more processes)."""
+        rank, size = world()
+        stale = [f for f in rank_files(self.base)
+                 if rank == 0 and f != self.base and int(f.rsplit("rank", 1)[1]) >= size]
+        for f in [self.path] + stale:
+            if os.path.exists(f):
+                os.remove(f)
+            if f != self.path and os.path.exists(f + ".lock"):
+                os.remove(f + ".lock")
         self.release(remove_lock=True)
 
     def release(self, remove_lock: bool = False) -> None:
@@ -179,6 +233,10 @@ class CheckpointSection:
         whole[self.name] = payload
         self.checkpoint.payload = whole
         self.checkpoint.save(whole)
+
+    def section(self, name: str) -> "CheckpointSection":
+        """A part of this part, stored as the file's part ``"<this name>/<name>"``."""
+        return CheckpointSection(self.checkpoint, f"{self.name}/{name}")
 
     def finish(self) -> None:
         pass

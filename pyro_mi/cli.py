@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed
 from .checkpoint import check_output_path
 from .estimate import METHODS, estimate_mi
 from .result import json_safe
@@ -64,6 +65,8 @@ ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
     ("--batch-size", dict(type=int, help="simulated pairs per training step")),
     ("--num-negative-steps", dict(type=int, help="M, HMC transitions per MINE-AIS negative sample")),
     ("--lr", dict(type=float, help="critic/encoder Adam learning rate")),
+    ("--points-per-block", dict(type=int, help="data points per block: the unit that torchrun's processes share "
+                                               "out, each with random numbers of its own")),
 ]
 
 #: the default N of ``--num-data``: estimate_mi's, so that the two front ends agree
@@ -228,6 +231,11 @@ def _estimate(args: argparse.Namespace):
     from .examples import get_example
 
     options = _method_options(args.method, args)
+    if args.timeout is not None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise CLIError("--timeout applies only under torchrun (several processes)")
+    if args.timeout is not None and args.timeout <= 0:
+        raise CLIError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    distributed.init(args.timeout)  # under torchrun: join the process group
     for key, flag in OUTPUT_FILES.items():
         if key in options:
             check_output_path(options[key], flag)
@@ -262,7 +270,7 @@ def _estimate(args: argparse.Namespace):
         data=data,
         model_kwargs=_model_args(args.model_arg),
         vectorize=args.vectorize,
-        progress=not args.json and not args.no_progress and sys.stderr.isatty(),
+        progress=not args.json and not args.no_progress and sys.stderr.isatty() and distributed.world()[0] == 0,
         **options,
     )
     result.true_mi = true_mi
@@ -339,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "loop (a one-data-point model); plates, or chains folded into its data plate (a model "
                           "with --data); auto takes the first that runs and is checked (default auto)")
     est.add_argument("--seed", type=int, default=0)
+    est.add_argument("--timeout", type=float,
+                     help="under torchrun: seconds a process waits for the others before the run fails "
+                          f"(default {distributed.TIMEOUT:g})")
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.add_argument("--no-progress", action="store_true")
     for flag, kwargs in ESTIMATE_OPTIONS:
@@ -426,13 +437,15 @@ def main(argv: list[str] | None = None) -> int:
 
     0 on success; 2 on any user error (one line on stderr, and ``{"error": ...}``
     on stdout with ``--json``): bad flags, bad input, an error in the user's model
-    file or raised by their model or guide (named by ``file:line``); 130 after
-    SIGINT and 143 after SIGTERM (one line saying whether a checkpoint was saved).
-    Other exceptions are bugs and keep their traceback.
+    file or raised by their model or guide (named by ``file:line``), another process of a
+    ``torchrun`` group that died; 130 after SIGINT and 143 after SIGTERM (one line saying
+    whether a checkpoint was saved). Other exceptions are bugs and keep their traceback.
+    Under ``torchrun`` only rank 0 prints the result.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json, args = "--json" in argv, None
     _keep_freed_memory()
+    rank = 0
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave SIGTERM alone
@@ -443,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "estimate" and args.method not in METHODS:
             raise CLIError(f"unknown --method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
         result = args.run(args)
+        rank = distributed.world()[0]
         text = strict_json(result.to_dict()) if args.json else str(result)
     except KeyboardInterrupt as e:
         return _interrupted(e, args, as_json)
@@ -450,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), as_json, "" if as_json else e.usage)
     except Exception as e:  # noqa: BLE001 - sorted below: the user's errors are one line, bugs re-raise
         message = _user_code_error(e)
-        if message is None and isinstance(e, (CLIError, ValueError, TypeError)):
+        if message is None and isinstance(e, (CLIError, ValueError, TypeError, distributed.DistributedError)):
             message = str(e)
         if message is None:
             raise
@@ -458,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    print(text)
+        distributed.leave()
+    if rank == 0:
+        print(text)
     return 0
 
 

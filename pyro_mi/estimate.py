@@ -12,6 +12,7 @@ import torch
 from .bounds import METHODS
 from .checkpoint import check_output_path
 from .density import Data, ModelDensity
+from .distributed import broadcast, broadcast_module, world
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
 from .result import MIResult
 
@@ -73,6 +74,11 @@ def estimate_mi(
     Simulates ``num_data`` pairs (x, z) ~ p(x, z) from the model and evaluates the
     chosen bound on them (Brekelmans et al. 2022, eq. 1: I = E log p(x|z) - E log p(x)).
 
+    Under ``torch.distributed`` (``torchrun``; :mod:`pyro_mi.distributed`) every process
+    simulates and fits the proposal, rank 0's are broadcast, and the bounds that take
+    ``points_per_block`` (BA, IWAE, the AIS family, MINE-AIS, IBAL) share the blocks of points
+    out; every rank returns the same result.
+
     Args:
         model: a one-data-point Pyro model, or a data-plate model with ``data``
             given (see :class:`~pyro_mi.density.ModelDensity`).
@@ -100,11 +106,16 @@ def estimate_mi(
 
     Raises:
         ValueError: unknown method, an option the method does not take, N < 2, an
-            unwritable ``checkpoint`` / ``save_chains`` path (checked before any work), and
-            every input error of the density layer and the bound.
+            unwritable ``checkpoint`` / ``save_chains`` path (checked before any work),
+            ``seed=None`` under torch.distributed, and every input error of the density layer
+            and the bound.
     """
     check_method_options(method, num_data, options)
+    if seed is None and world()[1] > 1:
+        raise ValueError("seed=None cannot run under torch.distributed: every process must simulate the same "
+                         "points; give a seed")
     start = time.perf_counter()
+    progress = progress and world()[0] == 0  # one bar, rank 0's
     with seeded(seed, method, options):
         density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data,
                                vectorize=vectorize)
@@ -158,7 +169,10 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
         proposal fit's diagnostics filled in.
     """
     x, z = density.sample(num_data, differentiable=bool(options.get("differentiable")))
+    if world()[1] > 1:  # every rank simulated and fits from the same seed; rank 0's copies make sure
+        x, z = broadcast((x, z))
     q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
+    broadcast_module(q)
     result = METHODS[method](density, q, x, z, progress=progress, **options)
     if result.x is None:
         result.x, result.z = x, z

@@ -30,6 +30,12 @@ from .density import Data, ModelDensity, _sample_sites
 from .training import train
 
 
+def proposal_from_point(proposal, start: int):
+    """``proposal`` for data points ``start, ...`` of a block: the prior of a density whose covariates
+    are counted from ``start`` (:meth:`PriorProposal.from_point`); other proposals depend on x alone."""
+    return proposal.from_point(start) if isinstance(proposal, PriorProposal) else proposal
+
+
 class PriorProposal:
     """The model's prior p(z) as a proposal (ignores x).
 
@@ -54,6 +60,10 @@ class PriorProposal:
 
     def parameters(self) -> Iterable[torch.Tensor]:
         return iter(())
+
+    def from_point(self, start: int) -> "PriorProposal":
+        """The prior of data points ``start, ...`` (see :meth:`ModelDensity.from_point`)."""
+        return self if start == 0 else PriorProposal(self.density.from_point(start))
 
 
 def _strip_ones(shape: torch.Size) -> tuple[int, ...]:

@@ -124,7 +124,7 @@ def test_a_flag_that_does_not_apply_is_an_error(capsys, model_file, method, flag
 
 
 def test_method_options_come_from_the_signatures():
-    assert set(method_options("iwae")) == {"num_particles"}
+    assert set(method_options("iwae")) == {"num_particles", "points_per_block"}
     assert {"num_particles", "max_steps", "batch_size", "lr"} <= set(method_options("infonce"))
     assert {"num_chains", "num_steps", "adapt", "checkpoint", "save_chains"} <= set(method_options("ais"))
     assert "num_particles" not in method_options("ais")

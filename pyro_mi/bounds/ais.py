@@ -35,8 +35,6 @@ bounds are approximate and the result says so.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import time
 from typing import Callable
 
@@ -46,7 +44,8 @@ import torch
 
 from ..checkpoint import Checkpoint, check_output_path, fingerprint
 from ..density import Data, ModelDensity, site_log_prob
-from ..proposal import GaussianEncoder, GuideDensity, PriorProposal
+from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng
+from ..proposal import GaussianEncoder, GuideDensity, PriorProposal, proposal_from_point
 from ..recording import ChainRecorder, ChainSummary, ProgressBar
 from ..result import MIResult, require_finite
 from ..samplers import StepSizeAdapter, anneal, freeze, get_schedule, pilot_step_sizes
@@ -136,18 +135,6 @@ def bdmc_log_px(forward: torch.Tensor, reverse: torch.Tensor) -> tuple[torch.Ten
 
 
 # --------------------------------------------------------------------- runner
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-@contextlib.contextmanager
-def _seeded_global_rng(seed: int, device: torch.device):
-    """Seeds torch's global RNG inside a fork, for proposals that sample through it (Pyro guides)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
 class _MeanLogStepSize:
     """Online mode: sum over forward chains of the log step size used at each transition."""
 
@@ -185,6 +172,7 @@ def run_chains(
     checkpoint: Checkpoint | None = None,
     checkpoint_every: float = 60.0,
     observers: tuple = (),
+    block: int = 0,
 ) -> dict:
     """Runs the AIS chains of a multi-sample bound and returns their log weights.
 
@@ -195,9 +183,10 @@ def run_chains(
     run in sequential chunks of at most ``max_chains_per_chunk``; each chunk's random
     numbers come from its own generator seeded from (``seed``, job, chunk), so a run is
     reproducible and a resumed run equals the uninterrupted one. Every step is passed to
-    the ``observers`` (``observer(key, state, info)``); with ``checkpoint``, progress
-    (and the observers' ``data``) is saved every ``checkpoint_every`` seconds and on
-    KeyboardInterrupt, and a run with the same checkpoint resumes it.
+    the ``observers`` (``observer(key, state, info)``, ``key = (job, chunk, block)``); with
+    ``checkpoint`` (a part of the run's file), progress (and the observers' ``data`` of this
+    ``block``) is saved every ``checkpoint_every`` seconds, on KeyboardInterrupt and at the
+    end, and a run with the same checkpoint resumes it or returns the saved outputs.
 
     Returns:
         dict with ``forward`` (num_forward, N), ``reverse`` (num_reverse, N) and
@@ -211,11 +200,15 @@ def run_chains(
     observers = tuple(observers)
     for i, obs in enumerate(observers):
         if hasattr(obs, "data") and "observers" in payload:
-            obs.data = payload["observers"][i]
+            obs.data.update(payload["observers"][i] or {})
     last = {"save": time.monotonic()}
 
     def save() -> None:
-        payload["observers"] = [getattr(o, "data", None) for o in observers]
+        payload["observers"] = [{k: v for k, v in o.data.items() if k[-1] == block} if hasattr(o, "data") else None
+                                for o in observers]
+        current = payload["current"]
+        payload["progress"] = (bool(payload.get("done")), len(payload["completed"]),
+                               current[1].step if current is not None else -1)
         checkpoint.save(payload)
         last["save"] = time.monotonic()
 
@@ -224,7 +217,7 @@ def run_chains(
         flat = [(kind, start) for kind, start, count in inits for _ in range(count)]
         outs = []
         for c, lo in enumerate(range(0, len(flat), max_chains_per_chunk)):
-            key = (name, c)
+            key = (name, c, block)
             if key in payload["completed"]:
                 outs.append(payload["completed"][key])
                 continue
@@ -237,9 +230,9 @@ def run_chains(
                 gen.set_state(current[2])
             else:
                 state = None
-                gen.manual_seed(_seed(seed, name, c))
+                gen.manual_seed(block_seed(seed, name, c))
                 n_fwd = int((~reverse).sum())
-                with torch.no_grad(), _seeded_global_rng(_seed(seed, name, c, "pi0"), z.device):
+                with torch.no_grad(), seeded_global_rng(block_seed(seed, name, c, "pi0"), z.device):
                     z_f = draw_pi0(n_fwd) if n_fwd else z.new_zeros(0, N, D)
                 z_r = [start.unsqueeze(0) for kind, start in part if kind == "rev"]
                 z_init = torch.cat([z_f] + z_r, 0)  # ``flat`` lists a job's forward chains first
@@ -268,14 +261,14 @@ def run_chains(
     try:
         table = payload.get("step_sizes")
         if adapt == "pilot" and table is None:
-            gen = torch.Generator(device=z.device).manual_seed(_seed(seed, "pilot"))
-            with torch.no_grad(), _seeded_global_rng(_seed(seed, "pilot", "pi0"), z.device):
+            gen = torch.Generator(device=z.device).manual_seed(block_seed(seed, "pilot"))
+            with torch.no_grad(), seeded_global_rng(block_seed(seed, "pilot", "pi0"), z.device):
                 z_p = draw_pi0(pilot_chains)
             bars = [o for o in observers if isinstance(o, ProgressBar)]  # the pilot is shown, not recorded
 
             def pilot_step(st, info):
                 for bar in bars:
-                    bar(("pilot", 0), st, info)
+                    bar(("pilot", 0, block), st, info)
 
             table = pilot_step_sizes(components, z_p, betas, step_size, num_leapfrog, gen,
                                      num_pilot_steps=pilot_steps, on_step=pilot_step)
@@ -305,7 +298,8 @@ def run_chains(
             checkpoint.release()
         raise
     if checkpoint is not None:
-        checkpoint.finish()
+        payload["done"] = True
+        save()
 
     def split(outs):
         lw = torch.cat([o["log_weights"] for o in outs], 0)
@@ -314,7 +308,7 @@ def run_chains(
 
     fwd, rev = split(main)
     rev2 = split(cr)[1] if cr else z.new_zeros(0, N)
-    keys = [k for k in payload["completed"] if k[0] in ("main", "rev", "cr")]
+    keys = [k for k in payload["completed"] if k[0] in ("main", "rev", "cr") and k[-1] == block]
     return {"forward": fwd, "reverse": rev, "reverse_from_forward": rev2, "step_sizes": table, "keys": keys,
             "reverse_flags": {k: payload["completed"][k]["reverse"] for k in keys}}
 
@@ -361,22 +355,27 @@ def _proposal_identity(proposal):
 
 
 def _chains(constrained: Callable, recorder: ChainRecorder, keys: list, reverse_of: dict, betas) -> dict:
-    """The recorded chains of the bound-bearing chunks, for :mod:`pyro_mi.diagnostics`."""
-    recs = [recorder.data[k] for k in keys if k in recorder.data]
-    stats = {name: torch.cat([r["stats"][name] for r in recs], 1) for name in recs[0]["stats"]}
-    reverse = torch.cat([reverse_of[k] for k in keys if k in recorder.data])
+    """The recorded chains of the bound-bearing chunks, for :mod:`pyro_mi.diagnostics`: a block's
+    chunks side by side on the chain axis, the blocks on the data axis."""
+    keys = [k for k in keys if k in recorder.data]
+    blocks = sorted({k[-1] for k in keys})
+    recs = [[recorder.data[k] for k in keys if k[-1] == b] for b in blocks]
+
+    def join(get, data_dim):
+        return torch.cat([torch.cat([get(r) for r in block], 1) for block in recs], data_dim)
+
+    reverse = torch.cat([reverse_of[k] for k in keys if k[-1] == blocks[0]])
     return {
-        "stats": stats,
+        "stats": {name: join(lambda r, n=name: r["stats"][n], 2) for name in recs[0][0]["stats"]},
         "direction": ["reverse" if r else "forward" for r in reverse.tolist()],
-        "states": constrained(torch.cat([r["states"] for r in recs], 1)),
+        "states": constrained(join(lambda r: r["states"], 2)),
         "record_steps": recorder.steps,
         "betas": betas,
     }
 
 
 def anneal_log_normalizer(
-    components: Callable,
-    draw_pi0: Callable[[int], torch.Tensor],
+    path_of: Callable[[int, int], tuple[Callable, Callable]],
     z: torch.Tensor,
     *,
     kind: str,
@@ -389,7 +388,7 @@ def anneal_log_normalizer(
     pilot_chains: int,
     pilot_steps: int | None,
     seed: int,
-    checkpoint: Checkpoint | None,
+    checkpoint,
     checkpoint_every: float,
     record: bool,
     max_chains_per_chunk: int,
@@ -397,16 +396,25 @@ def anneal_log_normalizer(
     progress: bool,
     constrained: Callable,
     compile: str = "auto",
+    points_per_block: int = POINTS_PER_BLOCK,
+    gather: bool = True,
 ) -> dict:
     """Multi-sample AIS bounds on log Z(x) = log ∫ gamma(z) dz for every data point.
 
     The shared engine of the AIS front ends: it runs the chains of estimator ``kind``
-    (``"im-ais"``, ``"cr-ais"`` or ``"bdmc"``, see :data:`_PLANS`) from pi0 to gamma
-    (``components(z) -> (log pi0, log gamma)``, forward chains from ``draw_pi0(n)``,
-    reverse chains from z (N, D)), and checks and summarises them. Arguments as in
-    :func:`ais_bounds`; ``constrained`` maps packed z to constrained sites (for the
+    (``"im-ais"``, ``"cr-ais"`` or ``"bdmc"``, see :data:`_PLANS`) from pi0 to gamma, and
+    checks and summarises them. The N points run in blocks of ``points_per_block``
+    (:mod:`pyro_mi.distributed`: under ``torch.distributed`` each rank runs its blocks and
+    every rank gets all of them; a block's random numbers come from (``seed``, block), so
+    the numbers do not depend on the number of processes). ``path_of(lo, hi)`` gives the
+    path of the points lo..hi-1: ``(components, draw_pi0)`` with ``components(z) ->
+    (log pi0, log gamma)`` and forward chains from ``draw_pi0(n)``; reverse chains start at
+    z (N, D). Other arguments as in :func:`ais_bounds`; ``checkpoint`` is a
+    :class:`~pyro_mi.checkpoint.Checkpoint` (or a part of one) that holds a part per block
+    (the caller finishes it); ``constrained`` maps packed z to constrained sites (for the
     chain record); ``compile`` says how the kernels evaluate ``components``
-    (:mod:`pyro_mi.samplers.compile`; ``"auto"`` traces long runs).
+    (:mod:`pyro_mi.samplers.compile`; ``"auto"`` traces long runs); ``gather=False`` runs
+    every block in this process.
 
     Returns:
         dict with ``lower`` and ``upper`` (N,) bounds on log Z(x) (nats; the upper one
@@ -421,18 +429,36 @@ def anneal_log_normalizer(
     recorder = ChainRecorder(num_steps) if record else None
     bar = ProgressBar(num_steps, progress)
     observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
+    kept = [o for o in (summary, recorder) if o is not None]  # observers whose records are gathered
     plan, estimator = _PLANS[kind]
-    components = compile_components(components, resolve_mode(compile, num_steps))
-    try:
+    mode = resolve_mode(compile, num_steps)
+
+    def run_block(b: int, lo: int, hi: int) -> dict:
+        components, draw_pi0 = path_of(lo, hi)
+        components = compile_components(components, mode)
         with pyro.validation_enabled(False):
             run = run_chains(
-                components, draw_pi0, z, betas, **plan(num_chains), num_leapfrog=num_leapfrog,
-                step_size=step_size, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps, seed=seed,
-                max_chains_per_chunk=max_chains_per_chunk, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                observers=observers,
+                components, draw_pi0, z[lo:hi], betas, **plan(num_chains), num_leapfrog=num_leapfrog,
+                step_size=step_size, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
+                seed=block_seed(seed, "block", b), max_chains_per_chunk=max_chains_per_chunk,
+                checkpoint=checkpoint.section(f"block:{b}") if checkpoint is not None else None,
+                checkpoint_every=checkpoint_every, observers=observers, block=b,
             )
+        run["records"] = [{k: v for k, v in o.data.items() if k[-1] == b} for o in kept]
+        run["notes"] = list(getattr(components, "notices", []))
+        return run
+
+    try:
+        blocks = map_blocks(run_block, N, points_per_block, device=z.device, gather=gather)
     finally:
         bar.close()
+    for block in blocks:  # the records of other ranks' blocks
+        for o, records in zip(kept, block["records"]):
+            o.data.update(records)
+    run = {name: torch.cat([blk[name] for blk in blocks], 1)
+           for name in ("forward", "reverse", "reverse_from_forward", "step_sizes")}
+    run["keys"] = [k for blk in blocks for k in blk["keys"]]
+    run["reverse_flags"] = {k: v for blk in blocks for k, v in blk["reverse_flags"].items()}
     lower, upper = estimator(run)
     fwd = run["forward"]
     ess = importance_ess(fwd)
@@ -462,7 +488,7 @@ def anneal_log_normalizer(
             "try more num_steps or num_chains")
     if recorder is not None:
         diagnostics["chains"] = _chains(constrained, recorder, run["keys"], run["reverse_flags"], betas)
-    notes = list(getattr(components, "notices", []))
+    notes = list(dict.fromkeys(n for blk in blocks for n in blk["notes"]))
     return {"lower": lower, "upper": upper, "betas": betas, "diagnostics": diagnostics, "warnings": warnings,
             "notes": notes}
 
@@ -491,7 +517,9 @@ def _bounds(
     callback,
     progress: bool,
     compile: str,
+    points_per_block: int,
 ) -> MIResult:
+    check_points_per_block(points_per_block)
     pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
                                  compile)
     if save_chains is not None:
@@ -505,22 +533,30 @@ def _bounds(
     if checkpoint is not None:
         fp = fingerprint(method, settings, seed, get_schedule(schedule, num_steps), x, z,
                          _proposal_identity(proposal), density.model, density.model_args, density.model_kwargs,
-                         record)
+                         record, points_per_block)
         ckpt = Checkpoint(checkpoint, fp)
     with torch.no_grad(), pyro.validation_enabled(False):
         log_lik = density.log_terms(x, z)[1]
 
-    def draw_pi0(n):
-        return proposal.rsample(x, n)[0].detach()
+    def path_of(lo, hi):
+        xb, q = {k: v[lo:hi] for k, v in x.items()}, proposal_from_point(proposal, lo)
+        return components_fn(density.from_point(lo), q, xb), lambda n: q.rsample(xb, n)[0].detach()
 
-    ais = anneal_log_normalizer(
-        components_fn(density, proposal, x), draw_pi0, z, kind=_KIND[method], num_chains=num_chains,
-        num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size, schedule=schedule, adapt=adapt,
-        pilot_chains=pilot_chains, pilot_steps=pilot_steps, seed=seed, checkpoint=ckpt,
-        checkpoint_every=checkpoint_every, record=record,
-        max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, z.shape[0]), callback=callback,
-        progress=progress, constrained=density.constrained, compile=compile,
-    )
+    try:
+        ais = anneal_log_normalizer(
+            path_of, z, kind=_KIND[method], num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog,
+            step_size=step_size, schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
+            seed=seed, checkpoint=ckpt, checkpoint_every=checkpoint_every, record=record,
+            max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, min(z.shape[0], points_per_block)),
+            callback=callback, progress=progress, constrained=density.constrained, compile=compile,
+            points_per_block=points_per_block,
+        )
+    except BaseException:
+        if ckpt is not None:
+            ckpt.release()
+        raise
+    if ckpt is not None:
+        ckpt.finish()
     elbo, eubo = ais["lower"], ais["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik,
                             "the log p(x) lower bound (every forward chain has zero weight)": elbo,
@@ -575,6 +611,7 @@ def _make(method: str, doc: str):
         callback: Callable | None = None,
         progress: bool = True,
         compile: str = "auto",
+        points_per_block: int = POINTS_PER_BLOCK,
     ) -> MIResult:
         return _bounds(
             method, density, proposal, x, z, num_chains=num_chains, num_steps=num_steps,
@@ -582,7 +619,7 @@ def _make(method: str, doc: str):
             pilot_chains=pilot_chains, pilot_steps=pilot_steps, generator=generator, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, save_chains=save_chains, record=record,
             max_chains_per_chunk=max_chains_per_chunk, callback=callback, progress=progress,
-            compile=compile,
+            compile=compile, points_per_block=points_per_block,
         )
 
     bound.__doc__ = doc + _COMMON_DOC
@@ -627,6 +664,9 @@ _COMMON_DOC = """
             ``torch.compile``; CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T >= 1000,
             where its one-off cost (about 2 s) pays. The numbers are the same (bit for bit
             with ``"trace"``, to rounding with ``"inductor"``).
+        points_per_block: the points are run in blocks of this many, each with random numbers
+            of its own (:mod:`pyro_mi.distributed`); under ``torchrun`` the ranks share the
+            blocks out, and the numbers are the same for any number of processes.
 
     Returns:
         :class:`~pyro_mi.result.MIResult` (nats) whose ``diagnostics`` hold ``ess`` (mean
@@ -640,7 +680,8 @@ _COMMON_DOC = """
         ValueError: non-positive K, T, L or step size, an unknown schedule or adapt mode,
             pilot options with another adapt mode,
             an unwritable, foreign or busy checkpoint, an unwritable ``save_chains``, shape
-            mismatches of x and z, a non-finite bound (naming its cause).
+            mismatches of x and z, a non-finite bound (naming its cause), ``points_per_block`` < 1.
+        DistributedError: under ``torch.distributed``, another rank died or timed out.
 """
 
 im_ais_bounds = _make(

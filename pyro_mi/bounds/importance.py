@@ -12,7 +12,9 @@ MI. With log weights log w = log p(x, z) - log q(z|x):
 The EUBO uses the simulated z_i as its one posterior sample, so it needs no extra
 inference. With K = 1 the IWAE bounds equal the BA bounds on the same draw.
 Samples are drawn in chunks and combined with a running logsumexp, so K = 10^5 for
-64 data points runs in bounded memory.
+64 data points runs in bounded memory. The points run in blocks of ``points_per_block``,
+each drawing from torch's RNG seeded from (run seed, block), shared out across processes
+under ``torch.distributed`` (:mod:`pyro_mi.distributed`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..density import Data, ModelDensity
-from ..proposal import PriorProposal
+from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng, world
+from ..proposal import PriorProposal, proposal_from_point
 from ..result import MIResult, require_finite
 
 #: latent and observed numbers per chunk of (particle, data point) log-weight evaluations (at
@@ -47,6 +50,26 @@ def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Te
     log_prior, log_lik = density.log_terms(x, z)
     log_q = log_prior if isinstance(proposal, PriorProposal) else proposal.log_prob(z, x)
     return log_prior + log_lik - log_q, log_lik, log_q - log_prior
+
+
+def _per_block(density, proposal, x, z, points_per_block, differentiable, terms) -> dict:
+    """``terms(density_of_block, proposal_of_block, x_block, z_block) -> {name: (n,)}`` for every block of points (this
+    rank's, gathered), each block on torch's RNG seeded from (one draw of it, block); returns the
+    names' (N,) values."""
+    check_points_per_block(points_per_block)
+    if differentiable and world()[1] > 1:
+        raise ValueError("differentiable=True needs the autograd graph of every point in one process; run it "
+                         "without torch.distributed")
+    x = density.check_data(x)
+    seed = int(torch.randint(2**62, ()))
+
+    def block(b, lo, hi):
+        with seeded_global_rng(block_seed(seed, b), z.device):
+            return terms(density.from_point(lo), proposal_from_point(proposal, lo), {k: v[lo:hi] for k, v in x.items()},
+                         z[lo:hi])
+
+    blocks = map_blocks(block, z.shape[0], points_per_block, device=z.device)
+    return {k: torch.cat([blk[k] for blk in blocks]) for k in blocks[0]}
 
 
 def _stream(density, proposal, x, num_particles, progress, desc):
@@ -81,6 +104,7 @@ def iwae_bounds(
     *,
     differentiable: bool = False,
     progress: bool = True,
+    points_per_block: int = POINTS_PER_BLOCK,
 ) -> MIResult:
     """IWAE lower and upper bounds on I(x; z) (Brekelmans et al. 2022, eq. 5; App. B).
 
@@ -98,6 +122,9 @@ def iwae_bounds(
             guide parameters; pass x, z from ``density.sample(N, differentiable=True)``).
             Proposal draws are reparameterised (``rsample``).
         progress: show a progress bar when K takes several chunks.
+        points_per_block: the points run in blocks of this many, with random numbers of their
+            own; under ``torchrun`` the ranks share the blocks out (:mod:`pyro_mi.distributed`),
+            and the numbers are the same for any number of processes.
 
     Returns:
         :class:`~pyro_mi.result.MIResult` with ``lower``/``upper`` in nats and the
@@ -105,33 +132,38 @@ def iwae_bounds(
         size (sum w)^2 / sum w^2 of the K proposal weights per data point.
 
     Raises:
-        ValueError: for K < 1 or mismatched shapes of x and z.
+        ValueError: for K < 1, mismatched shapes of x and z, ``points_per_block`` < 1, and
+            ``differentiable`` under ``torch.distributed``.
     """
     _check(num_particles)
     with torch.enable_grad() if differentiable else torch.no_grad():
-        return _iwae(density, proposal, x, z, num_particles, progress)
+        return _iwae(density, proposal, x, z, num_particles, progress, points_per_block, differentiable)
 
 
-def _iwae(density, proposal, x, z, num_particles, progress) -> MIResult:
-    log_w_true, log_lik, _ = importance_log_weights(density, proposal, x, z)
+def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, differentiable) -> MIResult:
     K = num_particles
-    lse = torch.full_like(log_w_true, -math.inf)  # over all K draws
-    lse_eubo = log_w_true.clone()  # the posterior sample and the first K-1 draws
-    lse_sq = torch.full_like(log_w_true, -math.inf)
-    seen = 0
-    for log_w in _stream(density, proposal, x, K, progress, "IWAE"):
-        keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one is in the EUBO
-        head, tail = torch.logsumexp(log_w[:keep], 0), torch.logsumexp(log_w[keep:], 0)  # empty: -inf
-        lse_eubo = torch.logaddexp(lse_eubo, head)
-        lse = torch.logaddexp(lse, torch.logaddexp(head, tail))
-        lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
-        seen += log_w.shape[0]
-    elbo = lse - math.log(K)
-    eubo = lse_eubo - math.log(K)
+
+    def terms(density, proposal, xb, zb):
+        log_w_true, log_lik, _ = importance_log_weights(density, proposal, xb, zb)
+        lse = torch.full_like(log_w_true, -math.inf)  # over all K draws
+        lse_eubo = log_w_true.clone()  # the posterior sample and the first K-1 draws
+        lse_sq = torch.full_like(log_w_true, -math.inf)
+        seen = 0
+        for log_w in _stream(density, proposal, xb, K, progress, "IWAE"):
+            keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one is in the EUBO
+            head, tail = torch.logsumexp(log_w[:keep], 0), torch.logsumexp(log_w[keep:], 0)  # empty: -inf
+            lse_eubo = torch.logaddexp(lse_eubo, head)
+            lse = torch.logaddexp(lse, torch.logaddexp(head, tail))
+            lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
+            seen += log_w.shape[0]
+        ess = torch.exp(2 * lse - lse_sq).detach()  # pyro_mi.weights.importance_ess, accumulated over chunks
+        return {"log_lik": log_lik, "elbo": lse - math.log(K), "eubo": lse_eubo - math.log(K), "ess": ess}
+
+    t = _per_block(density, proposal, x, z, points_per_block, differentiable, terms)
+    log_lik, elbo, eubo, ess = t["log_lik"], t["elbo"], t["eubo"], t["ess"]
     require_finite("iwae", {"log p(x|z) of the simulated points": log_lik,
                             "the log p(x) lower bound (every proposal draw has zero weight)": elbo,
                             "the log p(x) upper bound (log p(x, z) - log q(z|x) at the simulated z)": eubo})
-    ess = torch.exp(2 * lse - lse_sq).detach()  # pyro_mi.weights.importance_ess, accumulated over chunks
     warnings = []
     if K > 1 and float(ess.mean()) < ESS_WARNING:
         warnings.append(
@@ -159,6 +191,7 @@ def ba_bounds(
     *,
     differentiable: bool = False,
     progress: bool = True,
+    points_per_block: int = POINTS_PER_BLOCK,
 ) -> MIResult:
     """Barber–Agakov lower and upper bounds on I(x; z) (Brekelmans et al. 2022, eq. 3).
 
@@ -171,15 +204,19 @@ def ba_bounds(
     """
     _check(num_particles)
     with torch.enable_grad() if differentiable else torch.no_grad():
-        return _ba(density, proposal, x, z, num_particles, progress)
+        return _ba(density, proposal, x, z, num_particles, progress, points_per_block, differentiable)
 
 
-def _ba(density, proposal, x, z, num_particles, progress) -> MIResult:
-    _, log_lik, ba_lower = importance_log_weights(density, proposal, x, z)
-    total = torch.zeros_like(log_lik)
-    for log_w in _stream(density, proposal, x, num_particles, progress, "BA"):
-        total = total + log_w.sum(0)
-    upper = log_lik - total / num_particles
+def _ba(density, proposal, x, z, num_particles, progress, points_per_block, differentiable) -> MIResult:
+    def terms(density, proposal, xb, zb):
+        _, log_lik, ba_lower = importance_log_weights(density, proposal, xb, zb)
+        total = torch.zeros_like(log_lik)
+        for log_w in _stream(density, proposal, xb, num_particles, progress, "BA"):
+            total = total + log_w.sum(0)
+        return {"log_lik": log_lik, "ba_lower": ba_lower, "upper": log_lik - total / num_particles}
+
+    t = _per_block(density, proposal, x, z, points_per_block, differentiable, terms)
+    log_lik, ba_lower, upper = t["log_lik"], t["ba_lower"], t["upper"]
     require_finite("ba", {"log p(x|z) of the simulated points": log_lik,
                           "the lower bound log q(z|x) - log p(z) at the simulated z": ba_lower,
                           "the upper bound (E_q[log p(x, z) - log q(z|x)] over the proposal draws)": upper})

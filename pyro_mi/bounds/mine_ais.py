@@ -51,10 +51,11 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, check_output_path, fingerprint
 from ..density import Data, ModelDensity
-from ..proposal import GaussianEncoder
+from ..proposal import GaussianEncoder, proposal_from_point
 from ..result import MIResult, require_finite
 from ..samplers import StepSizeAdapter, hmc
 from ..training import train
+from ..distributed import POINTS_PER_BLOCK, broadcast_module, check_points_per_block
 from .ais import (DEFAULTS, _proposal_identity, ais_settings, anneal_log_normalizer, check_options, default_chunk)
 from .giwae import default_giwae_critic, giwae_terms
 
@@ -138,8 +139,13 @@ def _evaluate(
         ba = path.log_q(z) - density.log_prior(z, x)
         t_pos = critic(path.xf, z)
     record = ais.pop("record")
+
+    def path_of(lo, hi):
+        block = IBALPath(density.from_point(lo), proposal_from_point(proposal, lo), critic, {k: v[lo:hi] for k, v in x.items()})
+        return block.components, block.draw_pi0
+
     out = anneal_log_normalizer(
-        path.components, path.draw_pi0, path.to_u(z), kind="im-ais", seed=seed, checkpoint=checkpoint,
+        path_of, path.to_u(z), kind="im-ais", seed=seed, checkpoint=checkpoint,
         record=record, constrained=lambda u: density.constrained(path.to_z(u)), **ais,
     )
     notes = [PROP_M1_NOTE] + out["notes"]
@@ -177,7 +183,8 @@ def _evaluate(
 
 def _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
                  pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback,
-                 progress, compile) -> dict:
+                 progress, compile, points_per_block) -> dict:
+    check_points_per_block(points_per_block)
     pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
                                  compile)
     if save_chains is not None:
@@ -185,8 +192,8 @@ def _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, sch
     return dict(num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
                 schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
                 checkpoint_every=checkpoint_every, record=record or save_chains is not None,
-                max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, z.shape[0]),
-                callback=callback, progress=progress, compile=compile)
+                max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, min(z.shape[0], points_per_block)),
+                callback=callback, progress=progress, compile=compile, points_per_block=points_per_block)
 
 
 def _finish(result: MIResult, save_chains) -> MIResult:
@@ -221,6 +228,7 @@ def ibal_bounds(
     callback: Callable | None = None,
     progress: bool = True,
     compile: str = "auto",
+    points_per_block: int = POINTS_PER_BLOCK,
 ) -> MIResult:
     """Multi-sample AIS evaluation of IBAL(q, T) for a given base and critic (App. M.2).
 
@@ -236,7 +244,8 @@ def ibal_bounds(
         x, z: simulated observations ``{site: (N, ...)}`` and their packed latents (N, D).
         num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
             pilot_steps, generator, checkpoint, checkpoint_every, save_chains, record,
-            max_chains_per_chunk, callback, progress, compile: as for :func:`~pyro_mi.bounds.ais_bounds`.
+            max_chains_per_chunk, callback, progress, compile, points_per_block: as for
+            :func:`~pyro_mi.bounds.ais_bounds`.
         critic: ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``, differentiable in z.
 
     Returns:
@@ -255,7 +264,7 @@ def ibal_bounds(
         raise TypeError(f"critic must be a callable critic(x_flat, z), got {type(critic).__name__}")
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
                        pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress,
-                       compile)
+                       compile, points_per_block)
     x = density.check_data(x)
     seed = int(torch.randint(2**62, (1,), generator=generator))
     settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, ais["pilot_chains"],
@@ -264,7 +273,7 @@ def ibal_bounds(
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint, fingerprint("ibal", settings, seed, x, z, _proposal_identity(proposal), critic,
                                                   density.model, density.model_args, density.model_kwargs,
-                                                  ais["record"]))
+                                                  ais["record"], ais["points_per_block"]))
     try:
         result = _evaluate("ibal", density, proposal, critic, x, z, seed=seed, checkpoint=ckpt, settings=settings,
                            diagnostics={}, **ais)
@@ -320,6 +329,7 @@ def mine_ais_bounds(
     callback: Callable | None = None,
     progress: bool = True,
     compile: str = "auto",
+    points_per_block: int = POINTS_PER_BLOCK,
 ) -> MIResult:
     """MINE-AIS lower bound on I(x; z): energy-based training of (q, T), then AIS evaluation of the IBAL
     (Brekelmans et al. 2022, sec. 4, eq. 17–20, App. M).
@@ -347,7 +357,9 @@ def mine_ais_bounds(
         density, proposal, x, z: as for :func:`ibal_bounds`.
         num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
             pilot_steps, generator, save_chains, record, max_chains_per_chunk, callback,
-            progress, compile: the AIS evaluation's, as for :func:`~pyro_mi.bounds.ais_bounds`;
+            progress, compile, points_per_block: the AIS evaluation's, as for
+            :func:`~pyro_mi.bounds.ais_bounds` (training runs whole in every process, and rank
+            0's critic is evaluated);
             ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives (whose
             densities are never traced: the critic changes between training steps).
         critic: a module ``critic(x_flat, z) -> (..., N)`` trained in place; default: GIWAE's
@@ -391,7 +403,7 @@ def mine_ais_bounds(
     hidden_sizes = (256, 256) if hidden_sizes is None else tuple(hidden_sizes)
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
                        pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress,
-                       compile)
+                       compile, points_per_block)
     x = density.check_data(x)
     val_steps = num_steps if val_steps is None else val_steps
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
@@ -417,7 +429,7 @@ def mine_ais_bounds(
         ckpt = Checkpoint(checkpoint, fingerprint(
             "mine-ais", settings, seed, lr, proposal_lr, eval_every, patience, hidden_sizes, x, z,
             _proposal_identity(proposal), critic, density.model, density.model_args, density.model_kwargs,
-            ais["record"]))
+            ais["record"], ais["points_per_block"]))
     adapter = StepSizeAdapter("scaling", factor=2.0, target_accept=NEGATIVE_TARGET_ACCEPT)
     stats = {"accept": []}
 
@@ -450,7 +462,7 @@ def mine_ais_bounds(
                           diagnostics={}, giwae=False, **{**ais, "num_chains": 1, "num_steps": val_steps, "adapt": "none",
                                          "step_size": float(eps.value), "pilot_chains": 8, "pilot_steps": None,
                                          "record": False, "callback": None, "progress": False,
-                                         "compile": "none"})
+                                         "compile": "none", "gather": False})
         except ValueError:  # a non-finite critic or bound: the worst score, never the kept parameters
             return -math.inf
         return r.lower
@@ -463,6 +475,7 @@ def mine_ais_bounds(
                         checkpoint=ckpt.section("training") if ckpt else None, checkpoint_every=checkpoint_every)
         for m in modules:
             m.eval()
+            broadcast_module(m)  # every rank evaluates rank 0's (q, T)
         result = _evaluate(
             "mine-ais", density, q, critic, x, z, seed=seed, checkpoint=ckpt.section("evaluation") if ckpt else None,
             settings={**settings, "steps": log.steps},

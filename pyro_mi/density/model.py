@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
@@ -479,6 +480,16 @@ class ModelDensity:
         }
 
     # ------------------------------------------------------------ checks
+    def from_point(self, start: int) -> "ModelDensity":
+        """This density for data points ``start, start + 1, ...``: the same model, with the
+        per-point covariates (e.g. design ``i % B`` of a design batch) counted from ``start``,
+        for evaluating a block of points on its own. ``self`` when there are no covariates."""
+        if not self._covariates or start == 0:
+            return self
+        shifted = copy.copy(self)
+        shifted._template = {k: v.roll(-start, 0) if k in self._covariates else v for k, v in self._template.items()}
+        return shifted
+
     def check_data(self, x, name: str = "x") -> dict[str, torch.Tensor]:
         """Validates observed values; returns ``{site: tensor (num_data, *shape)}``.
 
