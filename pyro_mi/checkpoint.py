@@ -17,6 +17,7 @@ is kept. Every rank carries all it read into its own saves, so no finished block
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import inspect
@@ -55,7 +56,8 @@ def check_output_path(path, what: str) -> None:
     except OSError as e:
         raise ValueError(f"{what} {path!r} cannot be written: {e.strerror}") from None
     if not existed:
-        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):  # another process probing the same path removed it
+            os.remove(path)
 
 
 def _update(h, obj) -> None:

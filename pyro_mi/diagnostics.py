@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .distributed import world
 from .recording import STATS
 
 
@@ -101,10 +102,13 @@ def to_inference_data(result):
 
 def save_chains(result, path: str) -> None:
     """Writes :func:`to_inference_data` of ``result`` to a netCDF file ``path`` (e.g. ``chains.nc``).
+    Under ``torch.distributed`` only rank 0 writes (every rank holds the gathered chains).
 
     Raises:
         ValueError: as :func:`to_inference_data`, or if the file cannot be written.
     """
+    if world()[0] != 0:
+        return
     idata = to_inference_data(result)
     try:
         idata.to_netcdf(str(path))

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from .bounds import METHODS
-from .checkpoint import check_output_path
+from .checkpoint import check_output_path, rank_path
 from .density import Data, ModelDensity
 from .distributed import broadcast, broadcast_module, world
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
@@ -140,8 +140,8 @@ def check_method_options(method: str, num_data: int, options: dict) -> None:
     if unknown:
         raise ValueError(f"method {method!r} takes no option {unknown[0]!r}")
     for key in ("checkpoint", "save_chains"):
-        if options.get(key) is not None:
-            check_output_path(options[key], key)
+        if options.get(key) is not None:  # each rank checks the checkpoint file it will write
+            check_output_path(rank_path(options[key], world()[0]) if key == "checkpoint" else options[key], key)
 
 
 @contextlib.contextmanager

@@ -71,7 +71,7 @@ def test_interrupted_two_process_run_resumes_with_one(one_process, tmp_path):
     out = _torchrun([SCRIPT, str(tmp_path / "x.pt"), "--checkpoint", str(ckpt), "--interrupt-block", "1"],
                     check=False)
     assert out.returncode != 0
-    assert (tmp_path / "run.ckpt.rank1").exists()  # rank 1 saved its block's progress
+    assert (tmp_path / "run.ckpt.rank1").exists(), out.stderr[-3000:]  # rank 1 saved its block's progress
     _single([SCRIPT, str(tmp_path / "resumed.pt"), "--checkpoint", str(ckpt)])
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
     for side in ("lower", "upper"):
