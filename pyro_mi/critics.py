@@ -45,20 +45,15 @@ class JointCritic(nn.Module):
         self.net = mlp((x_dim + z_dim, *hidden_sizes, 1), activation)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        shape = torch.broadcast_shapes(x.shape[:-1], z.shape[:-1])
-        xz = torch.cat([x.expand(shape + x.shape[-1:]), z.expand(shape + z.shape[-1:])], -1)
-        return self.net(xz).squeeze(-1)
+        # The first layer is affine in [x, z]: applied to x and to z apart and added by
+        # broadcasting, it costs B + M products for B x's against M z's, not B M.
+        first, rest = self.net[0], self.net[1:]
+        h = x @ first.weight[:, : self.x_dim].T + first.bias + z @ first.weight[:, self.x_dim :].T
+        return rest(h).squeeze(-1)
 
     def pairwise(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Scores of all pairs: (B, x_dim), (M, z_dim) -> (B, M).
-
-        The first layer is affine in [x, z], so it is applied to x and z apart and added
-        over the pairs: B + M first-layer products instead of B M.
-        """
-        first, rest = self.net[0], self.net[1:]
-        wx, wz = first.weight[:, : self.x_dim], first.weight[:, self.x_dim :]
-        h = (x @ wx.T + first.bias).unsqueeze(1) + (z @ wz.T).unsqueeze(0)
-        return rest(h).squeeze(-1)
+        """Scores of all pairs: (B, x_dim), (M, z_dim) -> (B, M)."""
+        return self(x.unsqueeze(1), z.unsqueeze(0))
 
 
 class SeparableCritic(nn.Module):

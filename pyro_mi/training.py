@@ -78,6 +78,7 @@ def train(
     lr: float = 1e-3,
     eval_every: int = 100,
     patience: int = 5,
+    min_delta: float = 0.0,
     max_grad_norm: float | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -103,6 +104,8 @@ def train(
         lr: Adam learning rate.
         eval_every: steps between validation evaluations.
         patience: evaluations without improvement before stopping.
+        min_delta: an improvement of the validation score by at most this much keeps the new
+            parameters but does not renew the patience (a bound saturated at log K stops).
         max_grad_norm: clip the global gradient norm to this value (None: no clipping).
         progress: show a tqdm progress bar.
         desc: the progress bar's label.
@@ -209,14 +212,18 @@ def train(
         log.validation.append((step, score))
         bar.set_postfix(val=f"{score:.3f}", best=f"{log.best_value:.3f}")
         if math.isfinite(score) and (not math.isfinite(log.best_value) or score > log.best_value):
-            log.best_value, log.best_step, state["bad_evals"] = score, step, 0
+            # any gain keeps the parameters; only a gain above min_delta renews the patience
+            gain = score - log.best_value if math.isfinite(log.best_value) else math.inf
+            state["bad_evals"] = 0 if gain > min_delta else state["bad_evals"] + 1
+            log.best_value, log.best_step = score, step
             state["best"] = [copy.deepcopy(m.state_dict()) for m in modules]
         else:
             state["bad_evals"] += 1
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(score if math.isfinite(score) else -math.inf)
         if state["bad_evals"] >= patience:
-            log.stop_reason = (f"patience: no better validation score in {patience} evaluations "
+            better = f"better by over {min_delta:g}" if min_delta else "better"
+            log.stop_reason = (f"patience: no {better} validation score in {patience} evaluations "
                                f"({patience * eval_every} steps) after step {log.best_step}")
             return True
         return False

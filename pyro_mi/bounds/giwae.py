@@ -46,6 +46,10 @@ from ..training import train
 
 #: (particle, data point) critic evaluations per chunk at evaluation
 CHUNK_EVALS = 1 << 16
+#: training batches simulated by one model run
+SIMULATION_POOL = 16
+#: nats: a validation gain this small does not renew early stopping's patience (InfoNCE at log K)
+MIN_DELTA = 1e-3
 
 
 class StandardizedCritic(nn.Module):
@@ -191,12 +195,13 @@ def giwae_bounds(
     *,
     critic: nn.Module | None = None,
     train_proposal: bool = True,
-    max_steps: int = 2000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    proposal_lr: float | None = 1e-4,
+    max_steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-2,
+    proposal_lr: float | None = 1e-3,
     train_particles: int | None = None,
-    hidden_sizes: tuple[int, ...] = (256, 256),
+    hidden_sizes: tuple[int, ...] = (64, 64),
+    lr_schedule: str = "cosine",
     num_val: int = 256,
     eval_every: int = 100,
     patience: int = 5,
@@ -232,9 +237,20 @@ def giwae_bounds(
         max_steps, batch_size, lr: joint optimisation settings (Adam; ``lr`` for the critic).
         proposal_lr: Adam learning rate of the trained proposal copy (None: ``lr``); smaller
             than the critic's because the proposal arrives BA-fitted while the critic starts afresh.
-        train_particles: K used in training and validation (default ``min(num_particles, 100)``).
+        train_particles: K used in training and validation (default ``min(num_particles, 16)``).
         hidden_sizes: widths of the default critic's hidden layers.
-        num_val, eval_every, patience: early stopping on simulated validation pairs.
+        lr_schedule: as for :func:`~pyro_mi.training.train` (default ``"cosine"``: both learning
+            rates decay to 0 over ``max_steps``).
+
+    The defaults were chosen by measurement (``estimate_mi`` at N = 1024, seed 0, one thread):
+    1000 steps of 256 pairs with K = 16, a (64, 64) critic and cosine-decayed rates 1e-2 / 1e-3
+    gave 22.56 / 13.55 / 12.43 nats on linear-vae / digits-vae / digits-gan in 18 / 16 / 18 s,
+    where the earlier 2000 steps of 64 pairs with K = 100, a (256, 256) critic and constant
+    rates 1e-3 / 1e-4 gave 22.22 / 13.51 on the first two in 58 / 101 s (BA 22.16 / 12.97 /
+    10.9). A (32, 32) critic was as good on linear-vae but 0.4 nats lower on digits-gan; more
+    capacity and steps help there (``hidden_sizes=(256, 256), max_steps=2000``).
+        num_val, eval_every, patience: early stopping on simulated validation pairs (a gain
+            below :data:`MIN_DELTA` nats does not renew the patience).
         progress: show a progress bar.
 
     Returns:
@@ -249,7 +265,7 @@ def giwae_bounds(
     K = _check_k(num_particles)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    K_train = min(K, 100) if train_particles is None else _check_k(train_particles)
+    K_train = min(K, 16) if train_particles is None else _check_k(train_particles)
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
     q = copy.deepcopy(proposal) if trained_q else proposal
     if critic is None:
@@ -260,9 +276,18 @@ def giwae_bounds(
     if not trained_q and isinstance(q, nn.Module):
         q.requires_grad_(False)
 
+    pool = {"x": None, "z": None, "next": 0}
+
     def objective(step: int) -> torch.Tensor:
-        with torch.no_grad():
-            xb, zb = density.sample(batch_size)
+        # fresh pairs every step, simulated SIMULATION_POOL batches at a time: one model run per
+        # pool instead of per step (at batch 256 on linear-vae, a run costs as much as a step)
+        if pool["z"] is None or pool["next"] + batch_size > pool["z"].shape[0]:
+            with torch.no_grad():
+                pool["x"], pool["z"] = density.sample(batch_size * SIMULATION_POOL)
+            pool["next"] = 0
+        lo = pool["next"]
+        pool["next"] += batch_size
+        xb, zb = {k: v[lo : lo + batch_size] for k, v in pool["x"].items()}, pool["z"][lo : lo + batch_size]
         ba, con = giwae_terms(density, q, critic, xb, zb, K_train)
         return (ba + con).mean()
 
@@ -283,7 +308,8 @@ def giwae_bounds(
         log = train(
             modules, objective, validate=validate if num_val else None, max_steps=max_steps if K > 1 or trained_q else 0,
             lr=lr, eval_every=eval_every, patience=patience, progress=progress, desc=f"fit {_method}",
-            module_lrs=[proposal_lr if m is q else None for m in modules],
+            module_lrs=[proposal_lr if m is q else None for m in modules], lr_schedule=lr_schedule,
+            min_delta=MIN_DELTA,
         )
     finally:
         if not trained_q and isinstance(q, nn.Module):
@@ -326,11 +352,12 @@ def infonce_bounds(
     num_particles: int = 100,
     *,
     critic: nn.Module | None = None,
-    max_steps: int = 2000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
+    max_steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-2,
     train_particles: int | None = None,
-    hidden_sizes: tuple[int, ...] = (256, 256),
+    hidden_sizes: tuple[int, ...] = (64, 64),
+    lr_schedule: str = "cosine",
     num_val: int = 256,
     eval_every: int = 100,
     patience: int = 5,
@@ -349,5 +376,5 @@ def infonce_bounds(
     return giwae_bounds(
         density, PriorProposal(density), x, z, num_particles, critic=critic, max_steps=max_steps,
         batch_size=batch_size, lr=lr, train_particles=train_particles, hidden_sizes=hidden_sizes,
-        num_val=num_val, eval_every=eval_every, patience=patience, progress=progress, _method="infonce",
+        lr_schedule=lr_schedule, num_val=num_val, eval_every=eval_every, patience=patience, progress=progress, _method="infonce",
     )
