@@ -339,7 +339,9 @@ def default_critic(method: str, x_dim: int, z_dim: int, hidden_sizes=(256, 256),
     10,000 samples): for InfoNCE a joint (64, 64) MLP was closer to the truth on the 25 x 25
     multinormals (1.26 vs 1.17 of 1.29 nats) but further on the Student-t tasks (0.15 vs 0.26
     of 0.30) and 5-10x slower; separable had the lower mean error (0.076 vs 0.087 over the 9
-    tasks both finished)."""
+    tasks both finished). Over the 12 non-Cauchy tasks, the mean absolute error of InfoNCE
+    was 0.194 nats with bmi's own joint (16, 8) critic and 0.173 with the sum of the separable
+    critic and a joint (16, 8) one, against 0.160 for the separable default."""
     kind = kind or ("separable" if method == "infonce" else "joint")
     if kind not in CRITICS:
         raise ValueError(f"critic must be a module or one of {CRITICS}, got {kind!r}")
