@@ -141,3 +141,15 @@ def test_timeout_flag_applies_only_under_torchrun(capsys):
 
     assert main(["estimate", "--example", "linear-vae", "--num-data", "8", "--timeout", "5"]) == 2
     assert "--timeout applies only under torchrun" in capsys.readouterr().err
+
+
+def test_recorded_chains_of_several_blocks_join_on_the_data_axis():
+    from pyro_mi import estimate_mi
+    from pyro_mi.examples import get_example
+
+    ex = get_example("linear-vae", latent_dim=3, obs_dim=6)
+    r = estimate_mi(ex.model, ex.obs_sites, method="ais", num_data=40, seed=0, fit_steps=20, progress=False,
+                    num_chains=2, num_steps=6, record=True, points_per_block=16)
+    idata = r.to_arviz()
+    assert dict(idata.posterior.sizes)["data"] == 40 and dict(idata.posterior.sizes)["chain"] == 3
+    assert idata.sample_stats["accept_prob"].shape[:3] == (3, 6, 40)
