@@ -215,6 +215,20 @@ class Checkpoint:
         return CheckpointSection(self, name)
 
 
+@contextlib.contextmanager
+def finishing(checkpoint: "Checkpoint | None"):
+    """Runs the block with ``checkpoint`` held: released (kept on disk, for a resume) if the
+    block raises, finished (removed) if it completes. None: nothing to do."""
+    try:
+        yield checkpoint
+    except BaseException:
+        if checkpoint is not None:
+            checkpoint.release()
+        raise
+    if checkpoint is not None:
+        checkpoint.finish()
+
+
 class CheckpointSection:
     """One phase's part of a :class:`Checkpoint` (e.g. MINE-AIS's training, then its AIS
     evaluation), with the same ``payload`` / ``save`` / ``finish`` / ``release`` interface.

@@ -42,7 +42,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ..checkpoint import Checkpoint, check_output_path, fingerprint
+from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
 from ..density import Data, ModelDensity, site_log_prob
 from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng
 from ..proposal import GaussianEncoder, GuideDensity, PriorProposal, proposal_from_point
@@ -542,7 +542,7 @@ def _bounds(
         xb, q = {k: v[lo:hi] for k, v in x.items()}, proposal_from_point(proposal, lo)
         return components_fn(density.from_point(lo), q, xb), lambda n: q.rsample(xb, n)[0].detach()
 
-    try:
+    with finishing(ckpt):
         ais = anneal_log_normalizer(
             path_of, z, kind=_KIND[method], num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog,
             step_size=step_size, schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
@@ -551,12 +551,6 @@ def _bounds(
             callback=callback, progress=progress, constrained=density.constrained, compile=compile,
             points_per_block=points_per_block,
         )
-    except BaseException:
-        if ckpt is not None:
-            ckpt.release()
-        raise
-    if ckpt is not None:
-        ckpt.finish()
     elbo, eubo = ais["lower"], ais["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik,
                             "the log p(x) lower bound (every forward chain has zero weight)": elbo,

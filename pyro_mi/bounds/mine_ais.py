@@ -49,7 +49,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, check_output_path, fingerprint
+from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
 from ..density import Data, ModelDensity
 from ..proposal import GaussianEncoder, proposal_from_point
 from ..result import MIResult, require_finite
@@ -274,15 +274,9 @@ def ibal_bounds(
         ckpt = Checkpoint(checkpoint, fingerprint("ibal", settings, seed, x, z, _proposal_identity(proposal), critic,
                                                   density.model, density.model_args, density.model_kwargs,
                                                   ais["record"], ais["points_per_block"]))
-    try:
+    with finishing(ckpt):
         result = _evaluate("ibal", density, proposal, critic, x, z, seed=seed, checkpoint=ckpt, settings=settings,
                            diagnostics={}, **ais)
-    except BaseException:
-        if ckpt is not None:
-            ckpt.release()
-        raise
-    if ckpt is not None:
-        ckpt.finish()
     return _finish(result, save_chains)
 
 
@@ -467,7 +461,7 @@ def mine_ais_bounds(
             return -math.inf
         return r.lower
 
-    try:
+    with finishing(ckpt):
         with pyro.validation_enabled(False):
             log = train(modules, objective, validate=validate, max_steps=max_steps, lr=lr, eval_every=eval_every,
                         patience=patience, progress=progress, desc="fit mine-ais",
@@ -484,12 +478,6 @@ def mine_ais_bounds(
                          "negative_accept_rate": float(torch.stack(stats["accept"]).mean()) if stats["accept"]
                          else None},
             **ais)
-    except BaseException:
-        if ckpt is not None:
-            ckpt.release()
-        raise
-    if ckpt is not None:
-        ckpt.finish()
     return _finish(result, save_chains)
 
 
