@@ -196,14 +196,8 @@ def broadcast_module(module) -> None:
         broadcast_tensors(list(module.parameters()))
 
 
-def barrier() -> None:
-    """Waits for every rank (nothing in a single process)."""
-    if world()[1] > 1:
-        _collective("waiting for the other ranks", dist.barrier)
-
-
 __all__ = [
-    "DistributedError", "POINTS_PER_BLOCK", "TIMEOUT", "barrier", "block_seed", "block_spans", "broadcast",
+    "DistributedError", "POINTS_PER_BLOCK", "TIMEOUT", "block_seed", "block_spans", "broadcast",
     "broadcast_module", "broadcast_tensors", "check_points_per_block", "init", "leave", "map_blocks",
     "seeded_global_rng", "world",
 ]

@@ -139,3 +139,19 @@ def test_plateau_schedule_halves_the_rate_and_says_why_it_stopped():
     # a constant gradient: each Adam step moves the weight by the learning rate
     moves = torch.tensor(log.objective).diff()
     torch.testing.assert_close(moves, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5]), atol=1e-5, rtol=0)
+
+
+def test_min_delta_keeps_small_gains_but_stops_on_them():
+    """Validation gains of 1e-4 per evaluation: with min_delta = 1e-3 they do not renew the
+    patience (training stops after 4 evaluations) but the best, last, parameters are kept;
+    with min_delta = 0 training runs to max_steps."""
+    scores = iter([0.0] + [1e-4 * i for i in range(1, 50)])
+    p = torch.nn.Linear(1, 1)
+    log = train([p], lambda step: p.weight.sum(), validate=lambda: next(scores), max_steps=20, eval_every=1,
+                patience=4, min_delta=1e-3, progress=False)
+    assert log.steps == 4 and log.stopped_early and log.best_step == 4
+    assert log.stop_reason.startswith("patience: no better by over 0.001 validation score in 4 evaluations")
+    scores = iter([0.0] + [1e-4 * i for i in range(1, 50)])
+    log = train([p], lambda step: p.weight.sum(), validate=lambda: next(scores), max_steps=20, eval_every=1,
+                patience=4, progress=False)
+    assert log.steps == 20 and not log.stopped_early

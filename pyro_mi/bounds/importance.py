@@ -53,9 +53,9 @@ def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Te
 
 
 def _per_block(density, proposal, x, z, points_per_block, differentiable, terms) -> dict:
-    """``terms(density_of_block, proposal_of_block, x_block, z_block) -> {name: (n,)}`` for every block of points (this
-    rank's, gathered), each block on torch's RNG seeded from (one draw of it, block); returns the
-    names' (N,) values."""
+    """``terms(density_of_block, proposal_of_block, x_block, z_block) -> {name: (n,)}`` for every
+    block of points (this rank's, gathered), each block on torch's RNG seeded from (one draw of
+    it, block); returns the names' (N,) values."""
     check_points_per_block(points_per_block)
     if differentiable and world()[1] > 1:
         raise ValueError("differentiable=True needs the autograd graph of every point in one process; run it "

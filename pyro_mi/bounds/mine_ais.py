@@ -141,7 +141,8 @@ def _evaluate(
     record = ais.pop("record")
 
     def path_of(lo, hi):
-        block = IBALPath(density.from_point(lo), proposal_from_point(proposal, lo), critic, {k: v[lo:hi] for k, v in x.items()})
+        xb = {k: v[lo:hi] for k, v in x.items()}
+        block = IBALPath(density.from_point(lo), proposal_from_point(proposal, lo), critic, xb)
         return block.components, block.draw_pi0
 
     out = anneal_log_normalizer(
