@@ -116,9 +116,10 @@ def estimate_mi_samples(
         progress: show a progress bar.
         **options: passed to :func:`pyro_mi.bounds.dual.fit_dual_bound`:
             ``max_steps`` (5000), ``batch_size`` (256), ``lr`` (1e-3),
-            ``negatives`` ("shuffle" | "all"), ``xi``, ``critic`` (a module, "joint" or
+            ``negatives`` ("shuffle" | "all"), ``xi``, ``critic`` (a module, "auto", "joint" or
             "separable"), ``hidden_sizes``, ``preprocess`` ("robust", "standardize",
-            "gaussianize", "none"), ``val_fraction`` (0.2), ``test_fraction`` (0.2),
+            "gaussianize", "none"), ``val_fraction`` (0.2; InfoNCE 0.1), ``test_fraction``
+            (0.2; InfoNCE 0.4),
             ``patience`` (20 epochs), ``lr_schedule`` ("plateau"), ...
 
     Returns:
@@ -131,7 +132,7 @@ def estimate_mi_samples(
         ValueError / TypeError: bad input (see :func:`as_sample_tensors`), an
             unknown method, too few samples for the validation/test splits, or
             fewer than :data:`~pyro_mi.bounds.dual.MIN_TEST_SAMPLES` (100) test
-            samples: with the default test fraction 0.2, n must be at least 500.
+            samples: with the default test fraction 0.2, n must be at least 500 (250 for InfoNCE).
     """
     if method not in DUAL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DUAL_METHODS)}")
@@ -225,10 +226,12 @@ class _SamplesResult:
             "warnings": list(r.warnings),
         }
         out.update({k: v for k, v in r.settings.items() if k not in out and isinstance(v, (int, float, str, bool))})
+        out["critics_tried"] = dict(r.settings["critics_tried"])  # validation bound of each candidate
         return out
 
     def __str__(self) -> str:
         r = self.result
+        tried = r.settings["critics_tried"]
         where = (
             f"on {r.settings['num_test']} held-out samples" if r.settings["num_test"]
             else "on the training samples: optimistic"
@@ -238,6 +241,9 @@ class _SamplesResult:
             f"lower (nats)  {r.lower:9.3f} ± {r.lower_stderr:.3f}   ({where})",
             f"num_samples   {r.settings['num_samples']:9d}",
             f"steps         {r.settings['steps']:9d}   ({r.settings['stop_reason']})",
+            f"critic        {r.settings['critic']:>9}   (" + ", ".join(
+                "validation n/a" if v is None else f"validation {v:.3f}" if len(tried) == 1 else f"{k} {v:.3f}"
+                for k, v in tried.items()) + ")",
             f"seconds       {r.seconds:9.2f}",
         ]
         if r.method == "infonce":
@@ -265,12 +271,13 @@ def add_estimate_samples_command(subparsers) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--negatives", choices=NEGATIVES, help="negative pairs in training (default shuffle)")
     p.add_argument("--xi", type=float, help="fixed xi for --method xi (default: optimised jointly)")
-    p.add_argument("--critic", choices=CRITICS, help="critic: an MLP on [x, z] or f(x)ᵀg(z) (default: by method)")
+    p.add_argument("--critic", choices=CRITICS, help="critic: an MLP on [x, z], f(x)ᵀg(z), or auto: both, the one with the "
+                   "higher validation bound kept (default: auto for infonce, joint for the others)")
     p.add_argument("--preprocess", choices=PREPROCESS,
                    help="strictly increasing per-coordinate map of x and z before training (default robust)")
     p.add_argument("--patience", type=int, help="epochs without a better validation bound before stopping (default 20)")
-    p.add_argument("--val-fraction", type=float, help="fraction held out for early stopping (default 0.2)")
-    p.add_argument("--test-fraction", type=float, help="fraction held out for the reported bound (default 0.2)")
+    p.add_argument("--val-fraction", type=float, help="fraction held out for early stopping (default 0.2; infonce 0.1)")
+    p.add_argument("--test-fraction", type=float, help="fraction held out for the reported bound (default 0.2; infonce 0.4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true")

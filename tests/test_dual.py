@@ -138,7 +138,8 @@ def test_heavy_tails_warn_and_too_few_test_samples_refused():
 def test_gaussian_d2_close_to_truth(method):
     x, z, mi = gaussians(4000, 2, 0.8)  # MI = 1.022 nats
     r = estimate_mi_samples(x, z, method, max_steps=400, **SMALL)
-    assert r.upper is None and r.num_data == 800 and r.settings["num_samples"] == 4000
+    test_fraction = dual.SPLITS.get(method, dual.SPLITS[None])[1]  # InfoNCE holds out 0.4, the others 0.2
+    assert r.upper is None and r.num_data == 4000 * test_fraction and r.settings["num_samples"] == 4000
     # a lower bound: below truth within 3 standard errors, and within 0.15 nats of it
     assert r.lower <= mi + 3 * r.lower_stderr
     assert r.lower >= mi - 0.15, (r.lower, mi)
@@ -170,11 +171,11 @@ def test_infonce_at_most_log_batch_size():
     assert (r.lower_per_point <= math.log(32) + 1e-5).all()
     assert r.lower <= math.log(32)
     assert r.lower > math.log(32) - 0.6  # saturates near log K (Brekelmans et al. 2022, Fig. 3a)
-    # by default the test split's K is all 600 test samples here (it scores higher on validation):
-    # the same critic then passes the training batch's ceiling
+    # by default the test split's K is all 1200 test samples here (K = 300, all validation samples,
+    # scores higher on validation): the same critic then passes the training batch's ceiling
     big = estimate_mi_samples(x, z, "infonce", max_steps=300, **{**SMALL, "batch_size": 32})
-    assert big.settings["num_negatives"] == 600
-    assert math.log(32) + 1 < big.lower <= math.log(600)
+    assert big.settings["num_negatives"] == 1200
+    assert math.log(32) + 1 < big.lower <= math.log(1200)
 
 
 def test_xi_fixed_and_optimised():
@@ -230,6 +231,7 @@ def test_gaussian_d20(method, tol):
 def test_preprocess_is_strictly_increasing_per_coordinate(kind):
     """MI is unchanged by a strictly increasing map of each coordinate; check that on training
     values with ties and on fresh values outside the training range."""
+    torch.manual_seed(0)  # StudentT.sample takes no generator
     g = torch.Generator().manual_seed(0)
     train = torch.cat([torch.distributions.StudentT(1.0).sample((500, 3)), torch.zeros(50, 3)])  # Cauchy + ties
     train[:, 2] = train[:, 2].round()  # a coordinate with many ties
@@ -241,7 +243,9 @@ def test_preprocess_is_strictly_increasing_per_coordinate(kind):
         assert torch.all(out[1:] > out[:-1]), (kind, j)
     if kind == "gaussianize":
         u = f(torch.distributions.StudentT(1.0).sample((20000, 3)))
-        assert abs(float(u[:, 0].mean())) < 0.1 and abs(float(u[:, 0].std()) - 1) < 0.1
+        # fresh draws beyond the 550 training values are mapped logarithmically: over seeds 0-7 the
+        # mean was -0.05..0.09 and the std 1.02..1.16
+        assert abs(float(u[:, 0].mean())) < 0.1 and abs(float(u[:, 0].std()) - 1) < 0.2
     if kind == "robust":  # far samples are pulled in logarithmically
         assert float(f(torch.full((1, 3), 1e6)).max()) < 20
     with pytest.raises(ValueError, match="preprocess must be one of"):
@@ -300,7 +304,7 @@ def test_stop_reason_and_infonce_test_k():
     x, z, _ = gaussians(2000, 2, 0.8)
     r = estimate_mi_samples(x, z, "infonce", max_steps=30, **{**SMALL, "batch_size": 64})
     assert r.settings["stop_reason"] == "max_steps reached" and r.settings["steps"] == 30
-    assert r.settings["num_negatives"] in (64, 400)  # the batch size or all 400 test samples
+    assert r.settings["num_negatives"] in (64, 800)  # the batch size or all 800 test samples
     r = estimate_mi_samples(x, z, "infonce", max_steps=30, eval_negatives=100, **{**SMALL, "batch_size": 64})
     assert r.settings["num_negatives"] == 100 and r.lower <= math.log(100)
     r = estimate_mi_samples(x, z, "mine", critic=SpikyCritic(), max_steps=5000, patience=2,
@@ -308,3 +312,25 @@ def test_stop_reason_and_infonce_test_k():
     assert r.settings["stop_reason"].startswith("patience: no better validation score in 2 evaluations (10 steps)")
     with pytest.raises(ValueError, match="critic must be a module or one of"):
         estimate_mi_samples(x, z, "mine", critic="bilinear", **SMALL)
+
+
+def test_auto_critic_keeps_the_higher_validation_bound():
+    """InfoNCE's default critic "auto" fits a separable and a joint critic and keeps the one with
+    the higher validation bound; a named critic fits only itself, and without a validation split
+    "auto" fits only its first (separable) candidate."""
+    x, z, mi = gaussians(2000, 2, 0.8)
+    r = estimate_mi_samples(x, z, "infonce", max_steps=100, **SMALL)
+    tried = r.settings["critics_tried"]
+    assert set(tried) == {"SeparableCritic", "JointCritic"} and all(math.isfinite(v) for v in tried.values())
+    assert r.settings["critic"] == max(tried, key=tried.get)
+    assert type(r.diagnostics["critic"]).__name__ == r.settings["critic"]
+    assert r.diagnostics["training"].best_value == tried[r.settings["critic"]]
+    assert r.lower <= mi + 3 * r.lower_stderr
+    one = estimate_mi_samples(x, z, "infonce", critic="joint", max_steps=100, **SMALL)
+    assert list(one.settings["critics_tried"]) == ["JointCritic"]
+    assert one.diagnostics["critic"].net[0].out_features == SMALL["hidden_sizes"][0]
+    auto_joint = [c for c in dual.default_critics("infonce", 2, 2, (64, 64), 8) if type(c).__name__ == "JointCritic"]
+    assert auto_joint[0].net[0].out_features == dual.AUTO_JOINT_HIDDEN[0]
+    no_val = estimate_mi_samples(x, z, "infonce", max_steps=50, val_fraction=0.0, **SMALL)
+    assert list(no_val.settings["critics_tried"]) == ["SeparableCritic"]
+    assert list(estimate_mi_samples(x, z, "mine", max_steps=50, **SMALL).settings["critics_tried"]) == ["JointCritic"]
