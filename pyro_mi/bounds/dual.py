@@ -599,7 +599,11 @@ def fit_dual_bound(
         )
         fitted.append((critic, log_xi_mod, log))
     # the highest validation bound; the test split, used by none of them, keeps the bound honest
-    critic, log_xi_mod, log = max(fitted, key=lambda f: -math.inf if f[2].best_value is None else f[2].best_value)
+    def score(fit) -> float:  # a missing or non-finite validation bound never wins
+        v = fit[2].best_value
+        return v if v is not None and math.isfinite(v) else -math.inf
+
+    critic, log_xi_mod, log = max(fitted, key=score)
     modules = [m for m in (critic, log_xi_mod) if isinstance(m, nn.Module)]
     test_k = B
     with torch.no_grad():
