@@ -598,11 +598,11 @@ def fit_dual_bound(
             desc=f"fit critic ({method}, {type(critic).__name__})",
         )
         fitted.append((critic, log_xi_mod, log))
-    # the highest validation bound; the test split, used by none of them, keeps the bound honest
     def score(fit) -> float:  # a missing or non-finite validation bound never wins
         v = fit[2].best_value
         return v if v is not None and math.isfinite(v) else -math.inf
 
+    # the highest validation bound; the test split, used by none of them, keeps the bound honest
     critic, log_xi_mod, log = max(fitted, key=score)
     modules = [m for m in (critic, log_xi_mod) if isinstance(m, nn.Module)]
     test_k = B
