@@ -64,6 +64,8 @@ ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
     ("--max-steps", dict(type=int, help="critic training steps")),
     ("--batch-size", dict(type=int, help="simulated pairs per training step")),
     ("--num-negative-steps", dict(type=int, help="M, HMC transitions per MINE-AIS negative sample")),
+    ("--likelihood-steps", dict(type=int, help="> 0: MINE-AIS's critic is a Gaussian surrogate likelihood, fitted "
+                                               "by maximum likelihood on simulated pairs for at most this many steps")),
     ("--lr", dict(type=float, help="critic/encoder Adam learning rate")),
     ("--points-per-block", dict(type=int, help="data points per block: the unit that torchrun's processes share "
                                                "out, each with random numbers of its own")),

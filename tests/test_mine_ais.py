@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from models import linear_gaussian_exact
+from models import linear_gaussian, linear_gaussian_exact, linear_params
 from pyro_mi import GaussianEncoder, ModelDensity, estimate_mi, fit_guide
 from pyro_mi.bounds import METHODS, ibal_bounds, mine_ais_bounds
+from pyro_mi.bounds.likelihood_critic import LikelihoodCritic
 from pyro_mi.cli import main
-from pyro_mi.proposal import PriorProposal
+from pyro_mi.proposal import GuideDensity, PriorProposal
 from pyro_mi.samplers import hmc
 from pyro_mi.weights import log_mean_exp
 
@@ -132,7 +133,7 @@ def test_mine_ais_is_a_lower_bound_above_ba(setup, base):
     ex, d, x, z, m, q = setup
     pyro.set_rng_seed(3)
     base_q = q if base == "encoder" else PriorProposal(d)
-    r = mine_ais_bounds(d, base_q, x, z, max_steps=400, eval_every=50, **FAST)
+    r = mine_ais_bounds(d, base_q, x, z, likelihood_steps=0, max_steps=400, eval_every=50, **FAST)
     low, se = paired(r.lower_per_point.double() - m)
     assert low <= 3 * se, (low, se)
     gain, se_gain = paired(r.lower_per_point - ba_per_point(d, r.diagnostics["proposal"], x, z))
@@ -157,24 +158,26 @@ class Interrupt:
 
 # hmc.step calls: 1-19 the initial validation (19 transitions), then 5 per training step and 19 per
 # validation (every 10 steps), then the evaluation's pilot and chains (calls 227-249)
-@pytest.mark.parametrize("at", [30, 80, 240], ids=["training", "validation", "evaluation"])
-def test_checkpoint_resumes_to_the_same_result(setup, tmp_path, monkeypatch, at):
+# (with the likelihood critic, fitted again to the same parameters on resume, the same counts hold)
+@pytest.mark.parametrize("at,likelihood", [(30, False), (80, False), (240, False), (240, True)],
+                         ids=["training", "validation", "evaluation", "likelihood-critic"])
+def test_checkpoint_resumes_to_the_same_result(setup, tmp_path, monkeypatch, at, likelihood):
     ex, d, x, z, m, q = setup
     xs, zs = {"x": x["x"][:32]}, z[:32]
 
     def run(**kw):
         pyro.set_rng_seed(5)
         return mine_ais_bounds(d, q, xs, zs, num_steps=20, max_steps=30, eval_every=10, num_val=16,
-                               generator=torch.Generator().manual_seed(0), **FAST, **kw)
+                               generator=torch.Generator().manual_seed(0), **FAST, **{"likelihood_steps": 0, **kw})
 
-    whole = run()
+    whole = run(**({"likelihood_steps": 40} if likelihood else {}))
     path = tmp_path / "mine.ckpt"
     monkeypatch.setattr(hmc, "step", Interrupt(at))
     with pytest.raises(KeyboardInterrupt):
-        run(checkpoint=str(path))
+        run(checkpoint=str(path), **({"likelihood_steps": 40} if likelihood else {}))
     assert path.exists()
     monkeypatch.undo()
-    resumed = run(checkpoint=str(path))
+    resumed = run(checkpoint=str(path), **({"likelihood_steps": 40} if likelihood else {}))
     assert not path.exists()
     torch.testing.assert_close(resumed.lower_per_point, whole.lower_per_point, atol=0, rtol=0)
     assert resumed.diagnostics["training"].steps == whole.diagnostics["training"].steps
@@ -222,6 +225,10 @@ def test_bad_options_name_themselves(setup):
         mine_ais_bounds(d, q, x, z, proposal_lr=1e-3, **FAST)
     with pytest.raises(ValueError, match="hidden_sizes"):
         mine_ais_bounds(d, q, x, z, critic=ConstantCritic(), **FAST)
+    with pytest.raises(ValueError, match="likelihood_steps must be a non-negative integer"):
+        mine_ais_bounds(d, q, x, z, likelihood_steps=-1, **FAST)
+    with pytest.raises(ValueError, match="likelihood_steps fits the likelihood critic"):
+        mine_ais_bounds(d, q, x, z, critic=ConstantCritic(), likelihood_steps=5, progress=False)
 
 
 def test_cli_json(capsys):
@@ -234,3 +241,69 @@ def test_cli_json(capsys):
     assert out["num_negative_steps"] == 2
     assert main(["estimate", "--example", "linear-vae", "--method", "iwae", "--num-negative-steps", "2"]) == 2
     assert "--num-negative-steps does not apply to --method iwae" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- the likelihood critic
+def test_likelihood_critic_terms(setup):
+    """T = log N(x; f(z), s^2) + log p(z) - log q(z|x): the surrogate alone with the prior as base."""
+    ex, d, x, z, m, q = setup
+    torch.testing.assert_close(d.unflatten_data(d.flatten_data(x))["x"], x["x"])
+    xf, zz = d.flatten_data(x)[:8], torch.randn(3, 8, 2)
+    for base in (q, PriorProposal(d)):
+        c = LikelihoodCritic(d, base, (16,))
+        with torch.no_grad():
+            lik = torch.distributions.Normal(c.f(zz), c.log_scale.exp()).log_prob(xf).sum(-1)
+            torch.testing.assert_close(c.log_likelihood(xf, zz), lik)
+            extra = d.log_prior(zz, {"x": xf}) - q.log_prob(zz, {"x": xf}) if base is q else 0
+            torch.testing.assert_close(c(xf, zz), lik + extra)
+    model, _, guide = linear_gaussian(2, 5, 0.5)[:3]
+    with pytest.raises(ValueError, match="one-data-point model"):
+        LikelihoodCritic(ModelDensity(linear_gaussian(2, 5, 0.5)[1], "x", data={"x": torch.zeros(4, 5)}), q)
+    with pytest.raises(ValueError, match="base must be the prior or a GaussianEncoder"):
+        LikelihoodCritic(d, GuideDensity(d, guide))
+
+
+def test_exact_likelihood_critic_recovers_true_mi(setup):
+    """Prop. 4.1 with the surrogate set to the true p(x|z) (f linear, f(z) = Wz + b, s = 0.5):
+    from the encoder base, the IBAL equals the exact MI within the AIS gap, paired per point."""
+    ex, d, x, z, m, q = setup
+    W, b = linear_params(2, 5, 0)
+    c = LikelihoodCritic(d, q, hidden_sizes=())
+    with torch.no_grad():
+        c.f[0].weight.copy_(W)
+        c.f[0].bias.copy_(b)
+        c.log_scale.fill_(math.log(0.5))
+    r = ibal_bounds(d, q, x, z, num_steps=100, critic=c, progress=False)
+    low, se = paired(r.lower_per_point.double() - m)
+    assert low <= 3 * se and low > -0.03, (low, se)
+
+
+@pytest.mark.parametrize("base", ["encoder", "prior"])
+def test_likelihood_critic_is_a_lower_bound_near_truth(setup, base):
+    """The default MINE-AIS critic (fitted surrogate likelihood, no energy-based steps): below the
+    exact MI within 3 se (paired), close to it (measured: -0.014 ± 0.005 nats from the encoder,
+    -0.084 ± 0.016 from the prior, whose 100-step AIS path is longer), and above BA of its base (by
+    4 se from the encoder, whose BA is already within 0.1 nats of the truth; by almost all of the
+    MI, 3.12 nats, from the prior)."""
+    ex, d, x, z, m, q = setup
+    pyro.set_rng_seed(4)
+    base_q = q if base == "encoder" else PriorProposal(d)
+    r = mine_ais_bounds(d, base_q, x, z, likelihood_steps=1000, **FAST)
+    assert r.settings["likelihood_steps"] == 1000 and r.settings["max_steps"] == 0
+    assert r.diagnostics["training"].steps == 0 and r.diagnostics["likelihood_training"].steps > 0
+    assert isinstance(r.diagnostics["critic"], LikelihoodCritic)
+    low, se = paired(r.lower_per_point.double() - m)
+    assert low <= 3 * se, (low, se)
+    assert low > (-0.05 if base == "encoder" else -0.15), (low, se)
+    gain, se_gain = paired(r.lower_per_point - ba_per_point(d, base_q, x, z))
+    assert gain > (2 if base == "encoder" else 0.9 * ex.true_mi / se_gain) * se_gain, (low, gain, se_gain)
+
+
+def test_poorly_fitted_likelihood_critic_warns(setup):
+    """A surrogate fitted for 5 steps bounds the MI far below BA of its base: the result says so."""
+    ex, d, x, z, m, q = setup
+    pyro.set_rng_seed(6)
+    r = mine_ais_bounds(d, q, {"x": x["x"][:200]}, z[:200], likelihood_steps=5, num_steps=10, **FAST)
+    low, se = paired(r.lower_per_point.double() - m[:200])
+    assert low <= 3 * se  # still a bound
+    assert any("below BA of its base" in w for w in r.warnings), r.warnings

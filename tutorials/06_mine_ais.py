@@ -24,8 +24,9 @@
 # | Barber–Agakov (BA) | no | E[log q(z\|x) - log p(z)], q a Gaussian encoder fitted by `fit_guide` |
 # | GIWAE K = 100, 1000 | no | BA + contrastive term (eq. 7), q and critic trained jointly |
 # | InfoNCE K = 100 | no | GIWAE with q = p(z): at most log K |
-# | MINE-AIS, base q | no | the library's default: base = the fitted encoder, residual critic on (z - mu_q(x)) / sigma_q(x) |
-# | MINE-AIS, base p(z) | no | the paper's setting: base = the prior, an MLP critic on [x, z] |
+# | MINE-AIS, likelihood critic | no | the library's default: base = the fitted encoder, T = log N(x; f(z), diag s²) + log p(z) - log q(z\|x), f and s fitted by maximum likelihood on simulated pairs, no energy-based steps |
+# | MINE-AIS, base q | no | base = the fitted encoder, residual critic on (z - mu_q(x)) / sigma_q(x), energy-based training |
+# | MINE-AIS, base p(z) | no | the paper's setting: base = the prior, an MLP critic on [x, z], energy-based training |
 # | AIS on IBAL of GIWAE / InfoNCE (K = 100) | no | the trained (q, T) of those rows, evaluated by AIS instead of with K samples |
 # | AIS sandwich | **yes** | multi-sample AIS on log p(x) (the reference) |
 # | IWAE K = 1000 | **yes** | the optimal critic of GIWAE (Cor. 2.2) |
@@ -35,7 +36,8 @@
 # is the reference).
 #
 # Settings (full mode): N = 512 evaluation pairs; q a GaussianEncoder fitted for 2000
-# steps; GIWAE / InfoNCE critics (64, 64), up to 1000 training steps of batch 64; MINE-AIS with
+# steps; GIWAE / InfoNCE critics (64, 64), up to 1000 training steps of batch 64; the
+# likelihood critic: f (128, 128), up to 2000 steps of 512 fresh pairs; MINE-AIS with
 # base q: critic (128, 128), up to 1500 steps (batch 128, lr 3e-3, 5 HMC transitions of 2
 # leapfrog steps per negative); MINE-AIS with base p(z): critic (128, 128), up to 1000
 # steps with lr 3e-4 and 5 leapfrog steps per transition (with lr 3e-3 and 2 leapfrog
@@ -85,6 +87,9 @@ GIWAE_TRAIN = dict(max_steps=20 if FAST else 1000, batch_size=16 if FAST else 64
 MINE_COMMON = dict(num_chains=NUM_CHAINS, num_steps=EVAL_T, hidden_sizes=(32, 32) if FAST else (128, 128),
                    eval_every=10 if FAST else 100, num_val=32 if FAST else 128, val_steps=10 if FAST else 100,
                    progress=False)
+MINE_LIKELIHOOD = dict(num_chains=NUM_CHAINS, num_steps=EVAL_T, hidden_sizes=MINE_COMMON["hidden_sizes"],
+                       likelihood_steps=100 if FAST else 2000, progress=False)
+MINE_COMMON["likelihood_steps"] = 0  # the residual or MLP critic, trained by eq. 19-20
 MINE_Q = dict(MINE_COMMON, max_steps=20 if FAST else 1500, patience=5)
 MINE_PRIOR = dict(MINE_COMMON, max_steps=20 if FAST else 1000, lr=3e-4, num_leapfrog=5, patience=10)
 
@@ -150,6 +155,8 @@ def fig3a_rows(name: str, seed: int = 0):
     K0 = GIWAE_K[0]
     pyro.set_rng_seed(seed + 3)
     add(f"InfoNCE K={K0}", *timed(infonce_bounds, density, q, x, z, num_particles=K0, **GIWAE_TRAIN))
+    pyro.set_rng_seed(seed + 9)
+    add("MINE-AIS, likelihood critic", *timed(mine_ais_bounds, density, q, x, z, **MINE_LIKELIHOOD))
     pyro.set_rng_seed(seed + 4)
     add("MINE-AIS, base q", *timed(mine_ais_bounds, density, q, x, z, **MINE_Q))
     pyro.set_rng_seed(seed + 5)
@@ -244,7 +251,7 @@ print_table(runs["digits-gan"])
 sweep = []
 for name, run in runs.items():
     density, x, z = run["density"], run["x"], run["z"]
-    for base in ("MINE-AIS, base q", "MINE-AIS, base p(z)"):
+    for base in ("MINE-AIS, likelihood critic", "MINE-AIS, base q", "MINE-AIS, base p(z)"):
         trained = run["results"][base]
         q_t, critic = trained.diagnostics["proposal"], trained.diagnostics["critic"]
         L = trained.settings["num_leapfrog"]
@@ -280,8 +287,9 @@ with open(OUT / "06_mine_ais_sweep.csv", "w") as f:
         f.write(f"{r['model']},{r['base']},{r['T']},{r['lower']:.4f},{r['ibal_upper']:.4f},{r['stderr']:.4f},"
                 f"{r['seconds']:.1f}\n")
 
-BASES = (("MINE-AIS, base p(z)", "tab:blue"), ("MINE-AIS, base q", "tab:red"))
-fig, axes = plt.subplots(len(runs), len(BASES), figsize=(11, 3.8 * len(runs)), squeeze=False)
+BASES = (("MINE-AIS, base p(z)", "tab:blue"), ("MINE-AIS, base q", "tab:red"),
+         ("MINE-AIS, likelihood critic", "tab:purple"))
+fig, axes = plt.subplots(len(runs), len(BASES), figsize=(16, 3.8 * len(runs)), squeeze=False)
 for row_axes, (name, run) in zip(axes, runs.items()):
     for ax, (base, color) in zip(row_axes, BASES):  # one panel per base: their scales differ
         sel = [r for r in sweep if r["model"] == name and r["base"] == base]

@@ -51,18 +51,23 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
 from ..density import Data, ModelDensity
-from ..proposal import GaussianEncoder, proposal_from_point
+from ..proposal import GaussianEncoder, PriorProposal, proposal_from_point
 from ..result import MIResult, require_finite
 from ..samplers import StepSizeAdapter, hmc
 from ..training import train
 from ..distributed import POINTS_PER_BLOCK, broadcast_module, check_points_per_block
 from .ais import (DEFAULTS, _proposal_identity, ais_settings, anneal_log_normalizer, check_options, default_chunk)
 from .giwae import default_giwae_critic, giwae_terms
+from .likelihood_critic import LikelihoodCritic, fit_likelihood_critic
 
 #: the negatives' step size is adapted between training steps towards this mean acceptance
 NEGATIVE_TARGET_ACCEPT = 0.8
 #: particles of the GIWAE bound reported beside the IBAL (a bound without Prop. M.1's condition)
 GIWAE_PARTICLES = 100
+#: the default steps of the likelihood critic's maximum-likelihood fit (:func:`mine_ais_bounds`): on
+#: linear-vae (N = 512) 1000, 2000 and 4000 steps gave 22.96, 22.99 and 23.00 nats (true 23.10) in
+#: 15, 21 and 33 s; on digits-gan 2000 steps gave 16.30 nats in 20 s (GIWAE: 12.73 in 18 s)
+LIKELIHOOD_STEPS = 2000
 #: a warning when the reverse log Z estimate is below the forward one by more than this many stderrs
 CROSSING_SE = 3.0
 PROP_M1_NOTE = (
@@ -301,8 +306,9 @@ def mine_ais_bounds(
     schedule="sigmoid",
     *,
     critic: nn.Module | None = None,
+    likelihood_steps: int | None = None,
     train_proposal: bool = False,
-    max_steps: int = 2000,
+    max_steps: int | None = None,
     batch_size: int = 128,
     lr: float = 3e-3,
     proposal_lr: float | None = None,
@@ -360,12 +366,20 @@ def mine_ais_bounds(
         critic: a module ``critic(x_flat, z) -> (..., N)`` trained in place; default: GIWAE's
             residual critic for a GaussianEncoder base, else an MLP on [standardised x, z]
             with a zero last layer (both start at T = 0).
+        likelihood_steps: > 0: the critic is a
+            :class:`~pyro_mi.bounds.likelihood_critic.LikelihoodCritic`, a Gaussian surrogate of
+            p(x|z) fitted by maximum likelihood on simulated pairs for at most this many steps
+            (:func:`~pyro_mi.bounds.likelihood_critic.fit_likelihood_critic`, early-stopped);
+            0: the residual critic above. None (default): :data:`LIKELIHOOD_STEPS` where the
+            likelihood critic applies (no ``critic`` given, a one-data-point model, the prior or a
+            GaussianEncoder base), else 0.
         train_proposal: train a copy of a GaussianEncoder base jointly (eq. 19). Off by default:
             π depends on q e^T only, so the residual critic (whose b(x)ᵀu term shifts q's mean)
             already spans what training q adds; on linear-vae (N = 512) a jointly trained q
             drifted (BA term 22.30 -> 22.10 nats) and the bound ended at 22.29, below BA (22.30);
             with q fixed (and batch 128, lr 3e-3) it reached 22.43.
-        max_steps, batch_size, lr, proposal_lr: training steps, simulated pairs per step,
+        max_steps, batch_size, lr, proposal_lr: energy-based training steps (None: 0 after the
+            likelihood critic's fit, which it did not improve on linear-vae; else 2000), simulated pairs per step,
             (``proposal_lr`` only with ``train_proposal``; default 1e-4)
             Adam learning rates of the critic and the base.
         num_negative_steps: M, HMC transitions per negative (App. M.1 uses 10).
@@ -394,6 +408,16 @@ def mine_ais_bounds(
         raise ValueError("proposal_lr applies only with train_proposal=True and a GaussianEncoder proposal")
     if hidden_sizes is not None and critic is not None:
         raise ValueError("hidden_sizes shapes the default critic; it does not apply when a critic is given")
+    if likelihood_steps is not None and (isinstance(likelihood_steps, bool) or not isinstance(likelihood_steps, int)
+                                         or likelihood_steps < 0):
+        raise ValueError(f"likelihood_steps must be a non-negative integer, got {likelihood_steps!r}")
+    if likelihood_steps and critic is not None:
+        raise ValueError("likelihood_steps fits the likelihood critic; it does not apply when a critic is given")
+    if likelihood_steps is None:
+        applies = critic is None and not density.has_data_plate and isinstance(proposal, (PriorProposal, GaussianEncoder))
+        likelihood_steps = LIKELIHOOD_STEPS if applies else 0
+    if max_steps is None:
+        max_steps = 0 if likelihood_steps else 2000
     proposal_lr = 1e-4 if proposal_lr is None else proposal_lr
     hidden_sizes = (256, 256) if hidden_sizes is None else tuple(hidden_sizes)
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
@@ -403,6 +427,10 @@ def mine_ais_bounds(
     val_steps = num_steps if val_steps is None else val_steps
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
     q = copy.deepcopy(proposal) if trained_q else proposal
+    likelihood_log = None
+    if likelihood_steps:
+        critic = LikelihoodCritic(density, q, hidden_sizes).to(z.device)
+        likelihood_log = fit_likelihood_critic(density, critic, max_steps=likelihood_steps, progress=progress)
     if critic is None:
         critic = default_giwae_critic(density, hidden_sizes, proposal=q)
         if not isinstance(q, GaussianEncoder):  # the MLP critic of the prior or a guide starts at T = 0 too
@@ -418,6 +446,7 @@ def mine_ais_bounds(
                        pilot_steps, compile),
         "max_steps": max_steps, "batch_size": batch_size, "num_negative_steps": num_negative_steps,
         "num_val": num_val, "val_steps": val_steps, "proposal_trained": trained_q,
+        "likelihood_steps": likelihood_steps,
     }
     ckpt = None
     if checkpoint is not None:
@@ -474,11 +503,20 @@ def mine_ais_bounds(
         result = _evaluate(
             "mine-ais", density, q, critic, x, z, seed=seed, checkpoint=ckpt.section("evaluation") if ckpt else None,
             settings={**settings, "steps": log.steps},
-            diagnostics={"training": log, "proposal": q, "critic": critic,
+            diagnostics={"training": log, "likelihood_training": likelihood_log, "proposal": q, "critic": critic,
                          "negative_step_size": float(eps.value),
                          "negative_accept_rate": float(torch.stack(stats["accept"]).mean()) if stats["accept"]
                          else None},
             **ais)
+    if likelihood_steps:  # the surrogate may fit p(x|z) worse than q alone: BA of the base, paired per point
+        with torch.no_grad(), pyro.validation_enabled(False):
+            gain = (result.lower_per_point - (q.log_prob(z, x) - density.log_prior(z, x))).double()
+        mean, se = float(gain.mean()), float(gain.std()) / math.sqrt(gain.numel())
+        if not mean >= -3 * se:  # also NaN
+            result.warnings.append(
+                f"the bound is below BA of its base by {-mean:.3f} ± {se:.3f} nats (paired per point): the likelihood "
+                "critic's surrogate of p(x|z) fits poorly; raise likelihood_steps, or set likelihood_steps=0 for the "
+                "residual critic")
     return _finish(result, save_chains)
 
 

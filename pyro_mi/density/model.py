@@ -670,6 +670,16 @@ class ModelDensity:
         x = self.check_data(x)
         return torch.cat([x[k].reshape(x[k].shape[0], -1).to(torch.get_default_dtype()) for k in self.obs_sites], -1)
 
+    def unflatten_data(self, x_flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`flatten_data`: (N, obs_dim) -> ``{site: (N, *shape)}`` (x_flat's dtype)."""
+        out, start = {}, 0
+        for k in self.obs_sites:
+            shape = tuple(self.obs_shapes[k])
+            size = max(1, math.prod(shape))
+            out[k] = x_flat[..., start : start + size].reshape(x_flat.shape[:-1] + shape)
+            start += size
+        return out
+
     @property
     def obs_dim(self) -> int:
         """Length of the flattened observed vector of one data point."""
