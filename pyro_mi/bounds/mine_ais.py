@@ -26,6 +26,10 @@ to IBAL(q, T) as K grows (Prop. 4.2).
   needs no condition (``giwae_lower``: GIWAE of the same (q, T)), and warns when the
   reverse estimate of log Z falls significantly below the forward one, which the
   condition forbids.
+* **The likelihood critic** (:mod:`pyro_mi.bounds.likelihood_critic`, the default where it
+  applies): T = log N(x; f(z), diag s^2) + log p(z) - log q(z|x), the form of the optimal
+  critic (Prop. 4.1) with a Gaussian surrogate of p(x|z), fitted by maximum likelihood on
+  simulated pairs.
 * **Training** (eq. 19–20, App. M.1, :func:`mine_ais_bounds`). The gradient of the IBAL in
   θ and φ is E_p(x,z)[∂(log q + T)] - E_p(x)π(z|x)[∂(log q + T)]: raise log q + T on
   simulated pairs, lower it on negatives. Negatives come from M HMC transitions targeting
@@ -337,12 +341,17 @@ def mine_ais_bounds(
 
     Uses log p(z), log q(z|x), the critic and simulation from the model, never log p(x|z).
     The base q_θ is ``proposal``: the prior (``proposal="prior"`` in ``estimate_mi``: the
-    paper's setting, with an MLP critic on [x, z]), a user's guide (kept fixed), or the
-    fitted :class:`~pyro_mi.proposal.GaussianEncoder` (``estimate_mi``'s default), with the
-    residual critic of GIWAE on
-    u = (z - mu_q(x)) / sigma_q(x). IBAL(p(z), log q/p + R) and IBAL(q, R) are one bound;
-    annealing from q instead of p(z) makes the path shorter. The default critic starts at
-    T = 0, where the IBAL is BA(q) exactly.
+    paper's setting), a user's guide (kept fixed), or the fitted
+    :class:`~pyro_mi.proposal.GaussianEncoder` (``estimate_mi``'s default).
+    IBAL(p(z), log q/p + R) and IBAL(q, R) are one bound; annealing from q instead of p(z)
+    makes the path shorter.
+
+    The default critic, for a one-data-point model with the prior or a GaussianEncoder as
+    base, is the :class:`~pyro_mi.bounds.likelihood_critic.LikelihoodCritic` (a Gaussian
+    surrogate of p(x|z) fitted by maximum likelihood, ``likelihood_steps``; no energy-based
+    steps by default). Otherwise (or with ``likelihood_steps=0``) it is GIWAE's residual
+    critic on u = (z - mu_q(x)) / sigma_q(x) for a GaussianEncoder base, else an MLP on [x, z],
+    both starting at T = 0, where the IBAL is BA(q) exactly, and trained as follows.
 
     Each training step simulates ``batch_size`` pairs, runs ``num_negative_steps`` HMC
     transitions of ``num_leapfrog`` steps on π(z|x) from each simulated z (the negatives;
