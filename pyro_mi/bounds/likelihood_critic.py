@@ -85,7 +85,7 @@ def fit_likelihood_critic(
     density: ModelDensity,
     critic: LikelihoodCritic,
     *,
-    max_steps: int = 4000,
+    max_steps: int = 2000,
     batch_size: int = 512,
     lr: float = 3e-3,
     num_val: int = 1024,

@@ -372,9 +372,10 @@ def mine_ais_bounds(
             0's critic is evaluated);
             ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives (whose
             densities are never traced: the critic changes between training steps).
-        critic: a module ``critic(x_flat, z) -> (..., N)`` trained in place; default: GIWAE's
-            residual critic for a GaussianEncoder base, else an MLP on [standardised x, z]
-            with a zero last layer (both start at T = 0).
+        critic: a module ``critic(x_flat, z) -> (..., N)`` trained in place; default: the
+            likelihood critic where it applies (``likelihood_steps``), else GIWAE's residual
+            critic for a GaussianEncoder base or an MLP on [standardised x, z] with a zero last
+            layer (both start at T = 0).
         likelihood_steps: > 0: the critic is a
             :class:`~pyro_mi.bounds.likelihood_critic.LikelihoodCritic`, a Gaussian surrogate of
             p(x|z) fitted by maximum likelihood on simulated pairs for at most this many steps
