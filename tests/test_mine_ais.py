@@ -168,16 +168,17 @@ def test_checkpoint_resumes_to_the_same_result(setup, tmp_path, monkeypatch, at,
     def run(**kw):
         pyro.set_rng_seed(5)
         return mine_ais_bounds(d, q, xs, zs, num_steps=20, max_steps=30, eval_every=10, num_val=16,
-                               generator=torch.Generator().manual_seed(0), **FAST, **{"likelihood_steps": 0, **kw})
+                               generator=torch.Generator().manual_seed(0), **FAST,
+                               likelihood_steps=40 if likelihood else 0, **kw)
 
-    whole = run(**({"likelihood_steps": 40} if likelihood else {}))
+    whole = run()
     path = tmp_path / "mine.ckpt"
     monkeypatch.setattr(hmc, "step", Interrupt(at))
     with pytest.raises(KeyboardInterrupt):
-        run(checkpoint=str(path), **({"likelihood_steps": 40} if likelihood else {}))
+        run(checkpoint=str(path))
     assert path.exists()
     monkeypatch.undo()
-    resumed = run(checkpoint=str(path), **({"likelihood_steps": 40} if likelihood else {}))
+    resumed = run(checkpoint=str(path))
     assert not path.exists()
     torch.testing.assert_close(resumed.lower_per_point, whole.lower_per_point, atol=0, rtol=0)
     assert resumed.diagnostics["training"].steps == whole.diagnostics["training"].steps
@@ -208,8 +209,9 @@ def simulator_model(x=None):
 
 def test_never_evaluates_the_likelihood():
     """MINE-AIS runs on a simulator without log p(x|z); a method that needs it names the site."""
-    r = estimate_mi(simulator_model, "x", method="mine-ais", num_data=32, fit_steps=20, max_steps=4, num_steps=5,
-                    num_val=8, progress=False)
+    r = estimate_mi(simulator_model, "x", method="mine-ais", num_data=32, fit_steps=20, likelihood_steps=50,
+                    max_steps=4, num_steps=5, num_val=8, progress=False)
+    assert isinstance(r.diagnostics["critic"], LikelihoodCritic)
     assert math.isfinite(r.lower) and r.upper is None
     with pytest.raises(ValueError, match="site 'x': its distribution Simulator has no log_prob"):
         estimate_mi(simulator_model, "x", method="iwae", num_data=32, fit_steps=20, progress=False)
@@ -233,12 +235,13 @@ def test_bad_options_name_themselves(setup):
 
 def test_cli_json(capsys):
     code = main(["estimate", "--example", "linear-vae", "--method", "mine-ais", "--num-data", "32",
-                 "--fit-steps", "20", "--max-steps", "4", "--num-steps", "5", "--num-negative-steps", "2", "--json"])
+                 "--fit-steps", "20", "--likelihood-steps", "20", "--max-steps", "4", "--num-steps", "5",
+                 "--num-negative-steps", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0, out
     assert out["method"] == "mine-ais" and out["upper"] is None and isinstance(out["lower"], float)
     assert out["notes"] and "ibal_upper" in out["diagnostics"] and "giwae_lower" in out["diagnostics"]
-    assert out["num_negative_steps"] == 2
+    assert out["num_negative_steps"] == 2 and out["likelihood_steps"] == 20
     assert main(["estimate", "--example", "linear-vae", "--method", "iwae", "--num-negative-steps", "2"]) == 2
     assert "--num-negative-steps does not apply to --method iwae" in capsys.readouterr().err
 
