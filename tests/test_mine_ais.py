@@ -229,6 +229,8 @@ def test_bad_options_name_themselves(setup):
         mine_ais_bounds(d, q, x, z, critic=ConstantCritic(), **FAST)
     with pytest.raises(ValueError, match="likelihood_steps must be a non-negative integer"):
         mine_ais_bounds(d, q, x, z, likelihood_steps=-1, **FAST)
+    with pytest.raises(ValueError, match="num_negative_steps applies to the energy-based training"):
+        mine_ais_bounds(d, q, x, z, num_negative_steps=3, **FAST)  # the likelihood critic, no energy-based steps
     with pytest.raises(ValueError, match="likelihood_steps fits the likelihood critic"):
         mine_ais_bounds(d, q, x, z, critic=ConstantCritic(), likelihood_steps=5, progress=False)
 

@@ -52,6 +52,17 @@ SIMULATION_POOL = 16
 MIN_DELTA = 1e-3
 
 
+def simulated_batches(density: ModelDensity, batch_size: int):
+    """Fresh simulated pairs ``({site: (batch_size, ...)}, z (batch_size, D))``, endlessly, simulated
+    :data:`SIMULATION_POOL` batches per model run: one run per pool instead of per training step
+    (at batch 256 on linear-vae, a run costs as much as a step)."""
+    while True:
+        with torch.no_grad():
+            x, z = density.sample(batch_size * SIMULATION_POOL)
+        for lo in range(0, batch_size * SIMULATION_POOL, batch_size):
+            yield {k: v[lo : lo + batch_size] for k, v in x.items()}, z[lo : lo + batch_size]
+
+
 class StandardizedCritic(nn.Module):
     """A critic T(x, z) on the model's flattened x, standardised with fixed statistics.
 
@@ -276,18 +287,10 @@ def giwae_bounds(
     if not trained_q and isinstance(q, nn.Module):
         q.requires_grad_(False)
 
-    pool = {"x": None, "z": None, "next": 0}
+    batches = simulated_batches(density, batch_size)
 
     def objective(step: int) -> torch.Tensor:
-        # fresh pairs every step, simulated SIMULATION_POOL batches at a time: one model run per
-        # pool instead of per step (at batch 256 on linear-vae, a run costs as much as a step)
-        if pool["z"] is None or pool["next"] + batch_size > pool["z"].shape[0]:
-            with torch.no_grad():
-                pool["x"], pool["z"] = density.sample(batch_size * SIMULATION_POOL)
-            pool["next"] = 0
-        lo = pool["next"]
-        pool["next"] += batch_size
-        xb, zb = {k: v[lo : lo + batch_size] for k, v in pool["x"].items()}, pool["z"][lo : lo + batch_size]
+        xb, zb = next(batches)
         ba, con = giwae_terms(density, q, critic, xb, zb, K_train)
         return (ba + con).mean()
 

@@ -23,8 +23,6 @@ residual critic of GIWAE is the better start.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -32,10 +30,7 @@ from ..critics import mlp
 from ..density import ModelDensity
 from ..proposal import GaussianEncoder, PriorProposal
 from ..training import TrainingLog, train
-
-#: training batches simulated by one model run
-SIMULATION_POOL = 16
-
+from .giwae import simulated_batches
 
 class LikelihoodCritic(nn.Module):
     """T(x, z) = log N(x; f(z), diag s^2) + log p(z) - log q(z|x), nats (module docstring).
@@ -68,8 +63,7 @@ class LikelihoodCritic(nn.Module):
 
     def log_likelihood(self, x_flat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log N(x; f(z), diag s^2), summed over x's coordinates: (..., N) nats."""
-        r = (x_flat - self.f(z)) * torch.exp(-self.log_scale)
-        return (-0.5 * r * r - self.log_scale).sum(-1) - 0.5 * x_flat.shape[-1] * math.log(2 * math.pi)
+        return torch.distributions.Normal(self.f(z), self.log_scale.exp()).log_prob(x_flat).sum(-1)
 
     def forward(self, x_flat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         density, q = self._base
@@ -96,7 +90,7 @@ def fit_likelihood_critic(
     """Fits the surrogate log N(x; f(z), diag s^2) of ``critic`` by maximum likelihood on fresh
     simulated pairs (x, z) ~ p(x, z): Adam with a cosine-decayed learning rate, early stopping on
     the mean surrogate log likelihood of ``num_val`` held-out simulated pairs. Never evaluates
-    p(x|z); the model is only simulated (``SIMULATION_POOL`` batches per model run).
+    p(x|z); the model is only simulated (:func:`~pyro_mi.bounds.giwae.simulated_batches`).
 
     Args:
         density: the model's density layer; critic: a :class:`LikelihoodCritic`, trained in place.
@@ -106,17 +100,11 @@ def fit_likelihood_critic(
     Returns:
         the :class:`~pyro_mi.training.TrainingLog` (validation scores in nats per data point).
     """
-    pool = {"x": None, "next": 0}
+    batches = simulated_batches(density, batch_size)
 
     def objective(step: int) -> torch.Tensor:
-        if pool["x"] is None or pool["next"] + batch_size > pool["x"].shape[0]:
-            with torch.no_grad():
-                x, pool["z"] = density.sample(batch_size * SIMULATION_POOL)
-                pool["x"] = density.flatten_data(x)
-            pool["next"] = 0
-        lo = pool["next"]
-        pool["next"] += batch_size
-        return critic.log_likelihood(pool["x"][lo : lo + batch_size], pool["z"][lo : lo + batch_size]).mean()
+        x, z = next(batches)
+        return critic.log_likelihood(density.flatten_data(x), z).mean()
 
     with torch.no_grad():
         x_val, z_val = density.sample(num_val)

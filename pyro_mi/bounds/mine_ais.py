@@ -313,10 +313,10 @@ def mine_ais_bounds(
     likelihood_steps: int | None = None,
     train_proposal: bool = False,
     max_steps: int | None = None,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 3e-3,
     proposal_lr: float | None = None,
-    num_negative_steps: int = 5,
+    num_negative_steps: int | None = None,
     hidden_sizes: tuple[int, ...] | None = None,
     num_val: int = 128,
     val_steps: int | None = None,
@@ -388,11 +388,13 @@ def mine_ais_bounds(
             already spans what training q adds; on linear-vae (N = 512) a jointly trained q
             drifted (BA term 22.30 -> 22.10 nats) and the bound ended at 22.29, below BA (22.30);
             with q fixed (and batch 128, lr 3e-3) it reached 22.43.
-        max_steps, batch_size, lr, proposal_lr: energy-based training steps (None: 0 after the
-            likelihood critic's fit, which it did not improve on linear-vae; else 2000), simulated pairs per step,
-            (``proposal_lr`` only with ``train_proposal``; default 1e-4)
-            Adam learning rates of the critic and the base.
-        num_negative_steps: M, HMC transitions per negative (App. M.1 uses 10).
+        max_steps: energy-based training steps (None: 0 after the likelihood critic's fit, which
+            they did not improve on linear-vae; else 2000).
+        batch_size, lr: simulated pairs per step and the critic's Adam learning rate, of the
+            likelihood critic's fit and of the energy-based steps (batch_size None: 512 and 128).
+        proposal_lr: the base's learning rate (only with ``train_proposal``; default 1e-4).
+        num_negative_steps: M, HMC transitions per negative (App. M.1 uses 10; default 5); an
+            error when no energy-based steps run.
         hidden_sizes: widths of the default critic's hidden layers (default (256, 256); not with ``critic``).
         num_val, val_steps, eval_every, patience: early stopping on the validation IBAL
             (``val_steps`` defaults to ``num_steps``).
@@ -410,8 +412,8 @@ def mine_ais_bounds(
             or foreign checkpoint, a non-finite objective or bound.
     """
     for name, v in (("batch_size", batch_size), ("num_negative_steps", num_negative_steps),
-                    ("num_val", num_val), ("val_steps", 1 if val_steps is None else val_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    ("num_val", num_val), ("val_steps", val_steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     # an option that would be ignored is an error
     if proposal_lr is not None and not (train_proposal and isinstance(proposal, GaussianEncoder)):
@@ -428,6 +430,12 @@ def mine_ais_bounds(
         likelihood_steps = LIKELIHOOD_STEPS if applies else 0
     if max_steps is None:
         max_steps = 0 if likelihood_steps else 2000
+    if num_negative_steps is not None and max_steps == 0:
+        raise ValueError("num_negative_steps applies to the energy-based training, and it runs no steps (max_steps 0; "
+                         "the default after the likelihood critic's fit)")
+    num_negative_steps = 5 if num_negative_steps is None else num_negative_steps
+    fit_batch_size = 512 if batch_size is None else batch_size
+    batch_size = 128 if batch_size is None else batch_size
     proposal_lr = 1e-4 if proposal_lr is None else proposal_lr
     hidden_sizes = (256, 256) if hidden_sizes is None else tuple(hidden_sizes)
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
@@ -440,7 +448,8 @@ def mine_ais_bounds(
     likelihood_log = None
     if likelihood_steps:
         critic = LikelihoodCritic(density, q, hidden_sizes).to(z.device)
-        likelihood_log = fit_likelihood_critic(density, critic, max_steps=likelihood_steps, progress=progress)
+        likelihood_log = fit_likelihood_critic(density, critic, max_steps=likelihood_steps, batch_size=fit_batch_size,
+                                               lr=lr, progress=progress)
     if critic is None:
         critic = default_giwae_critic(density, hidden_sizes, proposal=q)
         if not isinstance(q, GaussianEncoder):  # the MLP critic of the prior or a guide starts at T = 0 too
