@@ -101,8 +101,17 @@ def seeded_global_rng(seed: int, device: torch.device):
     """Seeds torch's global RNG inside a fork (the caller's state is restored), for code that draws
     through it (Pyro models and guides)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+        manual_seed(seed)
         yield
+
+
+def manual_seed(seed: int) -> None:
+    """Seeds torch's CPU and CUDA generators, as ``torch.manual_seed`` does for the backends
+    pyro_mi runs on. torch's own also queues lazy seeds for XPU and MTIA, each recording a
+    traceback (about 1 ms a call on CPU): too slow for a seed per block of points."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def _collective(what: str, fn: Callable):

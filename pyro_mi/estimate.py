@@ -12,7 +12,7 @@ import torch
 from .bounds import METHODS
 from .checkpoint import check_output_path, rank_path
 from .density import Data, ModelDensity
-from .distributed import broadcast, broadcast_module, world
+from .distributed import broadcast, broadcast_module, manual_seed, world
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
 from .result import MIResult
 
@@ -153,7 +153,7 @@ def seeded(seed: int | None, method: str, options: dict):
         yield
         return
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        manual_seed(seed)
         if "generator" in inspect.signature(METHODS[method]).parameters and options.get("generator") is None:
             options["generator"] = torch.Generator().manual_seed(seed)
         yield

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -108,22 +109,21 @@ def nuisance_log_bounds(density: ModelDensity, x, z: torch.Tensor, targets: Sequ
         ``(lower_log_p_y_theta, upper_log_p_y_theta, lower_log_p_theta, upper_log_p_theta)``,
         each (N,), nats (densities of θ in its constrained space).
     """
-    N = z.shape[0]
     M = num_nuisance
-    true = density.unpack(z[None])  # {site: (1, N, ...)}
+    true = density.unpack(z[None])  # {site: (1, 1.., N, ...)}
     fixed = {k: true[k].expand((M,) + true[k].shape[1:]) for k in targets}
-    drawn, _ = density.draw(M, N, cond=fixed, differentiable=torch.is_grad_enabled())
-    drawn = {k: v for k, v in drawn.items() if k not in density.obs_sites}
-    drawn.update(fixed)
+    scored = tuple(targets) + density.obs_sites
 
-    def weights(values, C):
-        lps = density.site_log_probs(values, x, C, N)
+    def weights(lps):
         log_theta = sum(lps[k] for k in targets)
-        log_y = sum(lps[o] for o in density.obs_sites)
-        return log_y + log_theta, log_theta
+        return log_theta + sum(lps[o] for o in density.obs_sites), log_theta
 
-    a, b = weights(drawn, M)
-    a0, b0 = weights(true, 1)
+    # one model run draws ψ ~ r(ψ|θ) with y observed and scores θ and y; a draw where
+    # p(θ|ψ) = 0 has log weight -inf, not an error (as in IWAE's draws)
+    with pyro.validation_enabled(False):
+        a, b = weights(density.conditional_log_probs(x, M, fixed, scored))
+    a0, b0 = weights(density.site_log_probs(true, x, 1, z.shape[0]))
+
     def eubo(w, w0):  # the simulated ψ in place of the last draw
         return log_mean_exp(torch.cat([w[: M - 1], w0]), 0)
 
@@ -141,20 +141,18 @@ def _check_targets(density: ModelDensity, targets) -> tuple[str, ...]:
     return targets
 
 
-def _check_order(model, design, obs: Sequence[str]) -> None:
+def _check_order(density: ModelDensity) -> None:
     """Nuisance bounds need every latent site before the observations (y is a leaf)."""
-    with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-        trace = poutine.trace(model).get_trace(design)
     seen_obs = None
-    for s in _sample_sites(trace):
-        if s["name"] in obs:
-            seen_obs = seen_obs or s["name"]
-        elif seen_obs is not None and not isinstance(s["fn"], dist.Unit):
+    for name, fn in density.site_fns.items():
+        if isinstance(fn, dist.Unit):
+            raise ValueError(f"site {name!r} is a pyro.factor: nuisance latents need a model without factors")
+        if name in density.obs_sites:
+            seen_obs = seen_obs or name
+        elif seen_obs is not None:
             raise ValueError(
-                f"latent site {s['name']!r} is sampled after observation site {seen_obs!r}: with nuisance "
+                f"latent site {name!r} is sampled after observation site {seen_obs!r}: with nuisance "
                 "latents, pyro_mi.eig needs every latent site before the observations")
-        if isinstance(s["fn"], dist.Unit):
-            raise ValueError(f"site {s['name']!r} is a pyro.factor: nuisance latents need a model without factors")
 
 
 def eig(
@@ -252,14 +250,14 @@ def eig(
     why = _one_by_one_reason(method, proposal, vectorize) if batch_shape else None
     if batch_shape and why is None:
         try:
-            result = _bound(model, lambda: _designs_density(model, designs, obs), designs, target_labels,
+            result = _bound(lambda: _designs_density(model, designs, obs), target_labels,
                             num_nuisance, method, proposal, num_data * len(designs), fit_steps, differentiable,
                             progress, seed, options)
             results, together = _split(result, len(designs)), True
         except _NotTogether as e:
             why = str(e)
     if not together:
-        results = [_bound(model, lambda: ModelDensity(model, obs, model_args=(d,), vectorize=vectorize), d,
+        results = [_bound(lambda: ModelDensity(model, obs, model_args=(d,), vectorize=vectorize),
                           target_labels, num_nuisance, method, proposal, num_data, fit_steps, differentiable,
                           progress, seed, options) for d in designs]
     for r in results:
@@ -310,7 +308,7 @@ def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str])
         raise _NotTogether(f"the design batch does not run as one data plate ({str(e).splitlines()[0]})") from e
 
 
-def _bound(model, make_density: Callable[[], ModelDensity], design, target_labels, num_nuisance, method, proposal,
+def _bound(make_density: Callable[[], ModelDensity], target_labels, num_nuisance, method, proposal,
            num_data, fit_steps, differentiable, progress, seed, options) -> MIResult:
     """One seeded run of ``method`` on the density ``make_density()`` (of one design, or of a design
     batch as data points)."""
@@ -323,7 +321,7 @@ def _bound(model, make_density: Callable[[], ModelDensity], design, target_label
             if method not in _LOG_PX_METHODS:
                 raise ValueError(f"with nuisance latents {nuisance}, method must bound log p(y) per point: one "
                                  f"of {list(_LOG_PX_METHODS)}, not {method!r}")
-            _check_order(model, design, density.obs_sites)
+            _check_order(density)
         result = simulate_and_bound(density, method, proposal, None, num_data, fit_steps, progress, run_options)
         if nuisance:
             with torch.enable_grad() if differentiable else torch.no_grad():

@@ -4,6 +4,8 @@ Linear-Gaussian models have exact per-point values log p(y_i|θ_i) - log p(y_i),
 bounds are tested by paired differences (3 standard errors of the paired difference).
 """
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -99,6 +101,36 @@ def test_nuisance_latents_are_marginalised():
     torch.testing.assert_close(res.diagnostics["log_p_theta_lower"], res.diagnostics["log_p_theta_upper"])
     # the gap is small at this K and M
     assert float(r.upper - r.lower) < 0.1
+
+
+def test_nuisance_the_target_prior_depends_on():
+    """Pyro's normal-inverse-gamma model: τ ~ Gamma(α, β), w ~ N(0, 1/(τλ)), y ~ N(X w, 1/τ), target w.
+    r(τ|w) is τ's prior, not p(τ|w): the log p(θ) bounds matter. Exact per-point EIG
+    log p(y, w) - log p(w) - log p(y), each a Normal-Gamma integral over τ in closed form."""
+    X = designs(batch=1, n=6)[0]
+    a, b, lam = 3.0, 3.0, 2.0
+    model = glmm.normal_inverse_gamma_linear_model(torch.tensor(0.0), torch.full((2,), lam**0.5), torch.tensor(a),
+                                                   torch.tensor(b))
+    r = pyro_mi.eig(model, X, "y", "w", num_data=600, num_particles=1000, num_nuisance=1000)
+    res = r.results[0]
+    assert res.settings["nuisance"] == ["tau"]
+    w, y = res.z[:, 1:], res.x["y"]  # z packs the latents in trace order: tau, then w
+
+    def normal_gamma(k, quad, log_det=0.0):  # log ∫ Gamma(τ; a, b) N_k(0, S/τ) at quadratic form quad dτ
+        return (a * math.log(b) - math.lgamma(a) + torch.lgamma(torch.tensor(a + k / 2))
+                - (a + k / 2) * torch.log(b + quad / 2) - k / 2 * math.log(2 * math.pi) - log_det / 2)
+
+    p, n = 2, X.shape[0]
+    S = torch.eye(n) + X @ X.T / lam
+    log_p_y = normal_gamma(n, (y @ torch.linalg.inv(S) * y).sum(-1), torch.logdet(S))
+    log_p_w = normal_gamma(p, lam * (w * w).sum(-1), -p * math.log(lam))
+    log_p_yw = normal_gamma(p + n, lam * (w * w).sum(-1) + ((y - w @ X.T) ** 2).sum(-1), -p * math.log(lam))
+    assert_paired_bounds(res, log_p_yw - log_p_w - log_p_y)
+    # the estimates of log p(w) are bounds on the exact value (paired, 3 se)
+    for side, sign in (("lower", 1), ("upper", -1)):
+        diff = res.diagnostics[f"log_p_theta_{side}"] - log_p_w
+        assert sign * float(diff.mean()) <= 3 * float(diff.std()) / diff.numel() ** 0.5 + 1e-6
+    assert float(r.upper - r.lower) < 0.2
 
 
 def test_gradients_match_finite_differences():

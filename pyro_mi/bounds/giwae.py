@@ -40,6 +40,7 @@ from torch import nn
 
 from ..critics import JointCritic, mlp
 from ..density import Data, ModelDensity
+from ..distributed import manual_seed
 from ..proposal import GaussianEncoder, PriorProposal
 from ..result import MIResult
 from ..training import train
@@ -303,7 +304,7 @@ def giwae_bounds(
     def validate() -> float:
         # fixed negatives: reparameterised draws from a fixed noise stream, restored afterwards
         with torch.random.fork_rng(devices=[val_device] if val_device.type == "cuda" else []):
-            torch.manual_seed(val_seed)
+            manual_seed(val_seed)
             ba, con = giwae_terms(density, q, critic, x_val, z_val, K_train)
         return float((ba + con).mean())
 

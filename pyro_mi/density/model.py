@@ -116,6 +116,8 @@ class ModelDensity:
         obs_sites: tuple of observed site names.
         latent_sites: tuple of :class:`LatentSite`, in trace order.
         latent_dim: D, the length of the packed unconstrained latent vector.
+        site_fns: ``{site: distribution}`` of every sample site of a trace of the bare
+            model, in trace order (``pyro.factor`` sites included).
         obs_shapes: ``{site: per-data-point shape}`` of the observed values.
         vectorize: the way chosen (``"plate"``, ``"vmap"``, ``"loop"`` or ``"fold"``).
         notices: sentences for a result's notes (the way chosen, when it is not
@@ -198,7 +200,7 @@ class ModelDensity:
                 )
         self._plates = plate_layout(sites, self.obs_sites, n)
         self._latent_names = tuple(s["name"] for s in latents)
-        self._fns = {k: s["fn"] for k, s in sites.items()}
+        self.site_fns = {k: s["fn"] for k, s in sites.items()}
         # an observed site without a density (a simulator): evaluated only where a method needs p(x|z)
         self._no_density = frozenset(o for o in self.obs_sites if not _has_density(sites[o]))
         self._alone = None if self.has_data_plate else self._pointwise(sites, "loop")
@@ -572,7 +574,7 @@ class ModelDensity:
         """Raises ValueError naming the first of ``sites`` whose distribution has no
         ``rsample`` (its draws cannot carry pathwise gradients)."""
         for name in sites:
-            fn = self._fns[name]
+            fn = self.site_fns[name]
             if not fn.has_rsample:
                 raise ValueError(
                     f"site {name!r} ({type(fn).__name__}) has no rsample, so its draws carry no gradient; "
@@ -600,15 +602,30 @@ class ModelDensity:
         so log p(z) is never evaluated (nested Monte Carlo's inner term). With gradients on,
         latents are drawn by ``rsample``.
         """
+        return sum(self.conditional_log_probs(x, num_samples, sites=self.obs_sites).values())
+
+    def conditional_log_probs(self, x: Data, num_samples: int, cond: Mapping | None = None,
+                              sites: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Per-site log densities ``{site: (K, N)}`` (nats) of K = ``num_samples`` runs of the
+        model per data point of ``x``, with x observed, the latents in ``cond``
+        ``{site: (K, 1.., N, *shape)}`` held fixed and the others drawn from the model given
+        them (ancestral sampling; by ``rsample`` with gradients on). One model trace draws
+        and scores (two passes for a model run point by point). Only ``sites`` (default:
+        every site) are scored."""
         x = self.check_data(x)
         N, K = next(iter(x.values())).shape[0], num_samples
+        cond = dict(cond or {})
+        wanted = set(self.obs_sites + self._latent_names if sites is None else sites)
         if self._points is not None:
-            values = self._points.draw(K, N, {o: v.expand((K,) + v.shape) for o, v in x.items()},
-                                       differentiable=torch.is_grad_enabled())
-            skip = frozenset(self._latent_names)
-            return sum(self.site_log_probs(values, x, K, N, skip).values())
-        trace = self._trace(K, N, {} if self.has_data_plate else dict(x), x, sample_obs=False)
-        return self.per_point_log_prob(trace, self.obs_sites, K, N)
+            cond.update({o: v.expand((K,) + v.shape) for o, v in x.items()})
+            values = self._points.draw(K, N, cond, differentiable=torch.is_grad_enabled())
+            skip = frozenset(self.obs_sites + self._latent_names) - wanted
+            return self.site_log_probs(values, x, K, N, skip)
+        if not self.has_data_plate:
+            cond.update(x)
+        trace = self._trace(K, N, cond, x, sample_obs=False)
+        return {s["name"]: self._plates.per_point(_scaled_log_prob(s), K, N)
+                for s in _sample_sites(trace) if s["name"] in wanted}
 
     def log_terms(self, x: Data, z: torch.Tensor, likelihood: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(log p(z), log p(x|z))`` for packed z of shape (*S, N, D), each (*S, N).
