@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-#: default block size: N <= 1024 is one vectorised block, as in a plain single-process run
+#: default block size (the AIS family; the least for BA and IWAE): N <= 1024 is one vectorised block
 POINTS_PER_BLOCK = 1024
 #: default seconds a collective waits for the other ranks before the run fails
 TIMEOUT = 1800.0

@@ -52,10 +52,27 @@ def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Te
     return log_prior + log_lik - log_q, log_lik, log_q - log_prior
 
 
-def _per_block(density, proposal, x, z, points_per_block, differentiable, terms) -> dict:
+def _evals_per_chunk(density: ModelDensity) -> int:
+    """(particle, data point) log-weight evaluations per chunk: at most 2^20, and at most
+    CHUNK_NUMBERS latent and observed numbers."""
+    return min(1 << 20, CHUNK_NUMBERS // (density.latent_dim + density.obs_dim))
+
+
+def default_points_per_block(density: ModelDensity, num_particles: int) -> int:
+    """The default block of BA and IWAE: the points whose K particles fill one chunk, and at least
+    POINTS_PER_BLOCK. Each block costs a few model runs of fixed (Python) cost, so a small model
+    with few particles runs in few large blocks (1024-point blocks made 15,000 points with K = 30
+    twice as slow); a block stays large enough to share out under torchrun."""
+    return max(POINTS_PER_BLOCK, _evals_per_chunk(density) // num_particles)
+
+
+def _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms) -> dict:
     """``terms(density_of_block, proposal_of_block, x_block, z_block) -> {name: (n,)}`` for every
     block of points (this rank's, gathered), each block on torch's RNG seeded from (one draw of
-    it, block); returns the names' (N,) values."""
+    it, block); returns the names' (N,) values. ``points_per_block`` None: the default for
+    ``num_particles`` (:func:`default_points_per_block`)."""
+    if points_per_block is None:
+        points_per_block = default_points_per_block(density, num_particles)
     check_points_per_block(points_per_block)
     if differentiable and world()[1] > 1:
         raise ValueError("differentiable=True needs the autograd graph of every point in one process; run it "
@@ -76,8 +93,7 @@ def _stream(density, proposal, x, num_particles, progress, desc):
     """Yields log weights (k, N) of proposal draws, chunk by chunk, K in all (the proposal's own
     ``log_weights`` where it has one: the prior's need one model run, not three)."""
     N = next(iter(density.check_data(x).values())).shape[0]
-    evals = min(1 << 20, CHUNK_NUMBERS // (density.latent_dim + density.obs_dim))
-    chunk = max(1, min(num_particles, evals // max(N, 1)))
+    chunk = max(1, min(num_particles, _evals_per_chunk(density) // max(N, 1)))
     log_weights = getattr(proposal, "log_weights", None)
     bar = tqdm(total=num_particles, desc=desc, disable=not progress or num_particles <= chunk, leave=False)
     done = 0
@@ -104,7 +120,7 @@ def iwae_bounds(
     *,
     differentiable: bool = False,
     progress: bool = True,
-    points_per_block: int = POINTS_PER_BLOCK,
+    points_per_block: int | None = None,
 ) -> MIResult:
     """IWAE lower and upper bounds on I(x; z) (Brekelmans et al. 2022, eq. 5; App. B).
 
@@ -124,7 +140,9 @@ def iwae_bounds(
         progress: show a progress bar when K takes several chunks.
         points_per_block: the points run in blocks of this many, with random numbers of their
             own; under ``torchrun`` the ranks share the blocks out (:mod:`pyro_mi.distributed`),
-            and the numbers are the same for any number of processes.
+            and the numbers are the same for any number of processes. Default: as many points
+            as one chunk of 2^20 log-weight evaluations holds for K particles, at least 1024
+            (:func:`default_points_per_block`).
 
     Returns:
         :class:`~pyro_mi.result.MIResult` with ``lower``/``upper`` in nats and the
@@ -159,7 +177,7 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
         ess = torch.exp(2 * lse - lse_sq).detach()  # pyro_mi.weights.importance_ess, accumulated over chunks
         return {"log_lik": log_lik, "elbo": lse - math.log(K), "eubo": lse_eubo - math.log(K), "ess": ess}
 
-    t = _per_block(density, proposal, x, z, points_per_block, differentiable, terms)
+    t = _per_block(density, proposal, x, z, points_per_block, K, differentiable, terms)
     log_lik, elbo, eubo, ess = t["log_lik"], t["elbo"], t["eubo"], t["ess"]
     require_finite("iwae", {"log p(x|z) of the simulated points": log_lik,
                             "the log p(x) lower bound (every proposal draw has zero weight)": elbo,
@@ -191,7 +209,7 @@ def ba_bounds(
     *,
     differentiable: bool = False,
     progress: bool = True,
-    points_per_block: int = POINTS_PER_BLOCK,
+    points_per_block: int | None = None,
 ) -> MIResult:
     """Barber–Agakov lower and upper bounds on I(x; z) (Brekelmans et al. 2022, eq. 3).
 
@@ -215,7 +233,7 @@ def _ba(density, proposal, x, z, num_particles, progress, points_per_block, diff
             total = total + log_w.sum(0)
         return {"log_lik": log_lik, "ba_lower": ba_lower, "upper": log_lik - total / num_particles}
 
-    t = _per_block(density, proposal, x, z, points_per_block, differentiable, terms)
+    t = _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms)
     log_lik, ba_lower, upper = t["log_lik"], t["ba_lower"], t["upper"]
     require_finite("ba", {"log p(x|z) of the simulated points": log_lik,
                           "the lower bound log q(z|x) - log p(z) at the simulated z": ba_lower,
