@@ -198,6 +198,21 @@ def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match="batch_dims"):
         pyro_mi.eig(linear_model(), X, "y", batch_dims=3)
 
+    def nuisance_model(design, factor=False, late=False):
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        psi = pyro.sample("psi", dist.Normal(0.0, 1.0))
+        if factor:  # the nuisance weights would leave this term out
+            pyro.factor("penalty", -(psi**2))
+        y = pyro.sample("y", dist.Normal(theta @ design.T + psi.unsqueeze(-1), 1.0).to_event(1))
+        if late:
+            pyro.sample("late", dist.Normal(y.sum(-1), 1.0))
+        return y
+
+    with pytest.raises(ValueError, match="site 'penalty' is a pyro.factor"):
+        pyro_mi.eig(lambda d: nuisance_model(d, factor=True), X[0], "y", "theta", num_data=10)
+    with pytest.raises(ValueError, match="latent site 'late' is sampled after observation site 'y'"):
+        pyro_mi.eig(lambda d: nuisance_model(d, late=True), X[0], "y", "theta", num_data=10)
+
 
 def test_pyro_oed_tutorial_model_runs_unchanged():
     """The model of Pyro's OED tutorial (working memory): θ ~ N(7, 2²), one Bernoulli answer
