@@ -181,5 +181,6 @@ def main():
                 ratio = f"{q[0] / p[0]:.2f}" if p and q else ""
                 print(f"| {name} | {budget:g} | {cell(p)} | {cell(q)} | {ratio} |")
 
+
 if __name__ == "__main__":
     main()

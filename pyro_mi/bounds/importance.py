@@ -62,7 +62,7 @@ def default_points_per_block(density: ModelDensity, num_particles: int) -> int:
     """The default block of BA and IWAE: the points whose K particles fill one chunk, and at least
     POINTS_PER_BLOCK. Each block costs a few model runs of fixed (Python) cost, so a small model
     with few particles runs in few large blocks (1024-point blocks made 15,000 points with K = 30
-    twice as slow); a block stays large enough to share out under torchrun."""
+    1.8 times as slow); a block stays large enough to share out under torchrun."""
     return max(POINTS_PER_BLOCK, _evals_per_chunk(density) // num_particles)
 
 

@@ -611,7 +611,7 @@ class ModelDensity:
         ``{site: (K, 1.., N, *shape)}`` held fixed and the others drawn from the model given
         them (ancestral sampling; by ``rsample`` with gradients on). One model trace draws
         and scores (two passes for a model run point by point). Only ``sites`` (default:
-        every site) are scored."""
+        every latent and observed site; ``pyro.factor`` sites are not scored) are scored."""
         x = self.check_data(x)
         N, K = next(iter(x.values())).shape[0], num_samples
         cond = dict(cond or {})
