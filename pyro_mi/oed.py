@@ -299,11 +299,8 @@ def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str])
     def batched(design, **observed):
         return poutine.condition(model, data=observed)(design)
 
-    with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-        trace = poutine.trace(model).get_trace(designs)
-    template = {o: trace.nodes[o]["value"].detach() for o in obs if o in trace.nodes}
-    try:
-        return ModelDensity(batched, obs, data=template, covariates={"design": designs})
+    try:  # the data template: the observations of one run on the batch
+        return ModelDensity(batched, obs, covariates={"design": designs})
     except ValueError as e:
         raise _NotTogether(f"the design batch does not run as one data plate ({str(e).splitlines()[0]})") from e
 

@@ -1,8 +1,8 @@
 """Log-space means of importance weights, and their effective sample size.
 
 The one place where pyro_mi averages weights given as logs: every bound, estimator
-and loss uses :func:`log_mean_exp` (nats in, nats out, by ``torch.logsumexp``) and
-:func:`importance_ess`.
+and loss uses :func:`log_mean_exp` (nats in, nats out, by ``torch.logsumexp``), :func:`log_weight_sums`
+and :func:`importance_ess`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,35 @@ def log_mean_exp(t: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> t
     return torch.logsumexp(t, dims) - math.log(math.prod(t.shape[d] for d in dims))
 
 
+def _log_sums(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log sum w and log sum w^2 over dim 0 (-inf if empty), the weights scaled by their largest
+    (detached), as logsumexp does: a weight far below it may underflow, never one that matters."""
+    if log_w.shape[0] == 0:
+        empty = log_w.new_full(log_w.shape[1:], -math.inf)
+        return empty, empty
+    top = log_w.detach().amax(0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all -inf: the sums are 0
+    w = (log_w - top).exp_()
+    return w.sum(0).log() + top, (w * w).sum(0).log() + 2 * top
+
+
+def log_weight_sums(log_w: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log sum_{k < head} w_k, log sum_k w_k and log sum_k w_k^2 over dim 0, each weight
+    exponentiated once: twice as fast as three ``torch.logsumexp`` calls. The first ``head``
+    weights and the rest are each scaled by their own largest, so a head far below the rest
+    keeps its sum.
+
+    Args:
+        log_w: log weights (k, ...); head: 0 <= head <= k.
+
+    Returns:
+        three tensors of shape ``log_w.shape[1:]`` (-inf for an empty or all-zero sum).
+    """
+    head_sum, head_sq = _log_sums(log_w[:head])
+    rest_sum, rest_sq = _log_sums(log_w[head:])
+    return head_sum, torch.logaddexp(head_sum, rest_sum), torch.logaddexp(head_sq, rest_sq)
+
+
 def importance_ess(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Kish's effective sample size (sum w)^2 / sum w^2 of importance weights given as log w.
 
@@ -40,5 +69,5 @@ def importance_ess(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     Returns:
         ``log_w`` reduced over ``dim``.
     """
-    ess = torch.exp(2 * torch.logsumexp(log_w, dim) - torch.logsumexp(2 * log_w, dim))
-    return torch.nan_to_num(ess, nan=0.0)
+    _, log_sum, log_sum_sq = log_weight_sums(log_w.movedim(dim, 0), 0)
+    return torch.nan_to_num(torch.exp(2 * log_sum - log_sum_sq), nan=0.0)

@@ -198,11 +198,17 @@ def _regression(mix=False):
     return model
 
 
-def test_covariates_follow_their_data_points():
+@pytest.mark.parametrize("data", [torch.zeros(3), None], ids=["data", "covariates-alone"])
+def test_covariates_follow_their_data_points(data):
+    """With data, or with the covariates alone (the template simulated): the same draws."""
     cov = torch.tensor([0.5, 1.0, 2.0])
-    d = ModelDensity(_regression(), "y", data=torch.zeros(3), covariates={"cov": cov})
+    d = ModelDensity(_regression(), "y", data=data, covariates={"cov": cov})
+    assert d.has_data_plate and d.obs_shapes["y"] == torch.Size([])
     pyro.set_rng_seed(0)
     x, z = d.sample(7)  # point i has covariate i % 3
+    pyro.set_rng_seed(0)
+    torch.testing.assert_close(ModelDensity(_regression(), "y", data=torch.zeros(3), covariates={"cov": cov}).sample(7),
+                               (x, z))
     c = cov[torch.arange(7) % 3]
     lp, ll = d.log_terms(x, z)
     torch.testing.assert_close(ll, dist.Normal(c * z[:, 0], 0.5).log_prob(x["y"]))

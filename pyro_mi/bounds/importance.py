@@ -29,6 +29,7 @@ from ..density import Data, ModelDensity
 from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng, world
 from ..proposal import PriorProposal, proposal_from_point
 from ..result import MIResult, require_finite
+from ..weights import log_weight_sums
 
 #: latent and observed numbers per chunk of (particle, data point) log-weight evaluations (at
 #: most 2^20 evaluations): a small model takes few, large chunks, and so few model runs
@@ -169,10 +170,10 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
         seen = 0
         for log_w in _stream(density, proposal, xb, K, progress, "IWAE"):
             keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one is in the EUBO
-            head, tail = torch.logsumexp(log_w[:keep], 0), torch.logsumexp(log_w[keep:], 0)  # empty: -inf
+            head, total, total_sq = log_weight_sums(log_w, keep)
             lse_eubo = torch.logaddexp(lse_eubo, head)
-            lse = torch.logaddexp(lse, torch.logaddexp(head, tail))
-            lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
+            lse = torch.logaddexp(lse, total)
+            lse_sq = torch.logaddexp(lse_sq, total_sq)
             seen += log_w.shape[0]
         ess = torch.exp(2 * lse - lse_sq).detach()  # pyro_mi.weights.importance_ess, accumulated over chunks
         return {"log_lik": log_lik, "elbo": lse - math.log(K), "eubo": lse_eubo - math.log(K), "ess": ess}

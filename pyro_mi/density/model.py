@@ -90,7 +90,9 @@ class ModelDensity:
             ``{name: (n, ...)}``, row j belonging to row j of ``data``: data point i of every
             batch pyro_mi simulates or evaluates gets row i % n (so data simulated by this
             density keeps each point's covariates; e.g. a batch of designs). Passed to the
-            model only, not to a guide.
+            model only, not to a guide. Given without ``data``, they make the model a
+            data-plate model of n points, and the observed values of one run of it on them
+            (the model called without its observed keyword arguments) are the template.
         vectorize: how a batch of (chain, data point) pairs is run (see
             :mod:`pyro_mi.density.pointwise`): ``"plate"`` (the model batched inside
             pyro_mi's plates, the fastest), ``"vmap"`` (``torch.func.vmap`` over the
@@ -137,16 +139,16 @@ class ModelDensity:
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        ways = _DATA_PLATE_WAYS if data is not None else VECTORIZE
+        self.has_data_plate = data is not None or bool(covariates)
+        ways = _DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE
         if vectorize != "auto" and vectorize not in ways:
-            kind = "a data-plate model (data given)" if data is not None else "a one-data-point model"
+            kind = "a data-plate model (data given)" if self.has_data_plate else "a one-data-point model"
             raise ValueError(f"vectorize must be 'auto' or, for {kind}, one of {ways}; got {vectorize!r}")
         self.model = model
         self.obs_sites = _as_tuple(obs_sites)
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
-        self.has_data_plate = data is not None
-        self._template = self.check_data(data, name="data") if data is not None else None
+        self._template = self.check_data(data, name="data") if data is not None else {}
         self._covariates = self._check_covariates(covariates)
         self.notices: list[str] = []
         self._probe(vectorize)
@@ -155,13 +157,12 @@ class ModelDensity:
         """Adds ``covariates`` to the data template; returns their names."""
         if not covariates:
             return ()
-        if not self.has_data_plate:
-            raise ValueError("covariates need a data-plate model (data given)")
-        n = next(iter(self._template.values())).shape[0]
+        first = next(iter({**self._template, **covariates}.values()))
+        n = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else None
         for k, v in covariates.items():
             if k in self.obs_sites or not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n:
-                raise ValueError(f"covariate {k!r} must be a tensor with one row per data point of data ({n}), "
-                                 "named unlike an observed site")
+                raise ValueError(f"covariate {k!r} must be a tensor with one row per data point ({n}, as many as "
+                                 "data has, or the first covariate without data), named unlike an observed site")
         self._template.update(covariates)
         return tuple(covariates)
 
@@ -180,7 +181,13 @@ class ModelDensity:
         whichever way the model is written."""
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
             n = next(iter(self._template.values())).shape[0] if self.has_data_plate else None
-            trace = poutine.trace(poutine.uncondition(self._call)).get_trace(self._template)
+            try:
+                trace = poutine.trace(poutine.uncondition(self._call)).get_trace(self._template)
+            except TypeError as e:
+                if not self._covariates:
+                    raise
+                raise ValueError(f"the model does not take the covariates {list(self._covariates)} as keyword "
+                                 f"arguments ({e}); covariates need a data-plate model") from e
         sites = {s["name"]: s for s in _sample_sites(trace)}
         missing = [o for o in self.obs_sites if o not in sites]
         if missing:
@@ -188,6 +195,12 @@ class ModelDensity:
                 f"observed site {missing[0]!r} is not a sample site of the model; "
                 f"its sample sites are {sorted(sites)}"
             )
+        if self.has_data_plate and self.obs_sites[0] not in self._template:  # covariates alone: simulate
+            self._template.update(self.check_data({o: sites[o]["value"] for o in self.obs_sites}, "the simulated data"))
+            if self._template[self.obs_sites[0]].shape[0] != n:
+                raise ValueError(f"observed site {self.obs_sites[0]!r} has {self._template[self.obs_sites[0]].shape[0]} "
+                                 f"values along its first dim, the covariates {n} rows: its data plate must be "
+                                 "the leftmost dim, sized by the covariates")
         # pyro.factor sites (Unit) add to the joint density but are not latent variables
         latents = [s for name, s in sites.items() if name not in self.obs_sites and not isinstance(s["fn"], dist.Unit)]
         if not latents:
@@ -238,7 +251,7 @@ class ModelDensity:
         C, N = _PROBE_CHAINS, _PROBE_DATA
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
             try:
-                values, fns = self.draw(C, N)
+                values, fns, score = self._draw(C, N)
             except BatchingError:
                 raise
             except Exception as e:  # vmap and loop: the model fails on one point
@@ -247,7 +260,7 @@ class ModelDensity:
             self.latent_sites, self.latent_dim = packing.layout(latents, values, self._plates.pos)
             self.obs_shapes = {o: self._to_data(values[o]).shape[1:] for o in self.obs_sites}
             self._check_support(values, fns, C, N)
-            self._check_pointwise(values, C, N)
+            self._check_pointwise(values, score, C, N)
 
     def _notice(self, failures: list[str]) -> str:
         """Why the model is not run batched, how it is run, and what a point costs."""
@@ -305,11 +318,11 @@ class ModelDensity:
         return {s["name"]: plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0]
                 for s in _sample_sites(one) if s["name"] not in self._no_density}
 
-    def _check_pointwise(self, values: Mapping, num_chains: int, num_data: int) -> None:
+    def _check_pointwise(self, values: Mapping, score: Callable[[], dict], num_chains: int, num_data: int) -> None:
         """Checks that each site's per-point log density depends on that point only.
 
-        Compares the per-site log densities of the ``values`` of a simulated batch
-        (every latent and observed site), computed the chosen way for
+        Compares the per-site log densities ``score()`` of the ``values`` of a simulated
+        batch (every latent and observed site), computed the chosen way for
         all points at once, at the first and the last (chain, data point) with the
         same (x, z) evaluated by the model on that point alone, within sqrt(eps)
         of the dtype times (1 + the largest |log density| of the site at those
@@ -321,9 +334,8 @@ class ModelDensity:
         Raises:
             BatchingError: naming the first site (in trace order) that differs.
         """
-        x = {o: self._to_data(values[o]) for o in self.obs_sites}
         try:
-            batched = self.site_log_probs(values, x, num_chains, num_data, self._no_density)
+            batched = score()
         except BatchingError:
             raise
         except Exception as e:  # vmap refuses the model (e.g. .item(), data-dependent branches)
@@ -390,12 +402,28 @@ class ModelDensity:
             ``({site: value (C, 1.., N, *shape)}, {site: its distribution})`` for every
             latent and observed site.
         """
+        values, fns, _ = self._draw(num_chains, num_data, x, cond, differentiable)
+        return values, fns
+
+    def _draw(self, num_chains: int, num_data: int, x: Data | None = None, cond: Mapping | None = None,
+              differentiable: bool = False) -> tuple[dict, dict, Callable[[], dict]]:
+        """:meth:`draw`, and ``score``: a function giving the per-site log densities ``{site: (C, N)}``
+        at the drawn values (every site but a simulator's), as :meth:`site_log_probs` does; run
+        batched, from the draw's own trace, with no second model run."""
+        C, N = num_chains, num_data
         cond = dict(cond or {})
         if self._points is not None:
-            return self._points.draw(num_chains, num_data, cond, differentiable), self._points.fns
-        trace = self._trace(num_chains, num_data, cond, x, sample_obs=True)
-        sites = [s for s in _sample_sites(trace) if not isinstance(s["fn"], dist.Unit)]
-        return self.site_values(trace, num_chains, num_data), {s["name"]: s["fn"] for s in sites}
+            values = self._points.draw(C, N, cond, differentiable)
+            return values, self._points.fns, lambda: self.site_log_probs(values, {}, C, N, self._no_density)
+        trace = self._trace(C, N, cond, x, sample_obs=True)
+        sites = _sample_sites(trace)
+
+        def score():
+            return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
+                    for s in sites if s["name"] not in self._no_density}
+
+        fns = {s["name"]: s["fn"] for s in sites if not isinstance(s["fn"], dist.Unit)}
+        return self.site_values(trace, C, N), fns, score
 
     def site_log_probs(self, values: Mapping, x: Data, num_chains: int, num_data: int, skip=frozenset()) -> dict:
         """Per-site log densities ``{site: (C, N)}`` (nats) of the model conditioned on
@@ -562,12 +590,14 @@ class ModelDensity:
         if differentiable:
             self.check_reparameterized(self.obs_sites + self._latent_names)
         with torch.enable_grad() if differentiable else torch.no_grad():
-            values, fns = self.draw(1, num_data, differentiable=differentiable)
+            values, fns, score = self._draw(1, num_data, differentiable=differentiable)
             self._check_support(values, fns, 1, num_data)
             x = {o: self._to_data(values[o]) for o in self.obs_sites}
             z = self.pack({k: values[k] for k in self._latent_names})[0]
         with torch.no_grad():
-            self.check_finite(x, z)
+            # the draw's own log densities are those at (x, z) where z unpacks to the drawn values
+            exact = all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
+            self.check_finite(x, z, score() if exact else None)
         return x, z
 
     def check_reparameterized(self, sites: Sequence[str]) -> None:
@@ -665,14 +695,16 @@ class ModelDensity:
         lp, ll = self.log_terms(x, z)
         return lp + ll
 
-    def check_finite(self, x: Data, z: torch.Tensor) -> None:
-        """Raises ValueError naming the first site whose log density is not finite at (x, z)."""
+    def check_finite(self, x: Data, z: torch.Tensor, log_probs: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Raises ValueError naming the first site whose log density is not finite at (x, z).
+        ``log_probs``: those per-site log densities ``{site: (*S, N)}``, if already computed."""
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
         zz = z.reshape((-1, N, self.latent_dim))
         values = self.unpack(zz)
-        # a simulator's observed site is checked where its density is needed
-        for name, lp in self.site_log_probs(values, x, zz.shape[0], N, self._no_density).items():
+        if log_probs is None:  # a simulator's observed site is checked where its density is needed
+            log_probs = self.site_log_probs(values, x, zz.shape[0], N, self._no_density)
+        for name, lp in log_probs.items():
             bad = ~torch.isfinite(lp)
             if bad.any():
                 value = x[name] if name in self.obs_sites else values.get(name, torch.zeros(0))
