@@ -13,6 +13,7 @@ import torch
 from models import beta_binomial, linear_gaussian, two_sites
 from pyro_mi import GaussianEncoder, ModelDensity, PriorProposal, estimate_mi, fit_guide
 from pyro_mi.bounds import importance
+from pyro_mi import weights
 from pyro_mi.bounds.importance import ba_bounds, iwae_bounds
 
 
@@ -107,6 +108,25 @@ def test_streaming_matches_direct_computation(monkeypatch):
         eubo = torch.logsumexp(torch.cat([log_w_true[None], log_w[:49]]), 0) - math.log(50)
     torch.testing.assert_close(r.upper_per_point, ll - elbo)
     torch.testing.assert_close(r.lower_per_point, ll - eubo)
+
+
+def test_log_weight_sums_match_logsumexp():
+    """One exp pass gives the three logsumexps, with gradients, where the head lies 300 nats below the
+    rest (a head scaled by the overall largest weight would underflow to -inf), where every weight of a
+    point is 0, and for an empty head or rest."""
+    g = torch.Generator().manual_seed(0)
+    log_w = (torch.randn(40, 6, generator=g) * 20).requires_grad_()
+    with torch.no_grad():
+        log_w[-1, 1] += 300.0
+        log_w[:, 2] = -math.inf
+    for head in (0, 1, 39, 40):
+        got = weights.log_weight_sums(log_w, head)
+        want = (torch.logsumexp(log_w[:head], 0), torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        grads = [torch.autograd.grad(v[torch.isfinite(v)].sum(), log_w)[0] for v in (got[1], want[1])]
+        torch.testing.assert_close(grads[0], grads[1], equal_nan=True)  # nan where every weight is 0, as logsumexp
+    assert weights.log_weight_sums(log_w, 39)[0][1] > -math.inf
 
 
 def test_large_K_runs_in_chunks():

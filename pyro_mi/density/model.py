@@ -142,7 +142,7 @@ class ModelDensity:
         self.has_data_plate = data is not None or bool(covariates)
         ways = _DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE
         if vectorize != "auto" and vectorize not in ways:
-            kind = "a data-plate model (data given)" if self.has_data_plate else "a one-data-point model"
+            kind = "a data-plate model (data or covariates given)" if self.has_data_plate else "a one-data-point model"
             raise ValueError(f"vectorize must be 'auto' or, for {kind}, one of {ways}; got {vectorize!r}")
         self.model = model
         self.obs_sites = _as_tuple(obs_sites)
