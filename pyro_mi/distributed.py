@@ -109,7 +109,7 @@ def manual_seed(seed: int) -> None:
     """Seeds torch's CPU and CUDA generators, as ``torch.manual_seed`` does for the backends
     pyro_mi runs on. torch's own also queues lazy seeds for XPU and MTIA, each recording a
     traceback that grows with the stack: 0.09 ms a call at the top level, 0.3 ms 30 frames
-    down, and IWAE on 15 blocks ran 7 ms (26%) faster without it."""
+    down; IWAE on 15 blocks took 26.6 ms without it, 33.7 ms with it."""
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
