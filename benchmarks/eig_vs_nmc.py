@@ -14,15 +14,20 @@ Models, each with a batch of designs and a true EIG per design:
   entropies, E_y over 10^6 prior-predictive draws.
 
 Each estimator runs on a grid of budgets (N outer samples, M inner samples; pyro_mi:
-num_data = N, num_particles = num_nuisance = M, prior proposal), 10 seeds each. The
+num_data = N, num_particles = num_nuisance = M, prior proposal, once with M particles per
+experiment and once with ``share_particles=True``, a design's M particles shared by its N
+experiments as nmc_eig's inner samples are; not on normal-inverse-gamma, whose nuisance latent
+and folded plates take per-experiment draws), 10 seeds each, the estimators interleaved. The
 first table gives the mean absolute error over designs and seeds, and the seconds per
 call (all designs); pyro_mi's "mid" is the midpoint of its two sides. The next two compare
 accuracy per second: for each wall-time budget, the most accurate run of each estimator
-among the budgets of the grid whose median time fits, pyro_mi read by its midpoint (one
+(pyro_mi: of either way of drawing particles) among the budgets of the grid whose median
+time fits, pyro_mi read by its midpoint (one
 table) and by its lower bound alone (the other; at small M the lower side, prior
 contrastive estimation, is far closer than the NMC-type upper side), nmc_eig by its
 estimate. nmc_eig with a nuisance latent uses M' = M (its docstring warns that this draws
-τ from its prior, not given w).
+τ from its prior, not given w). Last, per model and reading, the budget from which pyro_mi
+is at least as accurate at every larger budget.
 
     OMP_NUM_THREADS=1 python benchmarks/eig_vs_nmc.py
 """
@@ -129,9 +134,9 @@ def nig():
     return model, X, ["w"], torch.stack(truth).float()
 
 
-def run_pyro_mi(model, design, targets, n, m, seed):
+def run_pyro_mi(model, design, targets, n, m, seed, share=False):
     r = pyro_mi.eig(model, design, "y", targets, batch_dims=1, num_data=n, num_particles=m, num_nuisance=m,
-                    seed=seed)
+                    share_particles=share, seed=seed)
     return r.lower, r.upper
 
 
@@ -142,44 +147,59 @@ def run_nmc(model, design, targets, n, m, seed, nuisance):
 
 def main():
     torch.set_num_threads(1)
-    rows = []
+    rows = []  # (model, N, M, estimator, {reading: mean absolute error}, median seconds)
     for name, build in (("linear", linear), ("tutorial", tutorial), ("logistic", logistic), ("nig", nig)):
         model, design, targets, truth = build()
         nuisance = name == "nig"
         print(f"{name}: true EIG {[round(v, 4) for v in truth.tolist()]}", flush=True)
+        runs = {"pyro_mi": lambda n, m, s: run_pyro_mi(model, design, targets, n, m, s),
+                "nmc_eig": lambda n, m, s: (run_nmc(model, design, targets, n, m, s, nuisance),)}
+        if not nuisance:  # normal-inverse-gamma's particles cannot be shared (nuisance τ, folded plates)
+            runs["pyro_mi shared"] = lambda n, m, s: run_pyro_mi(model, design, targets, n, m, s, share=True)
         for n, m in BUDGETS:
-            err = {"lower": [], "upper": [], "mid": [], "nmc": []}
-            secs = {"pyro_mi": [], "nmc": []}
-            for seed in SEEDS:
-                t = time.perf_counter()
-                lo, up = run_pyro_mi(model, design, targets, n, m, seed)
-                secs["pyro_mi"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                est = run_nmc(model, design, targets, n, m, seed, nuisance)
-                secs["nmc"].append(time.perf_counter() - t)
-                for key, v in (("lower", lo), ("upper", up), ("mid", (lo + up) / 2), ("nmc", est)):
-                    err[key].append((v.detach() - truth).abs().mean())
-            mean = {k: float(torch.stack(v).mean()) for k, v in err.items()}
-            rows.append((name, n, m, mean, {k: sorted(v)[len(v) // 2] for k, v in secs.items()}))
-    print("\n| model | N | M | pyro_mi lower | upper | mid | s | nmc_eig | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, n, m, e, s in rows:
-        print(f"| {name} | {n} | {m} | {e['lower']:.4f} | {e['upper']:.4f} | {e['mid']:.4f} | "
-              f"{s['pyro_mi']:.4f} | {e['nmc']:.4f} | {s['nmc']:.4f} |")
+            err = {who: [] for who in runs}
+            secs = {who: [] for who in runs}
+            for seed in SEEDS:  # the estimators interleaved, so that the machine's drift hits each alike
+                for who, run in runs.items():
+                    t = time.perf_counter()
+                    out = run(n, m, seed)
+                    secs[who].append(time.perf_counter() - t)
+                    v = torch.stack([o.detach() for o in out] + ([(out[0] + out[1]).detach() / 2] if len(out) == 2 else []))
+                    err[who].append((v - truth).abs().mean(-1))
+            for who in runs:
+                e = torch.stack(err[who]).mean(0).tolist()
+                errors = dict(zip(("lower", "upper", "mid"), e)) if len(e) == 3 else {"lower": e[0], "mid": e[0]}
+                rows.append((name, n, m, who, errors, sorted(secs[who])[len(SEEDS) // 2]))
+    print("\n| model | N | M | estimator | lower (nmc_eig: its estimate) | upper | mid | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, m, who, e, sec in rows:
+        upper = f"{e['upper']:.4f} | {e['mid']:.4f}" if "upper" in e else " | "
+        print(f"| {name} | {n} | {m} | {who} | {e['lower']:.4f} | {upper} | {sec:.4f} |")
+    verdicts = []
     for side in ("mid", "lower"):
         print(f"\n| model | time budget (s) | pyro_mi N, M | {side} error | nmc_eig N, M | error | "
               f"nmc error / pyro_mi error |")
         print("|---|---|---|---|---|---|---|")
         for name in dict.fromkeys(r[0] for r in rows):
+            behind, runs_from = [], None  # budgets where nmc_eig has a run and pyro_mi none as accurate
             for budget in TIMES:
                 best = {}
-                for who, key in (("pyro_mi", side), ("nmc", "nmc")):
-                    fits = [(r[3][key], r[1], r[2]) for r in rows if r[0] == name and r[4][who] <= budget]
+                for who in ("pyro_mi", "nmc_eig"):
+                    fits = [(r[4][side], r[1], r[2], r[3]) for r in rows
+                            if r[0] == name and r[3].startswith(who) and r[5] <= budget]
                     best[who] = min(fits) if fits else None
-                p, q = best["pyro_mi"], best["nmc"]
-                cell = lambda b: f"{b[1]}, {b[2]} | {b[0]:.4f}" if b else "none fits | "  # noqa: E731
+                p, q = best["pyro_mi"], best["nmc_eig"]
+                cell = lambda b: f"{b[1]}, {b[2]}{' shared' if b[3].endswith('shared') else ''} | {b[0]:.4f}" if b else "none fits | "  # noqa: E731,E501
                 ratio = f"{q[0] / p[0]:.2f}" if p and q else ""
                 print(f"| {name} | {budget:g} | {cell(p)} | {cell(q)} | {ratio} |")
+                if q and (not p or p[0] > q[0]):
+                    behind.append(budget)
+                runs_from = runs_from or (budget if p else None)
+            start = min((t for t in TIMES if runs_from and t >= runs_from and all(b < t for b in behind)),
+                        default=None)
+            verdicts.append(f"{name}, {side}: at least as accurate as nmc_eig at every budget from {start:g} s"
+                            if start is not None else f"{name}, {side}: behind nmc_eig at the largest budget")
+    print("\n" + "\n".join(verdicts))
 
 
 if __name__ == "__main__":

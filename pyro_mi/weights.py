@@ -2,7 +2,8 @@
 
 The one place where pyro_mi averages weights given as logs: every bound, estimator
 and loss uses :func:`log_mean_exp` (nats in, nats out, by ``torch.logsumexp``), :func:`log_weight_sums`
-and :func:`importance_ess`.
+and :func:`importance_ess`; jackknife variances over draws shared by points use
+:func:`leave_one_out_log_ratio_sums`.
 """
 
 from __future__ import annotations
@@ -71,3 +72,28 @@ def importance_ess(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """
     _, log_sum, log_sum_sq = log_weight_sums(log_w.movedim(dim, 0), 0)
     return torch.nan_to_num(torch.exp(2 * log_sum - log_sum_sq), nan=0.0)
+
+
+def leave_one_out_log_ratio_sums(log_w: torch.Tensor, total: torch.Tensor, keep: torch.Tensor | None = None
+                                 ) -> torch.Tensor:
+    """sum_n log (S_{-j,n} / S_n) for each draw j: (k, n, ...) -> (k, ...), nats, where
+    S_n = e^keep_n + sum_k w_kn = e^total_n and S_{-j,n} leaves w_jn out; for jackknife
+    variances over draws shared by the points n.
+
+    Args:
+        log_w: log weights (k, n, ...); total: log S (``log_w.shape[1:]``), as computed by the
+            caller; keep: a log weight never left out (``log_w.shape[1:]``), or None.
+
+    log1p(-w_j / S) is exact where w_j <= S / 2 (every weight but a dominant one) and close for a
+    dominant one; where a weight dominates so far that w_j / S rounds to 1 (log(S - w_j) would
+    cancel to -inf), S_{-j} is summed afresh without it.
+    """
+    r = (log_w - total).exp()
+    out = torch.log1p(-r).sum(1)
+    if not bool(torch.isfinite(out).all()):
+        top = r > 0.5
+        rest = torch.logsumexp(log_w.masked_fill(top, -math.inf), 0)
+        if keep is not None:
+            rest = torch.logaddexp(rest, keep)
+        out = torch.where(top, rest - total, torch.log1p(-r)).sum(1)
+    return out

@@ -183,22 +183,26 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
     require_finite("iwae", {"log p(x|z) of the simulated points": log_lik,
                             "the log p(x) lower bound (every proposal draw has zero weight)": elbo,
                             "the log p(x) upper bound (log p(x, z) - log q(z|x) at the simulated z)": eubo})
-    warnings = []
-    if K > 1 and float(ess.mean()) < ESS_WARNING:
-        warnings.append(
-            f"the importance ESS of the K = {K} proposal weights is {float(ess.mean()):.2f} on average (below "
-            f"{ESS_WARNING}): one draw dominates each log p(x) estimate, so the bounds may be loose; use a proposal "
-            "closer to the posterior (a fitted guide) or AIS")
     return MIResult(
         "iwae",
         lower_per_point=log_lik - eubo,
         upper_per_point=log_lik - elbo,
         settings={"num_particles": K},
         diagnostics={"ess": float(ess.mean()), "log_p_x_lower": elbo, "log_p_x_upper": eubo},
-        warnings=warnings,
+        warnings=ess_warnings(K, ess),
         x=density.check_data(x),
         z=z,
     )
+
+
+def ess_warnings(num_particles: int, ess: torch.Tensor) -> list[str]:
+    """IWAE's warning when the mean importance ESS of K draws per point, ``ess`` (N,), is below
+    ESS_WARNING (none for K = 1)."""
+    if num_particles == 1 or float(ess.mean()) >= ESS_WARNING:
+        return []
+    return [f"the importance ESS of the K = {num_particles} proposal weights is {float(ess.mean()):.2f} on average "
+            f"(below {ESS_WARNING}): one draw dominates each log p(x) estimate, so the bounds may be loose; use a "
+            "proposal closer to the posterior (a fitted guide) or AIS"]
 
 
 def ba_bounds(

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -567,7 +568,7 @@ class ModelDensity:
             )
 
     # ------------------------------------------------------------ public API
-    def sample(self, num_data: int, differentiable: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def sample(self, num_data: int, differentiable: bool = False, log_likelihood: bool = False):
         """Simulates ``num_data`` pairs (x, z) ~ p(x, z) from the model.
 
         Args:
@@ -575,9 +576,12 @@ class ModelDensity:
             differentiable: draw every site by ``rsample`` with gradients on, so that x
                 and z are differentiable in the model's arguments (a design) and
                 parameters (pathwise gradients).
+            log_likelihood: also return log p(x|z) at the pairs, (N,) nats (from the draw's
+                own trace where it can, so with no second model run).
 
         Returns ``(x, z)`` with ``x = {site: (num_data, *shape)}`` and packed
-        unconstrained ``z`` of shape ``(num_data, latent_dim)``.
+        unconstrained ``z`` of shape ``(num_data, latent_dim)``; ``(x, z, log p(x|z))``
+        with ``log_likelihood``.
 
         Raises ValueError naming the site if a latent's simulated values lie at
         the boundary of its support (non-finite in unconstrained space, or
@@ -594,11 +598,16 @@ class ModelDensity:
             self._check_support(values, fns, 1, num_data)
             x = {o: self._to_data(values[o]) for o in self.obs_sites}
             z = self.pack({k: values[k] for k in self._latent_names})[0]
-        with torch.no_grad():
             # the draw's own log densities are those at (x, z) where z unpacks to the drawn values
             exact = all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
-            self.check_finite(x, z, score() if exact else None)
-        return x, z
+            log_probs = score() if exact else None
+        with torch.no_grad():
+            self.check_finite(x, z, log_probs)
+        if not log_likelihood:
+            return x, z
+        if log_probs is None or self._no_density:
+            return x, z, self.log_likelihood(x, z)
+        return x, z, sum(log_probs[o] for o in self.obs_sites)[0]
 
     def check_reparameterized(self, sites: Sequence[str]) -> None:
         """Raises ValueError naming the first of ``sites`` whose distribution has no
@@ -633,6 +642,60 @@ class ModelDensity:
         latents are drawn by ``rsample``.
         """
         return sum(self.conditional_log_probs(x, num_samples, sites=self.obs_sites).values())
+
+    @property
+    def template_rows(self) -> int:
+        """R, the rows of the data template (1 for a one-data-point model): data point i of a
+        simulation has the covariates of row i % R."""
+        return next(iter(self._template.values())).shape[0] if self.has_data_plate else 1
+
+    def shared_prior_reason(self) -> str | None:
+        """Why prior draws cannot be shared by the data points of a template row
+        (:meth:`shared_prior_likelihood`); None when they can."""
+        obs = self.obs_sites[-1]
+        if self._points is not None or self._plates.folded:
+            return f"the model runs {self.vectorize}, not batched"
+        if len(self.obs_sites) != 1 or list(self.site_fns)[-1] != obs:
+            return "it needs one observed site, sampled after every other site"
+        if any(isinstance(fn, dist.Unit) for fn in self.site_fns.values()) or self._no_density:
+            return "it needs a model without pyro.factor and an observed site with a density"
+        return None
+
+    def shared_prior_likelihood(self, num_samples: int) -> tuple[Callable[[Data], torch.Tensor], torch.Tensor]:
+        """Draws K = ``num_samples`` latents z_k ~ p(z) per template row (:attr:`template_rows`)
+        and returns ``(log_lik, z)``: ``log_lik(x) -> (K, n)`` gives log p(x_i|z_k), nats, for
+        observed values ``{site: (n, *shape)}`` whose point i has row i % R, and z (K, R, D) is
+        the packed draws. The K draws of a row are shared by
+        all its points (``nmc_eig``'s inner samples): the model runs once, on K x R points, and
+        its observed site's distribution scores every point by broadcasting, so the model's own
+        computation scales with K·R, not K·n. With gradients on, latents are drawn by ``rsample``.
+
+        Raises:
+            ValueError: :meth:`shared_prior_reason` is not None (the reason), or n is not a
+                multiple of R.
+        """
+        why = self.shared_prior_reason()
+        if why is not None:
+            raise ValueError(f"prior draws cannot be shared by data points: {why}")
+        K, R, obs, pos = num_samples, self.template_rows, self.obs_sites[0], self._plates.pos
+        with pyro.validation_enabled(False):  # a draw where p(x|z) = 0 scores -inf, not an error (as in IWAE)
+            trace = self._trace(K, R, {}, None, sample_obs=True)
+        site = next(s for s in _sample_sites(trace) if s["name"] == obs)
+        z = self.pack({k: v for k, v in self.site_values(trace, K, R).items() if k in self._latent_names})
+
+        def log_lik(x: Data) -> torch.Tensor:
+            v = self.check_data(x)[obs]
+            m = v.shape[0] // R
+            if m * R != v.shape[0]:
+                raise ValueError(f"{v.shape[0]} data points are not a multiple of the template's {R} rows")
+            # (m, 1, 1.., R, *shape): the m points of each row, broadcast against the K draws
+            value = v.reshape((m, 1) + (1,) * pos + (R,) + v.shape[1:])
+            lp = scale_and_mask(site_log_prob(site["fn"], value), site["scale"], site["mask"])
+            lp = lp.expand((m, K) + lp.shape[2:]).reshape((m * K,) + lp.shape[2:])
+            lp = self._plates.per_point(lp, m * K, R).reshape(m, K, R)
+            return lp.transpose(0, 1).reshape(K, m * R)
+
+        return log_lik, z
 
     def conditional_log_probs(self, x: Data, num_samples: int, cond: Mapping | None = None,
                               sites: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
