@@ -6,11 +6,14 @@
                     [--num-particles K] [--seed S] [--json]
     pyro-mi estimate --example linear-vae|digits-vae|digits-gan [same options]
 
-TARGET is ``path/to/file.py:function`` or ``package.module:function``: a
-one-data-point Pyro model (observed sites sample when not conditioned); a guide
-TARGET takes the observed values as keyword arguments named after the observed
-sites. Without ``--json`` a table is printed; with it, one strict-JSON object
-(``null``, never NaN or Infinity).
+TARGET is ``path/to/file.py:name`` or ``package.module:name``, where ``name`` may be dotted
+(``vae.model``, a method of an object the file makes): a Pyro model as its author wrote it.
+Its arguments are given by name, ``--data NAME=FILE`` (the data; a lone FILE goes to the
+model's first argument, or to the keyword named after the observed site) and ``--model-arg
+NAME=FILE|VALUE`` (the others); the observed sites named by ``--obs`` are conditioned by name,
+whatever the model passes to ``obs=``. A guide TARGET is called as the model is. Without
+``--json`` a table is printed; with it, one strict-JSON object (``null``, never NaN or
+Infinity).
 
 Each method takes the flags of :data:`ESTIMATE_OPTIONS` that name a keyword
 parameter of its bound function (:func:`method_options`); any other method flag
@@ -144,7 +147,8 @@ def _import_user_file(path: Path, module_name: str):
 
 
 def load_target(target: str) -> Callable:
-    """Loads ``path/to/file.py:function`` or ``package.module:function``.
+    """Loads ``path/to/file.py:name`` or ``package.module:name``; a dotted ``name`` (``vae.model``)
+    is an attribute of an object of the module.
 
     The target's file is remembered as the user's, so that errors raised in it
     later are reported by its ``file:line`` (see :func:`main`).
@@ -175,7 +179,9 @@ def load_target(target: str) -> Callable:
             module = importlib.import_module(where)
         except Exception as e:  # noqa: BLE001 - anything raised by the user's module
             raise CLIError(f"cannot import module {where!r}: {_user_code_error(e) or _one_line(e)}") from None
-    fn = getattr(module, name, None)
+    fn = module
+    for part in name.split("."):
+        fn = getattr(fn, part, None)
     if not callable(fn):
         raise CLIError(f"{where!r} has no function {name!r}")
     return fn
@@ -259,7 +265,15 @@ def _estimate(args: argparse.Namespace):
     guide = load_target(args.guide) if args.guide else None
     if args.obs and args.example:
         obs = tuple(args.obs)
-    data = _data_arrays(args.data, obs) if args.data else None
+    if args.example and (args.data or args.model_arg):
+        raise CLIError(f"{'--data' if args.data else '--model-arg'} does not apply to --example (a built-in model "
+                       "takes no arguments); give a model TARGET")
+    if args.proposal == "prior" and (args.guide or args.fit_steps is not None):
+        raise CLIError(f"{'--guide' if args.guide else '--fit-steps'} does not apply to --proposal prior (the prior "
+                       "is the proposal: no guide is used or fitted)")
+    kwargs = _model_args(args.model_arg)
+    kwargs.update(_data_arrays(args.data, model, obs) if args.data else {})
+    _check_call(model, kwargs, args.target)
     result = estimate_mi(
         model,
         obs,
@@ -269,8 +283,7 @@ def _estimate(args: argparse.Namespace):
         num_data=args.num_data,
         seed=args.seed,
         fit_steps=args.fit_steps,
-        data=data,
-        model_kwargs=_model_args(args.model_arg),
+        model_kwargs=kwargs,
         vectorize=args.vectorize,
         progress=not args.json and not args.no_progress and sys.stderr.isatty() and distributed.world()[0] == 0,
         **options,
@@ -281,36 +294,77 @@ def _estimate(args: argparse.Namespace):
 
 def _tensor(array) -> torch.Tensor:
     """An array as a tensor: floating and integer values in torch's default float dtype (Pyro's
-    distributions take float values, counts included), booleans as they are."""
+    distributions take float values, counts included), booleans as they are.
+
+    Raises:
+        CLIError: an array of strings, objects or other non-numeric values.
+    """
+    if getattr(array, "dtype", None) is not None and array.dtype.kind not in "biuf":
+        raise CLIError(f"an array of {array.dtype} values cannot be a model argument (numbers or booleans only)")
     t = torch.as_tensor(array)
     return t if t.dtype == torch.bool else t.to(torch.get_default_dtype())
 
 
-def _data_arrays(path: str, obs: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """``--data``: the arrays of FILE.npz named after the observed sites."""
+def _parameters(model: Callable) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(model).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _data_arrays(specs: list[str], model: Callable, obs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``--data``: model arguments by name. ``NAME=FILE`` gives argument NAME; a FILE.npz gives its
+    arrays, each named after an argument of the model (or an observed site, passed as a keyword
+    named after it); a lone array (FILE.npy) goes to the keyword named after the observed site
+    where the model takes one, else to the model's first argument."""
     from .samples import read_arrays
 
-    arrays = read_arrays(path)
-    if "" in arrays:
-        if len(obs) != 1:
-            raise CLIError(f"--data {path} holds one array; save one per observed site {list(obs)} with numpy.savez")
-        arrays = {obs[0]: arrays[""]}
-    missing = [o for o in obs if o not in arrays]
-    if missing:
-        raise CLIError(f"--data {path} has no array {missing[0]!r} (an observed site); its arrays are: "
-                       f"{', '.join(arrays)}")
-    return {o: _tensor(arrays[o]) for o in obs}
+    names = [p.name for p in _parameters(model) if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in _parameters(model))
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+        elif not name.isidentifier() or not path:
+            raise CLIError(f"--data takes FILE or NAME=FILE (NAME an argument of the model), got {spec!r}")
+        arrays = read_arrays(path)
+        if name:
+            if len(arrays) != 1 and name not in arrays:
+                raise CLIError(f"--data {spec}: {path} holds arrays {', '.join(arrays)}; save one array, or one "
+                               f"named {name!r}")
+            out[name] = _tensor(arrays.get(name, next(iter(arrays.values()))))
+            continue
+        if "" in arrays:
+            if len(obs) == 1 and (obs[0] in names or takes_any):
+                out[obs[0]] = _tensor(arrays[""])
+            elif names:
+                out[names[0]] = _tensor(arrays[""])
+            else:
+                raise CLIError(f"--data {path} holds one array, and the model takes no argument to give it to")
+            continue
+        known = [k for k in arrays if k in names or k in obs or takes_any]
+        if not known:
+            raise CLIError(f"--data {path} has no array named after an argument of the model ({', '.join(names) or 'none'})"
+                           f" or an observed site ({', '.join(obs)}); its arrays are: {', '.join(arrays)}")
+        out.update({k: _tensor(arrays[k]) for k in known})
+    return out
 
 
-def _model_args(specs: list[str]) -> dict[str, torch.Tensor]:
-    """``--model-arg NAME=FILE``: the model's keyword arguments."""
+def _model_args(specs: list[str]) -> dict:
+    """``--model-arg NAME=FILE|VALUE``: the model's arguments by name (an array of FILE, .npy or
+    .npz with one array or one named NAME; or a number)."""
     from .samples import read_arrays
 
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name.isidentifier() or not path:
-            raise CLIError(f"--model-arg takes NAME=FILE (NAME a Python identifier), got {spec!r}")
+            raise CLIError(f"--model-arg takes NAME=FILE or NAME=NUMBER (NAME a Python identifier), got {spec!r}")
+        number = _number(path)
+        if number is not None and not os.path.exists(path):
+            out[name] = number
+            continue
         arrays = read_arrays(path)
         if len(arrays) == 1:
             (array,) = arrays.values()
@@ -321,6 +375,33 @@ def _model_args(specs: list[str]) -> dict[str, torch.Tensor]:
                            f"named {name!r}")
         out[name] = _tensor(array)
     return out
+
+
+def _number(text: str) -> int | float | None:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None
+
+
+def _check_call(model: Callable, kwargs: dict, target: str | None) -> None:
+    """Refuses, by flag, a model argument that is missing or that the model does not take."""
+    params = _parameters(model)
+    if not params:
+        return
+    try:
+        inspect.signature(model).bind(**kwargs)
+    except TypeError as e:
+        missing = [p.name for p in params if p.default is p.empty and p.name not in kwargs
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if missing:
+            raise CLIError(f"the model {target or ''} needs its argument {missing[0]!r}: give it with --data "
+                           f"{missing[0]}=FILE (the data: only its shape is used) or --model-arg {missing[0]}=FILE|NUMBER"
+                           ) from None
+        raise CLIError(f"the model {target or ''} cannot take the arguments given ({e}); its arguments are: "
+                       f"{', '.join(p.name for p in params)}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,16 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("target", nargs="?", help="path/to/file.py:function or package.module:function")
     est.add_argument("--example", help="a built-in example: linear-vae, digits-vae or digits-gan")
     est.add_argument("--obs", nargs="+", help="observed site name(s)")
-    est.add_argument("--guide", help="guide TARGET q(z|x), called with the observed values as keywords")
+    est.add_argument("--guide", help="guide TARGET q(z|x), called as the model is (the observed values written "
+                                    "where the model reads them)")
     est.add_argument("--method", default="iwae", help="bound: " + ", ".join(sorted(METHODS)))
     est.add_argument("--proposal", default="guide", choices=("guide", "prior"))
     est.add_argument("--num-data", type=int, default=NUM_DATA, help=f"simulated data points N (default {NUM_DATA})")
     est.add_argument("--fit-steps", type=int, help="BA fitting steps for the proposal (default encoder: 1000)")
-    est.add_argument("--data", metavar="FILE.npz", help="for a model with its own data plate: observed values, one "
-                                                        "array per --obs site (their shapes are the template)")
-    est.add_argument("--model-arg", metavar="NAME=FILE", action="append", default=[],
-                     help="pass the array in FILE (.npy, or .npz with one array or one named NAME) to the model "
-                          "as keyword argument NAME (e.g. a design); repeatable")
+    est.add_argument("--data", metavar="[NAME=]FILE", action="append", default=[],
+                     help="the data the model is called with: NAME=FILE gives its argument NAME; a FILE.npz gives "
+                          "arrays named after its arguments; a lone array goes to the keyword named after the "
+                          "observed site, or to the first argument. Only shapes are used: the observed sites are "
+                          "conditioned by name; repeatable")
+    est.add_argument("--model-arg", metavar="NAME=FILE|NUMBER", action="append", default=[],
+                     help="pass the array in FILE (.npy, or .npz with one array or one named NAME), or a number, to "
+                          "the model as its argument NAME (e.g. a design, a count); repeatable")
     est.add_argument("--vectorize", default="auto", choices=("auto", "plate", "vmap", "loop", "fold"),
                      help="how the model is run over a batch: batched in plates, torch.func.vmap over points, or a "
                           "loop (a one-data-point model); plates, or chains folded into its data plate (a model "
@@ -466,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), as_json, "" if as_json else e.usage)
     except Exception as e:  # noqa: BLE001 - sorted below: the user's errors are one line, bugs re-raise
         message = _user_code_error(e)
-        if message is None and isinstance(e, (CLIError, ValueError, TypeError, distributed.DistributedError)):
+        if message is None and isinstance(e, (CLIError, ValueError, TypeError, MemoryError,
+                                              distributed.DistributedError)):
             message = str(e)
         if message is None:
             raise

@@ -14,6 +14,7 @@ from .checkpoint import check_output_path, rank_path
 from .density import Data, ModelDensity
 from .distributed import broadcast, broadcast_module, manual_seed, world
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
+from .resources import memory_guard
 from .result import MIResult
 
 
@@ -109,6 +110,8 @@ def estimate_mi(
             unwritable ``checkpoint`` / ``save_chains`` path (checked before any work),
             ``seed=None`` under torch.distributed, and every input error of the density layer
             and the bound.
+        OutOfMemory: (a MemoryError) the run asked for more memory than there is, in one line
+            naming N, the allocation and what to lower.
     """
     check_method_options(method, num_data, options)
     if seed is None and world()[1] > 1:
@@ -116,7 +119,8 @@ def estimate_mi(
                          "points; give a seed")
     start = time.perf_counter()
     progress = progress and world()[0] == 0  # one bar, rank 0's
-    with seeded(seed, method, options):
+    lower = "num_data (--num-data), points_per_block (--points-per-block), or the method's num_particles / num_chains"
+    with seeded(seed, method, options), memory_guard(f"{method} on N = {num_data} simulated points", lower):
         density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data,
                                vectorize=vectorize)
         result = simulate_and_bound(density, method, proposal, guide, num_data, fit_steps, progress, options)
@@ -178,6 +182,7 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
         result.x, result.z = x, z
     result.settings["vectorize"] = density.vectorize
     result.notes[:0] = density.notices
+    result.warnings[:0] = density.warnings
     fit = getattr(q, "fit_log", None)
     if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
         result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,

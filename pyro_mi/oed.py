@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .bounds.importance import _evals_per_chunk, ess_warnings, iwae_bounds
 from .density import ModelDensity, _sample_sites
+from .density.plates import check_declared_batch_dims
 from .estimate import check_method_options, seeded, simulate_and_bound
 from .result import CROSSED, MIResult, require_finite
 from .distributed import world
@@ -323,9 +324,12 @@ def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str])
         return poutine.condition(model, data=observed)(design)
 
     try:  # the data template: the observations of one run on the batch
-        return ModelDensity(batched, obs, covariates={"design": designs})
+        density = ModelDensity(batched, obs, covariates={"design": designs})
     except ValueError as e:
         raise _NotTogether(f"the design batch does not run as one data plate ({str(e).splitlines()[0]})") from e
+    if density.undeclared:
+        raise _NotTogether(f"sites {list(density.undeclared)} have batch dims that no plate declares")
+    return density
 
 
 def _bound(make_density: Callable[[], ModelDensity], num_designs: int, target_labels, num_nuisance, method,
@@ -336,6 +340,10 @@ def _bound(make_density: Callable[[], ModelDensity], num_designs: int, target_la
     run_options = dict(options)  # a fresh seeded generator per run
     with seeded(seed, method, run_options):
         density = make_density()
+        check_declared_batch_dims(density.undeclared)
+        if density.enumerated:
+            raise ValueError(f"pyro_mi.eig does not sum out enumerated discrete sites ({list(density.enumerated)}); "
+                             "marginalise them out in the model")
         targets = _check_targets(density, target_labels)
         nuisance = [s.name for s in density.latent_sites if s.name not in targets]
         if nuisance:

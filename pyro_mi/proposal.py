@@ -8,8 +8,8 @@ draws more cheaply than ``log p(x, z) - log q`` has ``log_weights(x, num_samples
 -> (K, N)``. Three kinds:
 
 * :class:`PriorProposal`: q(z|x) = p(z);
-* :class:`GuideDensity`: a user's Pyro guide (one-data-point guides take the
-  observed values as keyword arguments named after the observed sites);
+* :class:`GuideDensity`: a user's Pyro guide, called as the model is, with the observed
+  values written where the model reads them;
 * :class:`GaussianEncoder`: the default amortised diagonal Gaussian (an MLP on
   the flattened x), fitted by :func:`fit_guide`.
 
@@ -19,6 +19,7 @@ on simulated pairs (Brekelmans et al. 2022, eq. 3; Barber & Agakov 2003).
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable
 
 import torch
@@ -31,9 +32,10 @@ from .training import train
 
 
 def proposal_from_point(proposal, start: int):
-    """``proposal`` for data points ``start, ...`` of a block: the prior of a density whose covariates
-    are counted from ``start`` (:meth:`PriorProposal.from_point`); other proposals depend on x alone."""
-    return proposal.from_point(start) if isinstance(proposal, PriorProposal) else proposal
+    """``proposal`` for data points ``start, ...`` of a block: the prior, or a Pyro guide, of a
+    density whose rows (data, covariates) are counted from ``start`` (``from_point``); the
+    default encoder depends on x alone."""
+    return proposal.from_point(start) if isinstance(proposal, (PriorProposal, GuideDensity)) else proposal
 
 
 class PriorProposal:
@@ -118,17 +120,20 @@ class GuideDensity:
 
     Args:
         density: the model's :class:`ModelDensity`.
-        guide: a Pyro guide. For a one-data-point model it is called as
-            ``guide(*model_args, **model_kwargs, **x)``: observed values as
-            keyword arguments named after the observed sites, with leading
-            (chains, data) batch dims it must broadcast over. For a data-plate
-            model it is called like the model, with its own data plate.
+        guide: a Pyro guide, taking the model's arguments, as ``SVI`` calls it
+            (:meth:`ModelDensity.guide_program`): the observed values are written into the
+            argument the model reads them from (``obs=x``, ``obs=x.reshape(-1, 784)``), or
+            passed as keywords named after the observed sites where no argument carries them
+            (``def model(x=None)``). A guide of a model without a data plate gets them with
+            leading (chains, data) batch dims it must broadcast over; a data-plate model's
+            guide gets one row per data point, inside its own data plate.
 
     Raises:
-        ValueError: the guide misses a latent site of the model, samples a site
-            that is not one, or samples a latent site with another shape per data
-            point (leading size-1 dims aside) or another support (see
-            :func:`same_support`) than the model's; each names the site.
+        ValueError: the guide cannot be called with the model's arguments, misses a latent
+            site of the model, samples a site that is not one, or samples a latent site with
+            another shape per data point (leading size-1 dims aside) or another support (see
+            :func:`same_support`) than the model's; each names the site. Discrete sites the
+            model enumerates are not the guide's to sample.
     """
 
     def __init__(self, density: ModelDensity, guide: Callable):
@@ -138,7 +143,14 @@ class GuideDensity:
         self.guide = guide
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
             x, _ = density.sample(2)
-            trace = self._trace(x, 1, {})
+            try:
+                trace = self._trace(x, 1, {})
+            except TypeError as e:
+                raise ValueError(
+                    f"the guide cannot be called as the model is ({e}): pyro_mi calls it with the model's "
+                    "arguments, the observed values written into the argument the model reads them from, or "
+                    f"as keywords named after the observed sites {list(density.obs_sites)} where no argument "
+                    "carries them") from e
         names = [s["name"] for s in _sample_sites(trace)]
         latents = [s.name for s in density.latent_sites]
         missing = [n for n in latents if n not in names]
@@ -166,14 +178,19 @@ class GuideDensity:
                     "transformed Normal for a positive latent)"
                 )
 
-    def _call(self, x: Data):
-        d = self.density
-        return self.guide(*d.model_args, **d.model_kwargs, **x)
+    def from_point(self, start: int) -> "GuideDensity":
+        """This guide for data points ``start, ...`` (see :meth:`ModelDensity.from_point`)."""
+        shifted = self.density.from_point(start)
+        if shifted is self.density:
+            return self
+        out = copy.copy(self)
+        out.density = shifted
+        return out
 
     def _trace(self, x: Data, num_samples: int, cond: dict):
         x = self.density.check_data(x)
         n = next(iter(x.values())).shape[0]
-        return self.density.trace_program(self._call, num_samples, n, x, "guide", cond)
+        return self.density.trace_program(self.density.guide_program(self.guide, x), num_samples, n, "guide", cond)
 
     def rsample(self, x: Data, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """z ~ q(z|x): returns z (K, N, D) and log q(z|x) (K, N), reparameterised where the guide is."""

@@ -109,21 +109,23 @@ class ChainRecorder:
 
 
 class ProgressBar:
-    """A tqdm bar over the annealing steps of each chunk (``desc`` names the job)."""
+    """One tqdm bar over every annealing step of a run's bound-bearing chunks, all blocks
+    together (``total`` of them); the pilot's steps show as the bar's postfix only."""
 
-    def __init__(self, num_steps: int, enabled: bool = True):
-        self.num_steps, self.enabled = num_steps, enabled
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled = total, enabled
         self.key, self.bar = None, None
 
     def __call__(self, key, state, info) -> None:
         if not self.enabled:
             return
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="AIS", leave=False, unit="step")
         if key != self.key:
-            self.close()
             self.key = key
-            total = self.num_steps if key[0] != "pilot" else None
-            self.bar = tqdm(total=total, initial=state.step - 1, desc=f"AIS {key[0]} {key[1] + 1}", leave=False)
-        self.bar.update(1)
+            self.bar.set_postfix_str(f"{key[0]} (block {key[-1] + 1})", refresh=False)
+        if key[0] != "pilot":
+            self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -219,7 +219,7 @@ def test_data_and_model_arg_files(capsys, tmp_path):
     np.savez(tmp_path / "wrong.npz", w=np.zeros((10, 3)))
     for argv, message in (
         (("--data", str(tmp_path / "wrong.npz"), f"{path}:plate_model", "--obs", "x"),
-         "has no array 'x' (an observed site); its arrays are: w"),
+         "has no array named after an argument of the model (x) or an observed site (x); its arrays are: w"),
         (("--model-arg", "design", f"{path}:design_model", "--obs", "y"), "--model-arg takes NAME=FILE"),
         (("--model-arg", f"design={tmp_path / 'nope.npy'}", f"{path}:design_model", "--obs", "y"), "does not exist"),
     ):

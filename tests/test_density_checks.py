@@ -5,6 +5,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+import pyro_mi
 from pyro_mi import ModelDensity
 from pyro_mi.density.packing import boundary_points
 
@@ -54,16 +55,23 @@ def test_building_a_density_does_not_move_the_rng():
 
 
 # ------------------------------------------------- batch dims no plate declares
-def test_batch_of_designs_is_refused():
+def test_undeclared_batch_dims_are_one_data_point():
+    # as NUTS sums them (issue "models as written"): the batch (4,) of x is one data point; eig,
+    # where such a batch may be one of designs, asks for batch_dims
     design = torch.randn(4, 2)
 
     def model(design, x=None):
         w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        return pyro.sample("x", dist.Normal(design @ w, 1.0), obs=x)  # batch shape (4,): one x per design
+        return pyro.sample("x", dist.Normal(design @ w, 1.0), obs=x)  # batch shape (4,)
 
-    msg = r"site 'x' has batch shape \(4,\).*not declared by any pyro.plate.*one design"
+    d = ModelDensity(model, "x", model_args=(design,))
+    assert d.obs_shapes == {"x": torch.Size([4])}
+    assert any("no pyro.plate declares (sites 'x' (4,))" in n for n in d.notices)
+    x, z = d.sample(5)
+    torch.testing.assert_close(d.log_likelihood(x, z), dist.Normal(z @ design.T, 1.0).log_prob(x["x"]).sum(-1))
+    msg = r"site 'x' has batch shape \(4,\) with dims that no pyro.plate declares.*batch_dims="
     with pytest.raises(ValueError, match=msg):
-        ModelDensity(model, "x", model_args=(design,))
+        pyro_mi.eig(model, design, "x", num_data=8, num_particles=4)
 
 
 def test_batch_dims_declared_by_a_plate_are_one_data_point():

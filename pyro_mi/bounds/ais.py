@@ -425,12 +425,16 @@ def anneal_log_normalizer(
     """
     N, D = z.shape
     betas = get_schedule(schedule, num_steps)
+    plan, estimator = _PLANS[kind]
     summary = ChainSummary()
     recorder = ChainRecorder(num_steps) if record else None
-    bar = ProgressBar(num_steps, progress)
+    jobs = plan(num_chains)
+    chains = ([jobs["num_forward"], jobs["num_reverse"]] if adapt == "online"
+              else [jobs["num_forward"] + jobs["num_reverse"]]) + [jobs.get("num_reverse_from_forward", 0)]
+    steps = sum(-(-c // max_chains_per_chunk) for c in chains if c) * (betas.numel() - 1)
+    bar = ProgressBar(steps * len(range(0, N, points_per_block)), progress)
     observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
     kept = [o for o in (summary, recorder) if o is not None]  # observers whose records are gathered
-    plan, estimator = _PLANS[kind]
     mode = resolve_mode(compile, num_steps)
 
     def run_block(b: int, lo: int, hi: int) -> dict:

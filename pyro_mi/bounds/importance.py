@@ -67,11 +67,13 @@ def default_points_per_block(density: ModelDensity, num_particles: int) -> int:
     return max(POINTS_PER_BLOCK, _evals_per_chunk(density) // num_particles)
 
 
-def _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms) -> dict:
+def _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms, progress: bool,
+               desc: str) -> dict:
     """``terms(density_of_block, proposal_of_block, x_block, z_block) -> {name: (n,)}`` for every
     block of points (this rank's, gathered), each block on torch's RNG seeded from (one draw of
     it, block); returns the names' (N,) values. ``points_per_block`` None: the default for
-    ``num_particles`` (:func:`default_points_per_block`)."""
+    ``num_particles`` (:func:`default_points_per_block`). One progress bar (``terms``' last
+    argument) counts the log-weight evaluations of every block."""
     if points_per_block is None:
         points_per_block = default_points_per_block(density, num_particles)
     check_points_per_block(points_per_block)
@@ -84,19 +86,26 @@ def _per_block(density, proposal, x, z, points_per_block, num_particles, differe
     def block(b, lo, hi):
         with seeded_global_rng(block_seed(seed, b), z.device):
             return terms(density.from_point(lo), proposal_from_point(proposal, lo), {k: v[lo:hi] for k, v in x.items()},
-                         z[lo:hi])
+                         z[lo:hi], bar)
 
-    blocks = map_blocks(block, z.shape[0], points_per_block, device=z.device)
+    with _bar(z.shape[0] * num_particles, progress, desc) as bar:
+        blocks = map_blocks(block, z.shape[0], points_per_block, device=z.device)
     return {k: torch.cat([blk[k] for blk in blocks]) for k in blocks[0]}
 
 
-def _stream(density, proposal, x, num_particles, progress, desc):
+def _bar(total: int, progress: bool, desc: str):
+    """The run's one progress bar, over its (particle, data point) log-weight evaluations; shown
+    when they take more than one chunk."""
+    return tqdm(total=total, desc=desc, disable=not progress or total <= 1 << 20, leave=False, unit_scale=True)
+
+
+def _stream(density, proposal, x, num_particles, bar):
     """Yields log weights (k, N) of proposal draws, chunk by chunk, K in all (the proposal's own
-    ``log_weights`` where it has one: the prior's need one model run, not three)."""
+    ``log_weights`` where it has one: the prior's need one model run, not three); ``bar`` counts
+    the (particle, point) evaluations."""
     N = next(iter(density.check_data(x).values())).shape[0]
     chunk = max(1, min(num_particles, _evals_per_chunk(density) // max(N, 1)))
     log_weights = getattr(proposal, "log_weights", None)
-    bar = tqdm(total=num_particles, desc=desc, disable=not progress or num_particles <= chunk, leave=False)
     done = 0
     while done < num_particles:
         k = min(chunk, num_particles - done)
@@ -108,8 +117,7 @@ def _stream(density, proposal, x, num_particles, progress, desc):
                 z, log_q = proposal.rsample(x, k)
                 yield density.log_joint(x, z) - log_q
         done += k
-        bar.update(k)
-    bar.close()
+        bar.update(k * N)
 
 
 def iwae_bounds(
@@ -138,7 +146,7 @@ def iwae_bounds(
             in whatever x, z, the model and the proposal depend on (a design, model and
             guide parameters; pass x, z from ``density.sample(N, differentiable=True)``).
             Proposal draws are reparameterised (``rsample``).
-        progress: show a progress bar when K takes several chunks.
+        progress: show a progress bar (one for the run) when its K x N log weights take several chunks.
         points_per_block: the points run in blocks of this many, with random numbers of their
             own; under ``torchrun`` the ranks share the blocks out (:mod:`pyro_mi.distributed`),
             and the numbers are the same for any number of processes. Default: as many points
@@ -162,13 +170,13 @@ def iwae_bounds(
 def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, differentiable) -> MIResult:
     K = num_particles
 
-    def terms(density, proposal, xb, zb):
+    def terms(density, proposal, xb, zb, bar):
         log_w_true, log_lik, _ = importance_log_weights(density, proposal, xb, zb)
         lse = torch.full_like(log_w_true, -math.inf)  # over all K draws
         lse_eubo = log_w_true.clone()  # the posterior sample and the first K-1 draws
         lse_sq = torch.full_like(log_w_true, -math.inf)
         seen = 0
-        for log_w in _stream(density, proposal, xb, K, progress, "IWAE"):
+        for log_w in _stream(density, proposal, xb, K, bar):
             keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one is in the EUBO
             head, total, total_sq = log_weight_sums(log_w, keep)
             lse_eubo = torch.logaddexp(lse_eubo, head)
@@ -178,7 +186,7 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
         ess = torch.exp(2 * lse - lse_sq).detach()  # pyro_mi.weights.importance_ess, accumulated over chunks
         return {"log_lik": log_lik, "elbo": lse - math.log(K), "eubo": lse_eubo - math.log(K), "ess": ess}
 
-    t = _per_block(density, proposal, x, z, points_per_block, K, differentiable, terms)
+    t = _per_block(density, proposal, x, z, points_per_block, K, differentiable, terms, progress, "IWAE")
     log_lik, elbo, eubo, ess = t["log_lik"], t["elbo"], t["eubo"], t["ess"]
     require_finite("iwae", {"log p(x|z) of the simulated points": log_lik,
                             "the log p(x) lower bound (every proposal draw has zero weight)": elbo,
@@ -231,14 +239,14 @@ def ba_bounds(
 
 
 def _ba(density, proposal, x, z, num_particles, progress, points_per_block, differentiable) -> MIResult:
-    def terms(density, proposal, xb, zb):
+    def terms(density, proposal, xb, zb, bar):
         _, log_lik, ba_lower = importance_log_weights(density, proposal, xb, zb)
         total = torch.zeros_like(log_lik)
-        for log_w in _stream(density, proposal, xb, num_particles, progress, "BA"):
+        for log_w in _stream(density, proposal, xb, num_particles, bar):
             total = total + log_w.sum(0)
         return {"log_lik": log_lik, "ba_lower": ba_lower, "upper": log_lik - total / num_particles}
 
-    t = _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms)
+    t = _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms, progress, "BA")
     log_lik, ba_lower, upper = t["log_lik"], t["ba_lower"], t["upper"]
     require_finite("ba", {"log p(x|z) of the simulated points": log_lik,
                           "the lower bound log q(z|x) - log p(z) at the simulated z": ba_lower,

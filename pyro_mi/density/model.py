@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -13,9 +14,11 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 
-from . import packing
+from ..resources import is_out_of_memory
+from . import enumeration, packing
+from .arguments import ModelArguments, locate_observed, slot_name
 from .normal import site_log_prob
-from .plates import BatchingError, _sample_sites, plate_layout
+from .plates import _CHAINS, _DATA, BatchingError, _sample_sites, common_frame, plate_layout, undeclared_batch_dims
 from .pointwise import VECTORIZE, PointwiseModel
 
 Data = Mapping[str, torch.Tensor]
@@ -65,6 +68,11 @@ def _scaled_log_prob(site: dict) -> torch.Tensor:
     return scale_and_mask(lp, site["scale"], site["mask"])
 
 
+def _what(name: str) -> str:
+    """How a message names a key of the per-site log densities: a site, or the enumerated parts."""
+    return name if name in (enumeration.LATENTS, enumeration.OBSERVED) else f"site {name!r}"
+
+
 def _has_density(site: dict) -> bool:
     try:
         _scaled_log_prob(site)
@@ -76,24 +84,30 @@ def _has_density(site: dict) -> bool:
 class ModelDensity:
     """Batched log densities and simulation of a Pyro model p(z) p(x|z).
 
+    The model is called as its author calls it, ``model(*model_args, **model_kwargs)`` (a bound
+    method such as ``vae.model`` included), and its observed sites are conditioned by name with
+    Pyro's handlers, whatever the author passed to ``obs=`` (see :mod:`.arguments`). One call of
+    the model is one data point, unless a plate encloses every sample site and an argument whose
+    first dim is that plate's size carries an observed site's values row by row (``obs=x``,
+    ``obs=x.reshape(-1, 784)``): then each row is a data point, and pyro_mi calls the model on
+    as many rows as it needs, every argument of that first dim cycled (row i gets row i % n).
+    Batch dims that no plate declares are part of the one data point, summed as NUTS sums them.
+    Discrete latent sites marked for enumeration are summed out exactly (:mod:`.enumeration`).
+
     Args:
-        model: a Pyro model. Either a one-data-point model (no data plate; its
-            observed sites sample when not conditioned) or, with ``data``
-            given, a model with its own data plate that takes the observed
-            values as keyword arguments named after ``obs_sites``.
-        obs_sites: name or names of the observed sites x; every other sample
-            site is a latent z and must be continuous.
-        model_args, model_kwargs: extra arguments passed to every call of the model.
-        data: for a data-plate model, observed values ``{site: (n, *shape)}``
-            (or one tensor if there is one observed site); only their shapes are
-            used, as the template for simulation.
-        covariates: for a data-plate model, per-data-point keyword arguments of the model
-            ``{name: (n, ...)}``, row j belonging to row j of ``data``: data point i of every
-            batch pyro_mi simulates or evaluates gets row i % n (so data simulated by this
-            density keeps each point's covariates; e.g. a batch of designs). Passed to the
-            model only, not to a guide. Given without ``data``, they make the model a
-            data-plate model of n points, and the observed values of one run of it on them
-            (the model called without its observed keyword arguments) are the template.
+        model: a Pyro model.
+        obs_sites: name or names of the observed sites x; every other sample site is a latent z
+            and must be continuous, or discrete and marked for enumeration.
+        model_args, model_kwargs: the model's arguments, as its author calls it: for shapes and
+            covariates (the observed values are conditioned, not read from them).
+        data: observed values ``{site: (n, *shape)}`` (or one tensor if there is one observed
+            site) passed as keyword arguments named after the observed sites, the convention of
+            earlier versions; only their shapes are used. Makes the model a data-plate model whose
+            observed sites lie in a plate of size n.
+        covariates: per-data-point keyword arguments of a data-plate model ``{name: (n, ...)}``,
+            row j belonging to data row j: data point i of every batch pyro_mi simulates or
+            evaluates gets row i % n (e.g. a batch of designs). Given without ``data`` they make
+            the model a data-plate model of n points.
         vectorize: how a batch of (chain, data point) pairs is run (see
             :mod:`pyro_mi.density.pointwise`): ``"plate"`` (the model batched inside
             pyro_mi's plates, the fastest), ``"vmap"`` (``torch.func.vmap`` over the
@@ -105,26 +119,31 @@ class ModelDensity:
             dim; see :mod:`.plates`); ``"auto"`` tries them in that order.
 
     Raises:
-        ValueError: an observed site that does not exist, a discrete latent
-            site, a latent site outside the data plate, a batch dim that no
-            ``pyro.plate`` declares (e.g. a batch of designs), a latent whose
-            simulated values lie at the boundary of its support, a site whose
-            per-point log density depends on the other points of the batch
-            (with ``vectorize="plate"``, or for a data-plate model) or on the
-            call (randomness outside ``pyro.sample``), each naming the site (see
-            :meth:`_probe`); an unknown ``vectorize``.
+        ValueError: the model cannot be called with the arguments given (saying which
+            argument it lacks), an observed site that does not exist, a discrete latent
+            site not marked for enumeration, a latent site outside the data plate, a latent
+            most of whose simulated values lie at the boundary of its support, a site whose
+            per-point log density depends on the other points of the batch (with
+            ``vectorize="plate"``, or for a data-plate model) or on the call (randomness outside
+            ``pyro.sample``), each naming the site (see :meth:`_probe`); an unknown ``vectorize``.
         TypeError: bad argument types.
 
     Attributes:
         obs_sites: tuple of observed site names.
-        latent_sites: tuple of :class:`LatentSite`, in trace order.
+        latent_sites: tuple of :class:`LatentSite`, in trace order (the continuous latents).
         latent_dim: D, the length of the packed unconstrained latent vector.
+        enumerated: the discrete latent sites summed out, in trace order.
         site_fns: ``{site: distribution}`` of every sample site of a trace of the bare
             model, in trace order (``pyro.factor`` sites included).
         obs_shapes: ``{site: per-data-point shape}`` of the observed values.
+        arguments: the model's :class:`~pyro_mi.density.arguments.ModelArguments`.
+        has_data_plate: whether the model's rows are the data points.
         vectorize: the way chosen (``"plate"``, ``"vmap"``, ``"loop"`` or ``"fold"``).
+        undeclared: ``{site: batch shape}`` of the sites with batch dims that no plate declares.
         notices: sentences for a result's notes (the way chosen, when it is not
-            ``"plate"``, why, and what a point costs).
+            ``"plate"``, why, and what a point costs; undeclared batch dims; enumerated sites).
+        warnings: sentences for a result's warnings, added by :meth:`sample` (simulated latents
+            moved off the boundary of their support).
     """
 
     def __init__(
@@ -140,55 +159,79 @@ class ModelDensity:
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        self.has_data_plate = data is not None or bool(covariates)
-        ways = _DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE
-        if vectorize != "auto" and vectorize not in ways:
-            kind = "a data-plate model (data or covariates given)" if self.has_data_plate else "a one-data-point model"
-            raise ValueError(f"vectorize must be 'auto' or, for {kind}, one of {ways}; got {vectorize!r}")
+        if not isinstance(model_args, (tuple, list)):
+            raise TypeError(f"model_args must be a tuple of the model's positional arguments, got "
+                            f"{type(model_args).__name__}")
         self.model = model
         self.obs_sites = _as_tuple(obs_sites)
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
-        self._template = self.check_data(data, name="data") if data is not None else {}
-        self._covariates = self._check_covariates(covariates)
+        kwargs = dict(self.model_kwargs)
+        rows = None
+        if data is not None:  # observed values as keywords named after the sites
+            kwargs.update(self.check_data(data, name="data"))
+            rows = next(iter(kwargs[o] for o in self.obs_sites)).shape[0]
+        if covariates:
+            rows = self._check_covariates(covariates, rows)
+            kwargs.update(covariates)
+        self._covariates = tuple(covariates or ())
+        self._explicit_rows = rows
+        self.arguments = ModelArguments(self.model_args, kwargs)
+        self._located = None
+        self._start = 0
         self.notices: list[str] = []
+        self.warnings: list[str] = []
+        ways = _DATA_PLATE_WAYS + VECTORIZE
+        if vectorize != "auto" and vectorize not in ways:
+            raise ValueError(f"vectorize must be 'auto' or one of {ways}; got {vectorize!r}")
         self._probe(vectorize)
 
-    def _check_covariates(self, covariates) -> tuple[str, ...]:
-        """Adds ``covariates`` to the data template; returns their names."""
-        if not covariates:
-            return ()
-        first = next(iter({**self._template, **covariates}.values()))
-        n = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else None
+    def _check_covariates(self, covariates, rows: int | None) -> int:
+        """Checks ``covariates`` ``{name: (n, ...)}``; returns n."""
+        first = next(iter(covariates.values()))
+        n = rows if rows is not None else (first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else None)
         for k, v in covariates.items():
             if k in self.obs_sites or not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n:
                 raise ValueError(f"covariate {k!r} must be a tensor with one row per data point ({n}, as many as "
                                  "data has, or the first covariate without data), named unlike an observed site")
-        self._template.update(covariates)
-        return tuple(covariates)
+        return n
 
     # ------------------------------------------------------------------ probe
+    def _bare_trace(self):
+        """One trace of the model as its author calls it, observed sites sampled (no pyro_mi plate)."""
+        with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+            try:
+                return poutine.trace(poutine.uncondition(self.model)).get_trace(*self.arguments.args,
+                                                                                **self.arguments.kwargs)
+            except TypeError as e:
+                if "argument" not in str(e):
+                    raise
+                if self._covariates:
+                    raise ValueError(f"the model does not take the covariates {list(self._covariates)} as keyword "
+                                     f"arguments ({e}); covariates need a data-plate model") from e
+                raise ValueError(self._arguments_message(e)) from e
+
+    def _arguments_message(self, e: TypeError) -> str:
+        """What to do when the model cannot be called with the arguments given."""
+        given = [f"{len(self.model_args)} positional"] + [repr(k) for k in self.arguments.kwargs]
+        return (f"the model cannot be called with the arguments given ({', '.join(given)}): {e}. pyro_mi calls "
+                "it as its author does: pass its arguments as model_args=(...) / model_kwargs={...} (on the "
+                "command line --data NAME=FILE for the data, --model-arg NAME=FILE|VALUE for the others); their "
+                "values serve for shapes and covariates, the observed sites are conditioned by name")
+
     def _probe(self, vectorize: str) -> None:
         """Traces the model to learn sites, shapes and plate dims, chooses how to
         run it over a batch, and checks it.
 
-        One trace of the bare model finds the sites and plates. Then, for each way
-        of running a batch (``vectorize``, or each of :data:`VECTORIZE` in turn
-        under ``"auto"``), 2 chains x 3 data points are simulated and give the
-        packed layout and the data for the checks of :meth:`_check_support` and
+        One trace of the bare model finds the sites and plates, and whether a data plate
+        holds the data points. Then, for each way of running a batch (``vectorize``, or each
+        way in turn under ``"auto"``), 2 chains x 3 data points are simulated and give the
+        packed layout and the data for the checks of :meth:`_boundary` and
         :meth:`_check_pointwise`; the first way whose batch runs and passes the
         pointwise check is kept. Runs under ``fork_rng`` so that building a
         density does not move the RNG: a seed gives the same simulated data
         whichever way the model is written."""
-        with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-            n = next(iter(self._template.values())).shape[0] if self.has_data_plate else None
-            try:
-                trace = poutine.trace(poutine.uncondition(self._call)).get_trace(self._template)
-            except TypeError as e:
-                if not self._covariates:
-                    raise
-                raise ValueError(f"the model does not take the covariates {list(self._covariates)} as keyword "
-                                 f"arguments ({e}); covariates need a data-plate model") from e
+        trace = self._bare_trace()
         sites = {s["name"]: s for s in _sample_sites(trace)}
         missing = [o for o in self.obs_sites if o not in sites]
         if missing:
@@ -196,29 +239,46 @@ class ModelDensity:
                 f"observed site {missing[0]!r} is not a sample site of the model; "
                 f"its sample sites are {sorted(sites)}"
             )
-        if self.has_data_plate and self.obs_sites[0] not in self._template:  # covariates alone: simulate
-            self._template.update(self.check_data({o: sites[o]["value"] for o in self.obs_sites}, "the simulated data"))
-            if self._template[self.obs_sites[0]].shape[0] != n:
-                raise ValueError(f"observed site {self.obs_sites[0]!r} has {self._template[self.obs_sites[0]].shape[0]} "
-                                 f"values along its first dim, the covariates {n} rows: its data plate must be "
-                                 "the leftmost dim, sized by the covariates")
         # pyro.factor sites (Unit) add to the joint density but are not latent variables
         latents = [s for name, s in sites.items() if name not in self.obs_sites and not isinstance(s["fn"], dist.Unit)]
-        if not latents:
-            raise ValueError("the model has no latent sample sites besides the observed sites")
         for s in latents:
-            if _is_discrete(s["fn"]):
+            if _is_discrete(s["fn"]) and not enumeration.is_enumerated(s):
                 raise ValueError(
-                    f"latent site {s['name']!r} is discrete ({type(s['fn']).__name__}); "
-                    "pyro_mi needs continuous latent sites (marginalise discrete ones out in the model)"
+                    f"latent site {s['name']!r} is discrete ({type(s['fn']).__name__}) and not marked for "
+                    "enumeration: mark it to be summed out exactly (@pyro.infer.config_enumerate on the model, or "
+                    "infer={'enumerate': 'parallel'} at the site), or marginalise it out in the model"
                 )
+        self.enumerated = tuple(s["name"] for s in latents if _is_discrete(s["fn"]))
+        latents = [s for s in latents if s["name"] not in self.enumerated]
+        if not latents:
+            raise ValueError("the model has no continuous latent sample sites besides the observed sites"
+                             + (f" and the enumerated {list(self.enumerated)}" if self.enumerated else ""))
+        self.has_data_plate = self._find_data_plate(sites)
+        n = self.arguments.rows
         self._plates = plate_layout(sites, self.obs_sites, n)
+        self.undeclared = undeclared = undeclared_batch_dims(sites.values())
+        if undeclared:
+            listed = ", ".join(f"{k!r} {v}" for k, v in undeclared.items())
+            self.notices.append(f"batch dims that no pyro.plate declares (sites {listed}) are part of one data "
+                                "point, summed as Pyro's NUTS and Trace_ELBO sum them")
+        if self.enumerated:
+            self.notices.append(
+                f"the discrete latent sites {list(self.enumerated)} are summed out exactly (Pyro's parallel "
+                f"enumeration): the MI bounded is that between x and the continuous latents "
+                f"{[s['name'] for s in latents]}")
         self._latent_names = tuple(s["name"] for s in latents)
         self.site_fns = {k: s["fn"] for k, s in sites.items()}
         # an observed site without a density (a simulator): evaluated only where a method needs p(x|z)
         self._no_density = frozenset(o for o in self.obs_sites if not _has_density(sites[o]))
         self._alone = None if self.has_data_plate else self._pointwise(sites, "loop")
-        ways = (_DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE) if vectorize == "auto" else (vectorize,)
+        if vectorize == "auto":
+            ways = _DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE
+        elif vectorize in (_DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE):
+            ways = (vectorize,)
+        else:
+            kind = "a data-plate model" if self.has_data_plate else "a one-data-point model (one call is one point)"
+            raise ValueError(f"vectorize={vectorize!r} does not apply to {kind}; choose 'auto' or one of "
+                             f"{_DATA_PLATE_WAYS if self.has_data_plate else VECTORIZE}")
         failures = []
         layout = self._plates
         for way in ways:
@@ -236,6 +296,45 @@ class ModelDensity:
         if failures:
             self.notices.append(self._notice(failures))
 
+    def _find_data_plate(self, sites: Mapping[str, dict]) -> bool:
+        """Whether the model's rows are its data points (see the class docstring); sets the
+        arguments' data plate. Given ``data`` or ``covariates`` it is the plate of their size."""
+        if self._explicit_rows is not None:
+            self.arguments.set_data_plate(self._explicit_rows)
+            return True
+        frame = common_frame(sites)
+        if frame is None or not any(v.dim() >= 1 and v.shape[0] == frame.size for _, v in self.arguments.tensor_slots()):
+            return False
+        located = self.located_observed()
+        rowwise = [o for o, where in located.items()
+                   if where.columns is not None and self.arguments.get(where.slot).shape[0] == frame.size]
+        if not rowwise:
+            return False
+        self.arguments.set_data_plate(frame.size)
+        self.notices.append(
+            f"plate {frame.name!r} encloses every sample site and argument {slot_name(located[rowwise[0]].slot, self._parameter_names())} "
+            f"carries the values of {rowwise[0]!r} row by row: its rows are independent data points, the MI is "
+            f"that of one row (one call of the model on n rows has n times it), and every argument of first dim "
+            f"{frame.size} is cycled row by row")
+        return True
+
+    def _parameter_names(self) -> list[str]:
+        try:
+            return [p.name for p in inspect.signature(self.model).parameters.values()
+                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            return []
+
+    def located_observed(self) -> dict:
+        """``{site: ObservedSlot}``: where the model reads each observed site's values from (found
+        once, see :func:`~pyro_mi.density.arguments.locate_observed`); the sites no argument carries
+        are absent."""
+        if self._located is None:
+            located, self._derived = locate_observed(self.model, self.arguments, self.obs_sites)
+            self._located = located
+            self.arguments.observed = located
+        return self._located
+
     def _pointwise(self, sites: Mapping[str, dict], how: str) -> PointwiseModel:
         """A :class:`PointwiseModel` of this one-data-point model from the sites of its bare trace."""
         rank = -self._plates.data_dim - 1  # batch dims right of the data dim in a batched trace
@@ -243,7 +342,9 @@ class ModelDensity:
         bare = {k: s["value"].shape for k, s in real.items()}
         layout = {k: torch.Size((1,) * (rank - len(s["fn"].batch_shape)) + tuple(s["value"].shape))
                   for k, s in real.items()}
-        return PointwiseModel(lambda: self._call(None), bare, layout, {k: s["fn"] for k, s in real.items()}, how)
+        enum = (rank, self.obs_sites) if self.enumerated else None
+        return PointwiseModel(self._call, bare, layout, {k: s["fn"] for k, s in real.items()}, how,
+                              enum=enum)
 
     def _probe_batch(self) -> None:
         """Simulates 2 chains x 3 points the current way, sets the packed layout, and checks
@@ -256,11 +357,13 @@ class ModelDensity:
             except BatchingError:
                 raise
             except Exception as e:  # vmap and loop: the model fails on one point
+                if is_out_of_memory(e):
+                    raise
                 raise BatchingError(f"the model failed when pyro_mi simulated it by {self.vectorize}: {e}") from e
             latents = [{"name": k, "fn": fns[k]} for k in self._latent_names]
             self.latent_sites, self.latent_dim = packing.layout(latents, values, self._plates.pos)
             self.obs_shapes = {o: self._to_data(values[o]).shape[1:] for o in self.obs_sites}
-            self._check_support(values, fns, C, N)
+            self._boundary(values, fns, C, N, probe=True)
             self._check_pointwise(values, score, C, N)
 
     def _notice(self, failures: list[str]) -> str:
@@ -272,52 +375,79 @@ class ModelDensity:
         with torch.random.fork_rng(), poutine.block():
             with torch.no_grad():
                 values, _ = self.draw(C, N)
+            values = {k: v for k, v in values.items() if k not in self.enumerated}
             seconds = self._points.seconds_per_point(values, _scaled_log_prob, self._no_density)
         how = {"vmap": "by torch.func.vmap over the model written for one point",
                "loop": "one point at a time in a Python loop"}
+        draws = {"vmap": "by torch.func.vmap (distributions vmap cannot draw from drawn by their own batched "
+                         "sampler, site by site)",
+                 "loop": "one point at a time in a Python loop"}
         return (
             f"the model does not run batched over pyro_mi's chains and data points ({'; '.join(failures)}); its log "
             f"densities are computed {how[self.vectorize]} ({seconds * 1e6:.0f} µs per point with gradients, "
-            f"measured on {C * N} points) and it is simulated {how[self._points.draws]}. Writing it to "
+            f"measured on {C * N} points) and it is simulated {draws[self._points.draws]}. Writing it to "
             "broadcast over leading batch dims (e.g. z @ A.T for A @ z) runs it batched"
         )
 
-    def _check_support(self, values: Mapping, fns: Mapping, num_chains: int, num_data: int) -> None:
-        """Raises ValueError naming the first latent site of simulated ``values`` (with their
-        distributions ``fns``) with points at the boundary of its support
-        (see :func:`packing.boundary_points`)."""
+    #: the fraction of simulated points with latents at the boundary of their support (draws that
+    #: underflowed) from which pyro_mi refuses the model: most of its draws are not representable
+    BOUNDARY_FRACTION = 0.5
+
+    def _boundary(self, values: dict, fns: Mapping, num_chains: int, num_data: int, probe: bool = False) -> int:
+        """Moves latent values at the boundary of their support (:func:`packing.boundary_points`:
+        draws that underflowed in the dtype, which torch clamps to the boundary) to the nearest
+        float inside it, in place in ``values``; returns how many points moved and adds a warning
+        naming each site.
+
+        Raises:
+            ValueError: naming the site, when :attr:`BOUNDARY_FRACTION` of the points or more are
+                at the boundary: most draws of that site are not representable in the run's dtype.
+        """
+        moved = torch.zeros(num_chains, num_data, dtype=torch.bool)
         for name in self._latent_names:
             value, support = values[name], fns[name].support
             bad = packing.boundary_points(support, value, num_chains, num_data)
-            if bad.any():
+            if not bad.any():
+                continue
+            if float(bad.float().mean()) >= self.BOUNDARY_FRACTION:
+                dtype = value.dtype
+                advice = " or use float64 (torch.set_default_dtype(torch.float64))" if dtype != torch.float64 else ""
                 raise ValueError(
                     f"latent site {name!r} has {int(bad.sum())} of {bad.numel()} simulated points at the "
                     f"boundary of its support {support} (e.g. value "
-                    f"{value.reshape(num_chains, num_data, -1)[bad].flatten()[:4].tolist()}): "
-                    "they are non-finite in unconstrained space (biject_to(support).inv), or draws that "
-                    f"underflowed in {value.dtype} and were clamped to the boundary, so they are not draws "
-                    "of the distribution. Change its parameters, sample a transformed variable (e.g. the log) "
-                    "instead, or use float64"
+                    f"{value.reshape(num_chains, num_data, -1)[bad].flatten()[:4].tolist()}): draws that "
+                    f"underflowed in {dtype} (the run's dtype) and were clamped to the boundary, or are "
+                    "non-finite in unconstrained space (biject_to(support).inv), so they are not draws "
+                    "of the distribution. Change its parameters, or sample a transformed variable (e.g. the "
+                    f"log) instead{advice}"
                 )
+            values[name] = packing.inside(support, value)
+            moved |= bad.to(moved.device)
+            if not probe:
+                advice = "; float64 represents more of them" if value.dtype != torch.float64 else ""
+                self.warnings.append(
+                    f"latent site {name!r}: {int(bad.sum())} of {bad.numel()} simulated points drew values at the "
+                    f"boundary of its support in {value.dtype} (underflow), moved to the nearest float inside it: "
+                    f"those points are draws of the model only to float precision{advice}")
+        return int(moved.sum())
 
     def _alone_log_probs(self, values: Mapping, c: int, i: int) -> dict | None:
         """Per-site log densities (scalars) of point (chain ``c``, data point ``i``) of
         ``values`` (every latent and observed site) evaluated by the model alone; None for a data-plate model that cannot
         run on one point (e.g. covariates sized to the data passed as arguments)."""
+        values = {k: v for k, v in values.items() if k not in self.enumerated}
         if self._alone is not None:
             point = {k: v[c : c + 1, i : i + 1] for k, v in values.items()}
             out = self._alone.log_probs(point, _scaled_log_prob, self._no_density)
             return {k: v[0, 0] for k, v in out.items()}
         plates = self._plates
         cond = {k: plates.point(v, c, i) for k, v in values.items()}
-        x1 = {o: self._to_data(cond[o]) for o in self.obs_sites}
-        x1.update(self._template_of(1, self._covariates, start=i))
+        shifted = self.from_point(self._start + i)
         try:
-            one = plates.trace(self._call, 1, 1, x1, cond=cond)
+            one = plates.trace(shifted._program(1), 1, 1, cond=cond, enum=bool(self.enumerated))
         except ValueError:
             return None
-        return {s["name"]: plates.per_point(_scaled_log_prob(s), 1, 1)[0, 0]
-                for s in _sample_sites(one) if s["name"] not in self._no_density}
+        return {k: v[0, 0] for k, v in self._trace_log_probs(one, 1, 1, self._no_density).items()}
 
     def _check_pointwise(self, values: Mapping, score: Callable[[], dict], num_chains: int, num_data: int) -> None:
         """Checks that each site's per-point log density depends on that point only.
@@ -340,6 +470,8 @@ class ModelDensity:
         except BatchingError:
             raise
         except Exception as e:  # vmap refuses the model (e.g. .item(), data-dependent branches)
+            if is_out_of_memory(e):
+                raise
             raise BatchingError(f"the model failed when pyro_mi ran it by {self.vectorize}: {e}") from e
         points = ((0, 0), (num_chains - 1, num_data - 1))
         alone = [self._alone_log_probs(values, c, i) for c, i in points]
@@ -358,105 +490,171 @@ class ModelDensity:
                 (c, i), at, single = points[k], at[k], single[k]
                 if self.vectorize == "loop":
                     raise BatchingError(
-                        f"the log density of site {name!r} at one data point differs between two calls of the "
+                        f"the log density of {_what(name)} at one data point differs between two calls of the "
                         f"model on the same values: {float(at):.6g} and {float(single):.6g} nats at (chain {c}, "
                         f"point {i}). The model uses randomness outside pyro.sample (e.g. torch.randn, dropout "
                         "in training mode): draw every random number with pyro.sample"
                     )
                 raise BatchingError(
-                    f"the log density of site {name!r} at one data point depends on the other points of "
+                    f"the log density of {_what(name)} at one data point depends on the other points of "
                     f"the batch: evaluated on {num_chains} chains x {num_data} data points at once "
                     f"({self.vectorize}) it is {float(at):.6g} nats at (chain {c}, point {i}), evaluated alone "
                     f"{float(single):.6g}. The model likely reduces over pyro_mi's batch dims (e.g. "
-                    "z.mean() or .sum() over all dims): reduce only over event dims (dim=-1, ...) and declare "
+                    "z.mean() or .sum() over all dims, or indexes a latent with an integer tensor: use "
+                    "pyro.ops.indexing.Vindex): reduce only over event dims (dim=-1, ...) and declare "
                     "vector sites with .to_event(); batch norm in training mode, or randomness outside "
                     "pyro.sample, does the same"
                 )
 
     # ------------------------------------------------------------- model calls
-    def _call(self, x: Data | None):
-        kwargs = dict(self.model_kwargs)
-        if self.has_data_plate:
-            kwargs.update(x)
-        return self.model(*self.model_args, **kwargs)
+    def _call(self):
+        """One call of a model without a data plate, with its author's arguments."""
+        return self.model(*self.arguments.args, **self.arguments.kwargs)
 
-    def _trace(self, num_chains: int, num_data: int, cond: dict, x: Data | None, sample_obs: bool):
-        # uncondition innermost, so that only the model's own observations are released
-        fn = poutine.uncondition(self._call) if sample_obs else self._call
-        if self.has_data_plate:
-            x = self._template_of(num_data) if x is None else {**self._template_of(num_data, self._covariates), **x}
-        return self.trace_program(fn, num_chains, num_data, x, cond=cond)
+    def _program(self, num_data: int, sample_obs: bool = False) -> Callable[[int], object]:
+        """``program(copies)``: the model on ``num_data`` rows from this density's first point
+        (one call for a model without a data plate), its observed sites sampled with
+        ``sample_obs``; uncondition innermost, so that only the model's own observations are
+        released."""
+        model = poutine.uncondition(self.model) if sample_obs else self.model
+
+        def program(copies: int):
+            args, kwargs = self.arguments.bind(num_data, self._start, copies) if self.has_data_plate \
+                else (self.arguments.args, self.arguments.kwargs)
+            return model(*args, **kwargs)
+
+        return program
+
+    def guide_program(self, guide: Callable, x: Data) -> Callable[[int], object]:
+        """``program(copies)``: ``guide`` called as the model is, on the rows of the data points
+        of ``x`` ``{site: (N, *shape)}`` (repeated ``copies`` times when folded), with each
+        observed site's values written where the model reads them (into the argument that
+        carries them, or as a keyword named after the site), for :meth:`trace_program`.
+
+        Raises:
+            ValueError: an observed site whose value the model computes from an argument in a way
+                that cannot be written back (not a reshape, slice or selection of it).
+        """
+        x = self.check_data(x)
+        N = next(iter(x.values())).shape[0]
+        self.located_observed()
+        for o in self.obs_sites:
+            if o in self._derived:
+                raise ValueError(
+                    f"the guide reads x from the model's arguments, but observed site {o!r} is computed from "
+                    f"argument {slot_name(self._derived[o], self._parameter_names())} in a way pyro_mi cannot "
+                    "invert (not a reshape, slice or selection of it), so the guide cannot be given other "
+                    "values of it: observe the argument itself (obs=x), or let pyro_mi fit its own encoder "
+                    "(no guide)")
+
+        def program(copies: int):
+            observed = {o: v.repeat((copies,) + (1,) * (v.dim() - 1)) for o, v in x.items()}
+            args, kwargs = self.arguments.bind(N, self._start, copies, observed) if self.has_data_plate \
+                else self.arguments.bind(observed=observed)
+            return guide(*args, **kwargs)
+
+        return program
+
+    def _trace(self, num_chains: int, num_data: int, cond: dict, sample_obs: bool, enum: bool = False):
+        return self._plates.trace(self._program(num_data, sample_obs), num_chains, num_data, cond=cond, enum=enum)
 
     def draw(self, num_chains: int, num_data: int, x: Data | None = None, cond: Mapping | None = None,
-              differentiable: bool = False) -> tuple[dict, dict]:
+             differentiable: bool = False) -> tuple[dict, dict]:
         """Simulates (x, z) ~ p(x, z) for C x N points the chosen way.
 
         Args:
-            x: for a data-plate model, the template its plate is sized by (default: the
-                ``data`` given at construction).
-            cond: ``{latent site: value (C, 1.., N, *shape)}`` held fixed: the other sites
-                are drawn from the model given them (ancestral sampling).
-            differentiable: draw by ``rsample`` (a loop over points for a model run
-                point by point), so that the values carry gradients.
+            x: unused (kept for callers of earlier versions; a data-plate model's rows come from
+                its arguments).
+            cond: ``{latent site: value (C, 1.., N, *shape)}`` held fixed: the other sites are
+                drawn from the model given them (ancestral sampling).
+            differentiable: draw by ``rsample`` (a loop over points for a model run point by
+                point), so that the values carry gradients.
 
         Returns:
             ``({site: value (C, 1.., N, *shape)}, {site: its distribution})`` for every
-            latent and observed site.
+            latent and observed site (enumerated discrete sites included, drawn).
         """
-        values, fns, _ = self._draw(num_chains, num_data, x, cond, differentiable)
+        values, fns, _ = self._draw(num_chains, num_data, cond, differentiable)
         return values, fns
 
-    def _draw(self, num_chains: int, num_data: int, x: Data | None = None, cond: Mapping | None = None,
+    def _draw(self, num_chains: int, num_data: int, cond: Mapping | None = None,
               differentiable: bool = False) -> tuple[dict, dict, Callable[[], dict]]:
         """:meth:`draw`, and ``score``: a function giving the per-site log densities ``{site: (C, N)}``
         at the drawn values (every site but a simulator's), as :meth:`site_log_probs` does; run
-        batched, from the draw's own trace, with no second model run."""
+        batched, from the draw's own trace, with no second model run (an enumerated model is
+        scored by a run of its own, its discrete sites summed out)."""
         C, N = num_chains, num_data
         cond = dict(cond or {})
         if self._points is not None:
             values = self._points.draw(C, N, cond, differentiable)
             return values, self._points.fns, lambda: self.site_log_probs(values, {}, C, N, self._no_density)
-        trace = self._trace(C, N, cond, x, sample_obs=True)
+        trace = self._trace(C, N, cond, sample_obs=True)
         sites = _sample_sites(trace)
-
-        def score():
-            return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
-                    for s in sites if s["name"] not in self._no_density}
+        values = self.site_values(trace, C, N)
+        if self.enumerated:
+            def score():
+                return self.site_log_probs(values, {}, C, N, self._no_density)
+        else:
+            def score():
+                return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
+                        for s in sites if s["name"] not in self._no_density}
 
         fns = {s["name"]: s["fn"] for s in sites if not isinstance(s["fn"], dist.Unit)}
-        return self.site_values(trace, C, N), fns, score
+        return values, fns, score
+
+    def _trace_log_probs(self, trace, num_chains: int, num_data: int, skip=frozenset()) -> dict:
+        """Per-site log densities ``{site: (C, N)}`` of a :meth:`trace_program` trace of the model
+        (for an enumerated model, made under ``poutine.enum``: :data:`enumeration.LATENTS` and
+        :data:`enumeration.OBSERVED` instead, its discrete sites summed out)."""
+        C, N = num_chains, num_data
+        if not self.enumerated:
+            return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
+                    for s in _sample_sites(trace) if s["name"] not in skip}
+        keep = [_CHAINS, _DATA] if not self.has_data_plate else [_CHAINS, self._data_frame_name(trace)]
+        with_observed = not (set(self.obs_sites) <= set(skip))
+        out = enumeration.contract(trace, self.obs_sites, keep, with_observed)
+        rank = -(self._plates.data_dim if self._plates.folded else self._plates.chains_dim)
+        return {k: self._plates.per_point(v.reshape((1,) * (rank - v.dim()) + v.shape), C, N) for k, v in out.items()}
+
+    def _data_frame_name(self, trace) -> str:
+        site = trace.nodes[self.obs_sites[0]]
+        dim = self._plates.data_dim
+        return next(f.name for f in site["cond_indep_stack"] if f.dim == dim)
 
     def site_log_probs(self, values: Mapping, x: Data, num_chains: int, num_data: int, skip=frozenset()) -> dict:
         """Per-site log densities ``{site: (C, N)}`` (nats) of the model conditioned on
         ``values`` ``{site: (C, 1.., N, *shape)}`` (every latent site; observed sites too, if
         each chain has its own) and observed ``x`` ``{site: (N, *shape)}`` (the observed
-        values not in ``values``; a data-plate model's arguments), computed the chosen way;
-        the sites named in ``skip`` are left out."""
+        values not in ``values``), computed the chosen way; the sites named in ``skip`` are left
+        out. For a model with enumerated discrete sites (whose values in ``values`` are ignored)
+        the keys are :data:`enumeration.LATENTS` and :data:`enumeration.OBSERVED`."""
         C, N = num_chains, num_data
+        values = {k: v for k, v in values.items() if k not in self.enumerated}
         shared = {o: x[o] for o in self.obs_sites if o not in values}
         if self._points is not None:
             both = dict(values)
             both.update({o: v.expand((C,) + v.shape) for o, v in shared.items()})
             return self._points.log_probs(both, _scaled_log_prob, skip)
-        cond = dict(values)
-        if not self.has_data_plate:
-            cond.update(shared)
-        trace = self._trace(C, N, cond, x, sample_obs=False)
-        return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
-                for s in _sample_sites(trace) if s["name"] not in skip}
+        cond = {**values, **{o: self._obs_layout(v) for o, v in shared.items()}}
+        trace = self._trace(C, N, cond, sample_obs=False, enum=bool(self.enumerated))
+        return self._trace_log_probs(trace, C, N, skip)
 
-    def trace_program(self, fn: Callable, num_chains: int, num_data: int, x: Data | None, what: str = "model",
+    def _obs_layout(self, value: torch.Tensor) -> torch.Tensor:
+        """Observed values shared by every chain, (N, *shape), in pyro_mi's layout (1, 1.., N, *shape)."""
+        return value.reshape((1,) * (1 + self._plates.pos) + value.shape)
+
+    def trace_program(self, program: Callable[[int], object], num_chains: int, num_data: int, what: str = "model",
                       cond: Mapping | None = None):
-        """Traces ``fn(x)``, conditioned on ``cond`` ``{site: (C, 1.., N, *shape)}``, inside
-        pyro_mi's chains plate (and, for a one-data-point model, its data plate), at the
-        plate dims of this model (see :meth:`PlateLayout.trace`; read its values with
-        :meth:`site_values`). Used for the model and for guides, so that both see the same
-        batch layout.
+        """Traces ``program(copies)`` (e.g. :meth:`guide_program`), conditioned on ``cond``
+        ``{site: (C, 1.., N, *shape)}``, inside pyro_mi's chains plate (and, for a model without a
+        data plate, its data plate), at the plate dims of this model (see
+        :meth:`PlateLayout.trace`; read its values with :meth:`site_values`). Used for the model
+        and for guides, so that both see the same batch layout.
 
         Raises :class:`BatchingError` (a ValueError), naming the last site reached, if the
         program fails when batched (typically a one-data-point model whose sites do not
         broadcast)."""
-        return self._plates.trace(fn, num_chains, num_data, x, what, cond)
+        return self._plates.trace(program, num_chains, num_data, what, cond)
 
     def site_values(self, trace, num_chains: int, num_data: int) -> dict[str, torch.Tensor]:
         """``{site: value (C, 1.., N, *shape)}`` of the sample sites (but ``pyro.factor`` ones) of a
@@ -476,12 +674,6 @@ class ModelDensity:
         """The shape of one data point of a site value from a :meth:`trace_program` trace:
         (C, 1.., N, *shape) -> shape."""
         return self._plates.point_shape(value)
-
-    def _template_of(self, num_data: int, keys=None, start: int = 0) -> dict:
-        """Rows start .. start + num_data of the template (observed values and covariates; only
-        ``keys`` if given), cyclically."""
-        idx = (start + torch.arange(num_data)) % next(iter(self._template.values())).shape[0]
-        return {k: v[idx] for k, v in self._template.items() if keys is None or k in keys}
 
     def _to_data(self, value: torch.Tensor) -> torch.Tensor:
         """(chains, 1.., num_data, *shape) value of the first chain -> (num_data, *shape)."""
@@ -512,13 +704,14 @@ class ModelDensity:
 
     # ------------------------------------------------------------ checks
     def from_point(self, start: int) -> "ModelDensity":
-        """This density for data points ``start, start + 1, ...``: the same model, with the
-        per-point covariates (e.g. design ``i % B`` of a design batch) counted from ``start``,
-        for evaluating a block of points on its own. ``self`` when there are no covariates."""
-        if not self._covariates or start == 0:
+        """This density for data points ``start, start + 1, ...``: the same model, with its rows
+        (per-point arguments: data, covariates, e.g. design ``i % B`` of a design batch) counted
+        from ``start``, for evaluating a block of points on its own. ``self`` for a model without
+        a data plate."""
+        if not self.has_data_plate or start == self._start:
             return self
         shifted = copy.copy(self)
-        shifted._template = {k: v.roll(-start, 0) if k in self._covariates else v for k, v in self._template.items()}
+        shifted._start = start
         return shifted
 
     def check_data(self, x, name: str = "x") -> dict[str, torch.Tensor]:
@@ -583,31 +776,66 @@ class ModelDensity:
         unconstrained ``z`` of shape ``(num_data, latent_dim)``; ``(x, z, log p(x|z))``
         with ``log_likelihood``.
 
-        Raises ValueError naming the site if a latent's simulated values lie at
-        the boundary of its support (non-finite in unconstrained space, or
-        clamped there after underflow), if the log density at a simulated
-        point is not finite, or (``differentiable``) if its distribution has no
-        ``rsample`` (e.g. a discrete observation).
+        A latent value at the boundary of its support (a draw that underflowed in the dtype,
+        clamped there by torch) is moved to the nearest float inside it, and a warning naming the
+        site and the count is added to :attr:`warnings`.
+
+        A point whose log density is not finite at its own draw (the sampler or the density
+        over- or underflowed: a Poisson count past int64, a rate that underflowed to 0) is not a
+        draw of the model the dtype can hold: it is redrawn, and a warning gives the fraction.
+
+        Raises ValueError naming the site if :attr:`BOUNDARY_FRACTION` of a latent's simulated
+        values or more lie at the boundary of its support, if the log density is not finite at
+        :attr:`NON_FINITE_FRACTION` of the simulated points or more, or (``differentiable``) if a site's
+        distribution has no ``rsample`` (e.g. a discrete observation).
         """
         if not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
         if differentiable:
             self.check_reparameterized(self.obs_sites + self._latent_names)
+        x, z, log_lik = self._sample(num_data, differentiable)
+        if not log_likelihood:
+            return x, z
+        return x, z, log_lik if log_lik is not None else self.log_likelihood(x, z)
+
+    #: the fraction of simulated points whose log density is not finite at their own draw from
+    #: which pyro_mi refuses the model (below it they are redrawn, up to MAX_REDRAWS times)
+    NON_FINITE_FRACTION = 0.05
+    MAX_REDRAWS = 10
+
+    def _sample(self, num_data: int, differentiable: bool, redraws: int = 0):
+        """:meth:`sample`'s ``(x, z, log p(x|z) or None)``, points whose log density is not finite at
+        their own draw redrawn (see :meth:`finite_points`)."""
         with torch.enable_grad() if differentiable else torch.no_grad():
             values, fns, score = self._draw(1, num_data, differentiable=differentiable)
-            self._check_support(values, fns, 1, num_data)
+            moved = self._boundary(values, fns, 1, num_data)
             x = {o: self._to_data(values[o]) for o in self.obs_sites}
             z = self.pack({k: values[k] for k in self._latent_names})[0]
             # the draw's own log densities are those at (x, z) where z unpacks to the drawn values
-            exact = all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
+            exact = not moved and all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
             log_probs = score() if exact else None
         with torch.no_grad():
-            self.check_finite(x, z, log_probs)
-        if not log_likelihood:
-            return x, z
-        if log_probs is None or self._no_density:
-            return x, z, self.log_likelihood(x, z)
-        return x, z, sum(log_probs[o] for o in self.obs_sites)[0]
+            ok, why = self.finite_points(x, z, log_probs)
+        log_lik = None
+        if log_probs is not None and not self._no_density:
+            log_lik = sum(v for k, v in log_probs.items() if k in self.obs_sites or k == enumeration.OBSERVED)[0]
+        if bool(ok.all()):
+            return x, z, log_lik
+        bad = int((~ok).sum())
+        if (redraws == 0 and bad / num_data >= self.NON_FINITE_FRACTION) or redraws >= self.MAX_REDRAWS:
+            raise ValueError(f"{why}; check its distribution's parameters and support")
+        self.warnings.append(
+            f"{bad} of {num_data} simulated points were not representable ({why}: the sampler or the density "
+            f"over- or underflowed in {z.dtype}); they were redrawn, so the points are draws of the model "
+            f"conditioned on representable draws ({bad / num_data:.2%} of its mass left out)")
+        x2, z2, log_lik2 = self._sample(bad, differentiable, redraws + 1)
+        x = {k: torch.cat([v[ok], x2[k]]) for k, v in x.items()}
+        z = torch.cat([z[ok], z2])
+        if log_lik is not None and log_lik2 is not None:
+            log_lik = torch.cat([log_lik[ok], log_lik2])
+        else:
+            log_lik = None
+        return x, z, log_lik
 
     def check_reparameterized(self, sites: Sequence[str]) -> None:
         """Raises ValueError naming the first of ``sites`` whose distribution has no
@@ -628,8 +856,7 @@ class ModelDensity:
         """
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
-        values, _ = self.draw(num_samples, N, x if self.has_data_plate else None,
-                               differentiable=torch.is_grad_enabled())
+        values, _ = self.draw(num_samples, N, differentiable=torch.is_grad_enabled())
         z = self.pack({k: values[k] for k in self._latent_names})
         return z, self.log_prior(z, x)
 
@@ -639,15 +866,18 @@ class ModelDensity:
         These are the importance log weights log p(x, z) - log q(z|x) of the prior proposal,
         computed by running the model once with x observed (the latents drawn as it runs),
         so log p(z) is never evaluated (nested Monte Carlo's inner term). With gradients on,
-        latents are drawn by ``rsample``.
+        latents are drawn by ``rsample``. For a model with enumerated discrete sites, z is drawn
+        and log p(x|z) evaluated with them summed out (two runs).
         """
+        if self.enumerated:
+            return self.log_likelihood(x, self.sample_prior(num_samples, x)[0])
         return sum(self.conditional_log_probs(x, num_samples, sites=self.obs_sites).values())
 
     @property
     def template_rows(self) -> int:
-        """R, the rows of the data template (1 for a one-data-point model): data point i of a
-        simulation has the covariates of row i % R."""
-        return next(iter(self._template.values())).shape[0] if self.has_data_plate else 1
+        """R, the rows of the model's data plate (1 for a model without one): data point i of a
+        simulation has the per-point arguments of row i % R."""
+        return self.arguments.rows if self.has_data_plate else 1
 
     def shared_prior_reason(self) -> str | None:
         """Why prior draws cannot be shared by the data points of a template row
@@ -655,6 +885,8 @@ class ModelDensity:
         obs = self.obs_sites[-1]
         if self._points is not None or self._plates.folded:
             return f"the model runs {self.vectorize}, not batched"
+        if self.enumerated:
+            return "it has enumerated discrete sites"
         if len(self.obs_sites) != 1 or list(self.site_fns)[-1] != obs:
             return "it needs one observed site, sampled after every other site"
         if any(isinstance(fn, dist.Unit) for fn in self.site_fns.values()) or self._no_density:
@@ -679,7 +911,7 @@ class ModelDensity:
             raise ValueError(f"prior draws cannot be shared by data points: {why}")
         K, R, obs, pos = num_samples, self.template_rows, self.obs_sites[0], self._plates.pos
         with pyro.validation_enabled(False):  # a draw where p(x|z) = 0 scores -inf, not an error (as in IWAE)
-            trace = self._trace(K, R, {}, None, sample_obs=True)
+            trace = self._trace(K, R, {}, sample_obs=True)
         site = next(s for s in _sample_sites(trace) if s["name"] == obs)
         z = self.pack({k: v for k, v in self.site_values(trace, K, R).items() if k in self._latent_names})
 
@@ -709,14 +941,16 @@ class ModelDensity:
         N, K = next(iter(x.values())).shape[0], num_samples
         cond = dict(cond or {})
         wanted = set(self.obs_sites + self._latent_names if sites is None else sites)
+        if self.enumerated:
+            raise ValueError("conditional log densities of single sites are not defined with enumerated discrete "
+                             f"sites {list(self.enumerated)}")
         if self._points is not None:
             cond.update({o: v.expand((K,) + v.shape) for o, v in x.items()})
             values = self._points.draw(K, N, cond, differentiable=torch.is_grad_enabled())
             skip = frozenset(self.obs_sites + self._latent_names) - wanted
             return self.site_log_probs(values, x, K, N, skip)
-        if not self.has_data_plate:
-            cond.update(x)
-        trace = self._trace(K, N, cond, x, sample_obs=False)
+        cond.update({o: self._obs_layout(v) for o, v in x.items()})
+        trace = self._trace(K, N, cond, sample_obs=False)
         return {s["name"]: self._plates.per_point(_scaled_log_prob(s), K, N)
                 for s in _sample_sites(trace) if s["name"] in wanted}
 
@@ -738,7 +972,7 @@ class ModelDensity:
         skip = frozenset(self.obs_sites) if not likelihood else frozenset()
         log_lik = zz.new_zeros(C, N)
         for name, lp in self.site_log_probs(values, x, C, N, skip).items():
-            if name in self.obs_sites:
+            if name in self.obs_sites or name == enumeration.OBSERVED:
                 log_lik = log_lik + lp
             else:
                 log_prior = log_prior + lp
@@ -758,24 +992,32 @@ class ModelDensity:
         lp, ll = self.log_terms(x, z)
         return lp + ll
 
-    def check_finite(self, x: Data, z: torch.Tensor, log_probs: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Raises ValueError naming the first site whose log density is not finite at (x, z).
-        ``log_probs``: those per-site log densities ``{site: (*S, N)}``, if already computed."""
+    def finite_points(self, x: Data, z: torch.Tensor, log_probs: Mapping[str, torch.Tensor] | None = None):
+        """Which points of (x, z) (N of them) have finite log densities at every site: ``(ok (N,) bool,
+        why)``, ``why`` naming the first site where some point does not (or None).
+        ``log_probs``: those per-site log densities ``{site: (1, N)}``, if already computed."""
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
         zz = z.reshape((-1, N, self.latent_dim))
         values = self.unpack(zz)
         if log_probs is None:  # a simulator's observed site is checked where its density is needed
             log_probs = self.site_log_probs(values, x, zz.shape[0], N, self._no_density)
+        ok, why = torch.ones(N, dtype=torch.bool, device=z.device), None
         for name, lp in log_probs.items():
-            bad = ~torch.isfinite(lp)
-            if bad.any():
-                value = x[name] if name in self.obs_sites else values.get(name, torch.zeros(0))
-                raise ValueError(
-                    f"the log density of site {name!r} is not finite at {int(bad.sum())} of "
-                    f"{bad.numel()} simulated points (e.g. value {value.flatten()[:4].tolist()}); "
-                    "check its distribution's parameters and support"
-                )
+            bad = ~torch.isfinite(lp).reshape(-1, N).all(0)
+            if bad.any() and why is None:
+                value = x[name][bad] if name in self.obs_sites else values.get(name, torch.zeros(1, 0))[0][..., bad]
+                why = (f"the log density of {_what(name)} is not finite at {int(bad.sum())} of {N} simulated "
+                       f"points (e.g. value {value.flatten()[:4].tolist()})")
+            ok &= ~bad
+        return ok, why
+
+    def check_finite(self, x: Data, z: torch.Tensor, log_probs: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Raises ValueError naming the first site whose log density is not finite at (x, z).
+        ``log_probs``: those per-site log densities ``{site: (*S, N)}``, if already computed."""
+        ok, why = self.finite_points(x, z, log_probs)
+        if why is not None:
+            raise ValueError(f"{why}; check its distribution's parameters and support")
 
     def flatten_data(self, x: Data) -> torch.Tensor:
         """Observed values ``{site: (N, *shape)}`` -> one float tensor (N, obs_dim)."""

@@ -13,6 +13,7 @@ chains dim and the data dim (see :class:`pyro_mi.density.plates.PlateLayout`).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -70,12 +71,42 @@ def layout(sites: Sequence[dict], values: Mapping[str, torch.Tensor], pos: int) 
     out, offset = [], 0
     for s in sites:
         v = values[s["name"]]
-        u = biject_to(s["fn"].support).inv(v)
+        support = fixed_support(s["fn"].support, s["name"])
+        u = biject_to(support).inv(v)
         shape, ushape = v.shape[2 + pos :], u.shape[2 + pos :]
         numel = math.prod(ushape)
-        out.append(LatentSite(s["name"], shape, ushape, offset, numel, s["fn"].support))
+        out.append(LatentSite(s["name"], shape, ushape, offset, numel, support))
         offset += numel
     return tuple(out), offset
+
+
+def fixed_support(support, name: str):
+    """``support`` with tensor bounds that are one value everywhere (``Pareto(scalar_like(x, 1),
+    ...)`` in a batched trace) made scalars, so that one bijection serves every point.
+
+    Raises:
+        ValueError: naming the site, a support whose bounds differ between points or elements
+            (they depend on the data point or on other latents: no fixed bijection maps it).
+    """
+    base, wrappers = support, []
+    while isinstance(base, constraints.independent):
+        wrappers.append(base.reinterpreted_batch_ndims)
+        base = base.base_constraint
+    bounds = {k: getattr(base, k) for k in ("lower_bound", "upper_bound") if isinstance(getattr(base, k, None),
+                                                                                          torch.Tensor)}
+    if not bounds:
+        return support
+    for k, b in bounds.items():
+        if b.numel() and not bool((b == b.reshape(-1)[0]).all()):
+            raise ValueError(f"latent site {name!r} has a support whose {k.replace('_', ' ')} differs between points or "
+                             f"elements ({support}): pyro_mi maps each latent to unconstrained space by one fixed "
+                             "bijection; sample a variable of fixed support and transform it in the model")
+    base = copy.copy(base)
+    for k, b in bounds.items():
+        setattr(base, k, float(b.reshape(-1)[0]))
+    for n in reversed(wrappers):
+        base = constraints.independent(base, n)
+    return base
 
 
 def unpack(sites: Sequence[LatentSite], z: torch.Tensor, pos: int, with_log_jacobian: bool = False):
@@ -151,3 +182,24 @@ def boundary_points(support, value: torch.Tensor, num_chains: int, num_data: int
     if isinstance(base, type(constraints.simplex)):
         bad = bad | any_per_point(value <= tiny)
     return bad
+
+
+def inside(support, value: torch.Tensor) -> torch.Tensor:
+    """``value`` with its elements at or beyond a bound of ``support`` moved to the nearest float
+    inside it (``finfo.tiny`` above a bound of 0, one relative ``eps`` inside any other bound; a
+    simplex's elements at least ``tiny``, renormalised), so that ``biject_to(support).inv`` is
+    finite there. For draws that underflowed (see :func:`boundary_points`)."""
+    base = support
+    while isinstance(base, constraints.independent):
+        base = base.base_constraint
+    finfo = torch.finfo(value.dtype)
+    for bound, side in ((getattr(base, "lower_bound", None), 1.0), (getattr(base, "upper_bound", None), -1.0)):
+        if bound is None:
+            continue
+        b = torch.as_tensor(bound, dtype=value.dtype, device=value.device)
+        edge = b + side * torch.clamp(b.abs() * finfo.eps, min=finfo.tiny)
+        value = torch.maximum(value, edge) if side > 0 else torch.minimum(value, edge)
+    if isinstance(base, type(constraints.simplex)):
+        value = value.clamp_min(finfo.tiny)
+        value = value / value.sum(-1, keepdim=True)
+    return value

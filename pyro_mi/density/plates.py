@@ -20,6 +20,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ..resources import is_out_of_memory
+
 _CHAINS = "_pyro_mi_chains"
 _DATA = "_pyro_mi_data"
 
@@ -67,31 +69,38 @@ class PlateLayout:
         """Index of the data dim among the batch dims right of the chains dim."""
         return (-self.chains_dim - 1) + self.data_dim
 
-    def trace(self, fn: Callable, num_chains: int, num_data: int, x: Mapping | None, what: str = "model",
-              cond: Mapping | None = None):
-        """Traces ``fn(x)``, conditioned on ``cond`` ``{site: (C, 1.., N, *shape)}``, inside the
-        chains plate (and, without a data plate of the model's own, pyro_mi's data plate); folded,
-        on x repeated C times, without the chains plate. Site values and log densities of the
-        trace are read through :meth:`unfold` and :meth:`per_point`.
+    def trace(self, program: Callable[[int], object], num_chains: int, num_data: int, what: str = "model",
+              cond: Mapping | None = None, enum: bool = False):
+        """Traces ``program(copies)``, conditioned on ``cond`` ``{site: (C or 1, 1.., N, *shape)}``,
+        inside the chains plate (and, without a data plate of the model's own, pyro_mi's data
+        plate); ``copies`` is 1, or, folded, C: the program then runs on its data rows repeated C
+        times, without the chains plate. Site values and log densities of the trace are read
+        through :meth:`unfold` and :meth:`per_point`. With ``enum`` the discrete sites marked
+        for enumeration are enumerated in parallel, in dims left of the chains dim.
 
         Raises :class:`BatchingError` (a ValueError), naming the last site reached, if the
         program fails when batched (typically a one-data-point model whose sites do not
-        broadcast)."""
+        broadcast); out of memory is re-raised as it is (see :mod:`pyro_mi.resources`)."""
         C, N = num_chains, num_data
+        fn = program
         if cond:
             fn = poutine.condition(fn, data={k: self.fold(v, C, N) for k, v in cond.items()})
+        if enum:
+            fn = poutine.enum(fn, first_available_dim=self.chains_dim - 1)
         try:
             with poutine.trace() as tracer:
                 if self.folded:
-                    fn({k: v.repeat((C,) + (1,) * (v.dim() - 1)) for k, v in x.items()})
+                    fn(C)
                 else:
                     with pyro.plate(_CHAINS, C, dim=self.chains_dim):
                         if self.has_data_plate:
-                            fn(x)
+                            fn(1)
                         else:
                             with pyro.plate(_DATA, N, dim=self.data_dim):
-                                fn(x)
+                                fn(1)
         except (RuntimeError, ValueError, IndexError) as e:
+            if is_out_of_memory(e):
+                raise
             done = [s["name"] for s in _sample_sites(tracer.trace)]
             where = f"after site {done[-1]!r}" if done else "before its first sample site"
             raise BatchingError(
@@ -126,28 +135,40 @@ class PlateLayout:
         return value.shape[1:] if self.folded else value.shape[2 + self.pos :]
 
 
-def check_declared_batch_dims(sites: Iterable[dict]) -> None:
-    """Refuses sites (of a trace of the bare model) with batch dims of size > 1 that no plate declares.
-
-    pyro_mi puts its own plates left of the model's batch dims and sums every dim
-    right of the data dim into one data point, so an undeclared batch dim (typically
-    a batch of designs passed as a model argument) would be silently summed into one MI.
-
-    Raises:
-        ValueError: naming the first such site and its undeclared batch shape.
-    """
+def undeclared_batch_dims(sites: Iterable[dict]) -> dict[str, tuple[int, ...]]:
+    """``{site: its batch shape}`` of the sites (of a trace of the bare model) with batch dims of
+    size > 1 that no plate declares. pyro_mi puts its own plates left of them, so they are part
+    of one data point, summed as Pyro's NUTS and ``Trace_ELBO`` sum them."""
+    out = {}
     for s in sites:
         shape = s["fn"].batch_shape
         declared = {f.dim for f in s["cond_indep_stack"] if f.dim is not None}
-        dims = [d for d in range(-len(shape), 0) if shape[d] > 1 and d not in declared]
-        if dims:
-            raise ValueError(
-                f"site {s['name']!r} has batch shape {tuple(shape)}, of which dims {dims} (sizes "
-                f"{tuple(shape[d] for d in dims)}) are not declared by any pyro.plate. pyro_mi bounds the MI "
-                "of one model (one design) at a time: bound a batch of designs one design at a time. Batch "
-                "dims inside the model must be declared with pyro.plate (then they are part of one data "
-                "point), or moved to the event shape with .to_event()"
-            )
+        if any(shape[d] > 1 and d not in declared for d in range(-len(shape), 0)):
+            out[s["name"]] = tuple(shape)
+    return out
+
+
+def check_declared_batch_dims(undeclared: Mapping[str, tuple]) -> None:
+    """Refuses sites with undeclared batch dims (``{site: batch shape}``, see
+    :func:`undeclared_batch_dims`) where a batch may be one of designs (:func:`pyro_mi.eig`).
+
+    Raises:
+        ValueError: naming the first such site, its batch shape and ``batch_dims=``.
+    """
+    for name, shape in undeclared.items():
+        raise ValueError(
+            f"site {name!r} has batch shape {shape} with dims that no pyro.plate declares. If they index "
+            "designs, say how many leading dims of the design form the design batch with batch_dims= (or "
+            "declare them with pyro.plate); if they belong to one experiment, declare them with pyro.plate "
+            "or move them to the event shape with .to_event()"
+        )
+
+
+def common_frame(sites: Mapping[str, dict]):
+    """The outermost vectorised plate frame that encloses every sample site, or None."""
+    stacks = [{f for f in s["cond_indep_stack"] if f.dim is not None} for s in sites.values()]
+    common = set.intersection(*stacks) if stacks else set()
+    return min(common, key=lambda f: f.dim) if common else None
 
 
 def _find_data_dim(sites: Mapping[str, dict], obs_sites: tuple[str, ...], n: int) -> int:
@@ -158,7 +179,7 @@ def _find_data_dim(sites: Mapping[str, dict], obs_sites: tuple[str, ...], n: int
             f"{n} (the data's first dim); a data-plate model must wrap its sites in "
             "pyro.plate('data', x.shape[0])"
         )
-    frame = frames[0]
+    frame = min(frames, key=lambda f: f.dim)
     for s in sites.values():
         if frame not in s["cond_indep_stack"]:
             kind = "observed" if s["name"] in obs_sites else "latent"
@@ -185,13 +206,14 @@ def plate_layout(sites: Mapping[str, dict], obs_sites: tuple[str, ...], num_temp
             traced with (its data plate is found by that size); None for a
             one-data-point model.
 
+    Batch dims that no plate declares are part of one data point
+    (:func:`undeclared_batch_dims`).
+
     Raises:
-        ValueError: undeclared batch dims (see :func:`check_declared_batch_dims`);
-            for a data-plate model, an observed site outside a plate of size
+        ValueError: for a data-plate model, an observed site outside a plate of size
             ``num_template``, a site outside the data plate, or a plate left of it.
     """
     data_dim = None if num_template is None else _find_data_dim(sites, obs_sites, num_template)
-    check_declared_batch_dims(sites.values())
     # our plates go left of the batch dims (plates included) of one call
     rank = max(len(s["fn"].batch_shape) for s in sites.values())
     if data_dim is None:

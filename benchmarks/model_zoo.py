@@ -1,0 +1,136 @@
+"""The model zoo: every model of :mod:`pyro_mi.examples.zoo`, called as its author calls it,
+through ``pyro_mi.estimate_mi`` with ``iwae`` and ``ais`` at their defaults.
+
+Prints one row per model and method: whether it ran unchanged, lower, upper, gap (nats), seconds,
+and its warnings; where the marginal is exact, the paired difference of each side from the exact
+per-point MI (mean ± standard error over the N points: lower - truth must be <= 0 and
+upper - truth >= 0 within noise).
+
+    OMP_NUM_THREADS=1 python benchmarks/model_zoo.py [--models NAME ...] [--methods iwae ais]
+        [--num-data N] [--json FILE] [--cli]
+
+``--cli`` also runs each model through ``pyro-mi estimate`` (the zoo module's functions as
+targets, their arguments saved to files and passed by name) and says whether it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import pyro_mi
+from pyro_mi.examples.zoo import zoo
+
+
+def paired(result, model) -> dict:
+    """Paired differences of each side from the exact per-point MI, where the zoo has log p(x)."""
+    if model.log_marginal is None:
+        return {}
+    exact = model.log_marginal(result.x).double()
+    out = {}
+    for side, key in (("lower", "log_p_x_upper"), ("upper", "log_p_x_lower")):
+        pp = getattr(result, f"{side}_per_point")
+        log_px = result.diagnostics.get(key)
+        if pp is None or log_px is None:
+            continue
+        diff = (exact - log_px.double())  # side - truth = (log_lik - log_px) - (log_lik - exact)
+        out[side] = (float(diff.mean()), float(diff.std() / math.sqrt(diff.numel())))
+    return out
+
+
+def run(model, method: str, num_data: int) -> dict:
+    start = time.perf_counter()
+    try:
+        r = pyro_mi.estimate_mi(model.model, model.obs_sites, model_args=model.model_args,
+                                model_kwargs=model.model_kwargs, guide=model.guide, method=method,
+                                num_data=num_data, seed=0, progress=False)
+    except Exception as e:  # noqa: BLE001 - the table reports it
+        return {"ran": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                "seconds": time.perf_counter() - start}
+    return {"ran": True, "lower": r.lower, "upper": r.upper, "gap": r.gap, "seconds": time.perf_counter() - start,
+            "warnings": r.warnings, "notes": r.notes, "paired": paired(r, model), "vectorize": r.settings["vectorize"],
+            "ceiling": model.ceiling}
+
+
+def run_cli(model) -> str:
+    """Runs the model through ``pyro-mi estimate`` (iwae, N = 64); returns "ran" or the error line."""
+    if model.extra.get("vae") is not None or any(not isinstance(a, (torch.Tensor, int, float)) for a in model.model_args):
+        return "n/a"
+    import inspect
+
+    names = list(inspect.signature(model.model).parameters)
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = []
+        for name, value in zip(names, model.model_args):
+            if isinstance(value, torch.Tensor):
+                path = os.path.join(tmp, f"{name}.npy")
+                import numpy as np
+
+                np.save(path, value.numpy())
+                flags += ["--model-arg", f"{name}={path}"]
+            else:
+                flags += ["--model-arg", f"{name}={value}"]
+        cmd = [sys.executable, "-m", "pyro_mi.cli", "estimate", f"pyro_mi.examples.zoo:{model.model.__name__}",
+               "--obs", *model.obs_sites, "--num-data", "64", "--json", *flags]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode == 0:
+        return "ran"
+    return "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:150]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--methods", nargs="*", default=["iwae", "ais"])
+    parser.add_argument("--num-data", type=int, default=1024)
+    parser.add_argument("--json")
+    parser.add_argument("--cli", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    models = zoo()
+    rows = []
+    print(f"pyro_mi {pyro_mi.__version__}, torch {torch.__version__}, N = {args.num_data}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print("| model | method | ran | lower | upper | gap | s | lower - truth | upper - truth | warnings |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, model in models.items():
+        if args.models and name not in args.models:
+            continue
+        for method in args.methods:
+            row = {"model": name, "method": method, **run(model, method, args.num_data)}
+            if args.cli and method == args.methods[0]:
+                row["cli"] = run_cli(model)
+            rows.append(row)
+            print(_row(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+
+
+def _row(row: dict) -> str:
+    def num(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    def pair(side):
+        p = row.get("paired", {}).get(side)
+        return "" if p is None else f"{p[0]:+.3f} ± {p[1]:.3f}"
+
+    cli = f" (cli: {row['cli']})" if "cli" in row else ""
+    if not row["ran"]:
+        return f"| {row['model']} | {row['method']} | no{cli} | | | | {row['seconds']:.1f} | | | {row['error']} |"
+    warns = "; ".join(w[:120] for w in row["warnings"]) or ""
+    return (f"| {row['model']} | {row['method']} | yes ({row['vectorize']}){cli} | {num(row['lower'])} | "
+            f"{num(row['upper'])} | {num(row['gap'])} | {row['seconds']:.1f} | {pair('lower')} | {pair('upper')} | "
+            f"{len(row['warnings'])}: {warns} |")
+
+
+if __name__ == "__main__":
+    main()
