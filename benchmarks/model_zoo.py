@@ -11,6 +11,10 @@ upper - truth >= 0 within noise).
 
 ``--cli`` also runs each model through ``pyro-mi estimate`` (the zoo module's functions as
 targets, their arguments saved to files and passed by name) and says whether it ran.
+
+``--speed`` instead times each model that pyro_mi runs point by point (by vmap) against the same
+model rewritten to broadcast (``benchmarks/zoo_broadcast.py``), both at the methods' defaults in
+this process, interleaved, best of two: the ratio is the price of writing a model for one point.
 """
 
 from __future__ import annotations
@@ -61,29 +65,63 @@ def run(model, method: str, num_data: int) -> dict:
 
 
 def run_cli(model) -> str:
-    """Runs the model through ``pyro-mi estimate`` (iwae, N = 64); returns "ran" or the error line."""
-    if model.extra.get("vae") is not None or any(not isinstance(a, (torch.Tensor, int, float)) for a in model.model_args):
-        return "n/a"
+    """Runs the model through ``pyro-mi estimate`` (iwae, N = 64), its arguments saved to files and
+    passed by name; returns "ran" or the error line."""
     import inspect
 
+    import numpy as np
+
+    target = model.extra.get("target", model.model.__name__)
     names = list(inspect.signature(model.model).parameters)
     with tempfile.TemporaryDirectory() as tmp:
         flags = []
         for name, value in zip(names, model.model_args):
             if isinstance(value, torch.Tensor):
                 path = os.path.join(tmp, f"{name}.npy")
-                import numpy as np
-
                 np.save(path, value.numpy())
-                flags += ["--model-arg", f"{name}={path}"]
+                flags += ["--data" if name == names[0] else "--model-arg", f"{name}={path}"]
             else:
                 flags += ["--model-arg", f"{name}={value}"]
-        cmd = [sys.executable, "-m", "pyro_mi.cli", "estimate", f"pyro_mi.examples.zoo:{model.model.__name__}",
+        if "guide" in model.extra:
+            flags += ["--guide", f"pyro_mi.examples.zoo:{model.extra['guide']}"]
+        cmd = [sys.executable, "-m", "pyro_mi.cli", "estimate", f"pyro_mi.examples.zoo:{target}",
                "--obs", *model.obs_sites, "--num-data", "64", "--json", *flags]
         out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode == 0:
         return "ran"
     return "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:150]
+
+
+def speed(methods, models) -> None:
+    """Times each model with a broadcasting rewrite against the rewrite (see the module docstring)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from zoo_broadcast import REWRITES
+
+    warm = models["fully_pooled"]
+    pyro_mi.estimate_mi(warm.model, warm.obs_sites, model_args=warm.model_args, num_data=64, method="ais",
+                        num_steps=5, progress=False)  # first-call costs (imports) out of the timings
+    print("| model | method | as written (s) | rewritten (s) | ratio | max difference of log p(z), log p(x|z) |")
+    print("|---|---|---|---|---|---|")
+    for name, rewrite in REWRITES.items():
+        m = models[name]
+        a = pyro_mi.ModelDensity(m.model, m.obs_sites, model_args=m.model_args)
+        b = pyro_mi.ModelDensity(rewrite, m.obs_sites, model_args=m.model_args)
+        torch.manual_seed(0)
+        x, z = a.sample(256)
+        diff = max(float((u - v).abs().max()) for u, v in zip(a.log_terms(x, z), b.log_terms(x, z)))
+        for method in methods:
+            times = {m.model: [], rewrite: []}
+            for order in ((m.model, rewrite), (rewrite, m.model)):
+                for model in order:
+                    start = time.perf_counter()
+                    try:
+                        pyro_mi.estimate_mi(model, m.obs_sites, model_args=m.model_args, method=method, seed=0,
+                                            progress=False)
+                    except ValueError:  # a run that refuses its numbers still took its time
+                        pass
+                    times[model].append(time.perf_counter() - start)
+            t_a, t_b = min(times[m.model]), min(times[rewrite])
+            print(f"| {name} | {method} | {t_a:.2f} | {t_b:.2f} | {t_a / t_b:.2f} | {diff:.1e} |", flush=True)
 
 
 def main(argv=None):
@@ -93,9 +131,12 @@ def main(argv=None):
     parser.add_argument("--num-data", type=int, default=1024)
     parser.add_argument("--json")
     parser.add_argument("--cli", action="store_true")
+    parser.add_argument("--speed", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     models = zoo()
+    if args.speed:
+        return speed(args.methods, models)
     rows = []
     print(f"pyro_mi {pyro_mi.__version__}, torch {torch.__version__}, N = {args.num_data}, "
           f"{time.strftime('%Y-%m-%d')}")

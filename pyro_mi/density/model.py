@@ -806,7 +806,9 @@ class ModelDensity:
     def _sample(self, num_data: int, differentiable: bool, redraws: int = 0):
         """:meth:`sample`'s ``(x, z, log p(x|z) or None)``, points whose log density is not finite at
         their own draw redrawn (see :meth:`finite_points`)."""
-        with torch.enable_grad() if differentiable else torch.no_grad():
+        # Pyro's argument checks are off while drawing: a parameter that over- or underflows at a few
+        # points (a rate of 0) is caught below, by the finiteness of the log densities, point by point
+        with torch.enable_grad() if differentiable else torch.no_grad(), pyro.validation_enabled(False):
             values, fns, score = self._draw(1, num_data, differentiable=differentiable)
             moved = self._boundary(values, fns, 1, num_data)
             x = {o: self._to_data(values[o]) for o in self.obs_sites}
@@ -814,7 +816,7 @@ class ModelDensity:
             # the draw's own log densities are those at (x, z) where z unpacks to the drawn values
             exact = not moved and all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
             log_probs = score() if exact else None
-        with torch.no_grad():
+        with torch.no_grad(), pyro.validation_enabled(False):
             ok, why = self.finite_points(x, z, log_probs)
         log_lik = None
         if log_probs is not None and not self._no_density:
