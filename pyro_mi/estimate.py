@@ -14,6 +14,7 @@ from .checkpoint import check_output_path, rank_path
 from .density import Data, ModelDensity
 from .distributed import broadcast, broadcast_module, manual_seed, world
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
+from .assessment import assess
 from .resources import memory_guard
 from .result import MIResult
 
@@ -177,14 +178,30 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
         x, z = broadcast((x, z))
     q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
     broadcast_module(q)
+    fit = getattr(q, "fit_log", None)
+    notes = []
+    if isinstance(q, GaussianEncoder) and getattr(fit, "prior_wins", False):
+        notes.append(f"the fitted encoder's held-out BA estimate ({fit.prior_weights[0.0]:.3g} nats, and no more mixed "
+                     "with the prior) is below the prior's (0): the prior is the proposal")
+        q = PriorProposal(density)
     result = METHODS[method](density, q, x, z, progress=progress, **options)
     if result.x is None:
         result.x, result.z = x, z
     result.settings["vectorize"] = density.vectorize
-    result.notes[:0] = density.notices
+    result.notes[:0] = density.notices + notes
     result.warnings[:0] = density.warnings
-    fit = getattr(q, "fit_log", None)
     if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
         result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,
                                   proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)
+        if isinstance(q, GaussianEncoder):
+            result.diagnostics["proposal_prior_weight"] = q.prior_weight
+    assess(result, density.mi_ceiling(), ADVICE.get(method, ""))
     return result
+
+
+#: what tightens each method's sandwich, for the warnings of :func:`pyro_mi.assessment.assess`
+ADVICE = {
+    "ba": "iwae or ais, or a proposal closer to the posterior (a fitted guide)",
+    "iwae": "more num_particles, ais, or a proposal closer to the posterior (a fitted guide)",
+    **{m: "more num_steps (T) or num_chains (K)" for m in ("ais", "im-ais", "cr-ais", "bdmc")},
+}

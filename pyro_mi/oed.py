@@ -408,7 +408,7 @@ def _split(result: MIResult, num_designs: int) -> list[MIResult]:
         settings=dict(result.settings),
         diagnostics={k: rows(v, b) for k, v in result.diagnostics.items()},
         warnings=[w for w in result.warnings if not w.startswith(CROSSED)],
-        notes=list(result.notes),
+        notes=[n for n in result.notes if not n.startswith(CROSSED)],
         x={k: rows(v, b) for k, v in result.x.items()},
         z=rows(result.z, b),
     ) for b in range(num_designs)]

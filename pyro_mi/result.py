@@ -76,6 +76,9 @@ class MIResult:
         z: their packed unconstrained latents (N, D), or None.
         seconds: wall time of the estimate, set by :func:`pyro_mi.estimate_mi`.
         true_mi: the true MI where known (built-in examples), else None.
+        ceiling: an upper limit of the model's MI known from the observations' support
+            (discrete observations: the log of the number of values they can take), which
+            caps :attr:`interval`; None where there is none.
 
     Raises:
         ValueError: fewer than 2 data points.
@@ -92,6 +95,7 @@ class MIResult:
     z: torch.Tensor | None = field(default=None, repr=False)
     seconds: float | None = None
     true_mi: float | None = None
+    ceiling: float | None = None
 
     def __post_init__(self):
         self.lower, self.lower_stderr = mean_and_stderr(self.lower_per_point)
@@ -99,11 +103,18 @@ class MIResult:
         pp = self.lower_per_point if self.lower_per_point is not None else self.upper_per_point
         self.num_data = 0 if pp is None else int(pp.numel())
         if self.gap is not None and self.gap < 0:
-            self.warnings.append(
-                f"{CROSSED}: lower exceeds upper by {-self.gap:.3g} nats. Each side is a bound in "
-                "expectation over its own random draws, so their means can cross by Monte-Carlo noise; "
-                "a crossing larger than the standard errors means a side is not a bound here"
-            )
+            se = mean_and_stderr(self.upper_per_point - self.lower_per_point)[1]
+            if -self.gap <= 2 * se:
+                self.notes.append(
+                    f"{CROSSED} by {-self.gap:.3g} nats, within 2 standard errors of their paired difference "
+                    f"({se:.2g}): Monte-Carlo noise (each side is a bound in expectation over its own draws); the "
+                    "sandwich has closed")
+            else:
+                self.warnings.append(
+                    f"{CROSSED}: lower exceeds upper by {-self.gap:.3g} nats, more than 2 standard errors of their "
+                    f"paired difference ({se:.2g}): a side is not a bound here (an approximate mode, or a proposal "
+                    "that depends on the simulated latents)"
+                )
 
     @property
     def gap(self) -> float | None:
@@ -125,9 +136,12 @@ class MIResult:
     def interval(self) -> tuple[float | None, float | None]:
         """(lower - 1.96 lower_stderr, upper + 1.96 upper_stderr), nats: a 95% interval for
         the model's MI (the bounds hold for the N simulated points; the standard errors are
-        the Monte-Carlo error of their mean over points)."""
+        the Monte-Carlo error of their mean over points), its upper end capped at
+        :attr:`ceiling`."""
         lo = None if self.lower is None else self.lower - 1.96 * self.lower_stderr
         up = None if self.upper is None else self.upper + 1.96 * self.upper_stderr
+        if up is not None and self.ceiling is not None:
+            up = min(up, self.ceiling)
         return lo, up
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +165,7 @@ class MIResult:
             "notes": list(self.notes),
             "seconds": self.seconds,
             "true_mi": self.true_mi,
+            "ceiling": self.ceiling,
         }
         scalar = (int, float, str, bool, type(None))
         out.update({k: v for k, v in self.settings.items() if isinstance(v, scalar) and k not in out})
@@ -174,6 +189,8 @@ class MIResult:
         rows.append(f"95% interval  [{fmt_end(lo)}, {fmt_end(up)}]   ({INTERVAL_WORDS})")
         if self.true_mi is not None:
             rows.append(f"true MI       {self.true_mi:9.3f}")
+        if self.ceiling is not None:
+            rows.append(f"ceiling       {self.ceiling:9.3f}   (the most the observations can carry)")
         rows.append(f"num_data      {self.num_data:9d}")
         if self.seconds is not None:
             rows.append(f"seconds       {self.seconds:9.2f}")

@@ -137,7 +137,8 @@ def test_cli_compile_flag_gives_the_same_json_numbers(capsys):
         assert main(["estimate", "--example", "linear-vae", "--method", "ais", "--num-data", "8", "--num-steps", "20",
                      "--fit-steps", "50", "--compile", mode, "--json"]) == 0
         out[mode] = json.loads(capsys.readouterr().out)
-    assert out["trace"]["compile"] == "trace" and out["trace"]["notes"] == []
+    # no graph fell back to eager (a crossing of the sides within noise is the only note here)
+    assert out["trace"]["compile"] == "trace" and [n for n in out["trace"]["notes"] if "crossed" not in n] == []
     assert out["trace"]["lower"] == out["none"]["lower"] and out["trace"]["upper"] == out["none"]["upper"]
     assert main(["estimate", "--example", "linear-vae", "--method", "iwae", "--compile", "trace"]) == 2
     assert "--compile" in capsys.readouterr().err

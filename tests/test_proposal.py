@@ -8,7 +8,7 @@ from torch.distributions import constraints
 
 from models import linear_gaussian
 from pyro_mi import GaussianEncoder, GuideDensity, ModelDensity, fit_guide
-from pyro_mi.proposal import same_support
+from pyro_mi.proposal import FIT_PRIOR_WEIGHT, same_support
 from pyro_mi.training import train
 
 
@@ -71,18 +71,20 @@ def test_fit_guide_is_adam_with_a_cosine_learning_rate():
     q = GaussianEncoder(d, hidden_sizes=(8,))
     torch.manual_seed(1)
     losses = fit_guide(d, q, num_steps=20, batch_size=8, lr=1e-2, num_val=0, progress=False)
-    # the same steps written out: a pool of 20 x 8 pairs, Adam, cosine decay to 0 over the steps
+    # the same steps written out: a pool of 20 x 8 pairs, Adam, cosine decay to 0 over the steps, the
+    # encoder mixed with the prior (weight FIT_PRIOR_WEIGHT) while it is fitted
     torch.manual_seed(0)
-    ref = GaussianEncoder(d, hidden_sizes=(8,))
+    ref = GaussianEncoder(d, hidden_sizes=(8,), prior_weight=FIT_PRIOR_WEIGHT)
     torch.manual_seed(1)
     x, z = d.sample(160)
+    log_prior = d.log_prior(z, x)
     ref.standardize_from(x)
     opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
     expected = []
     for _ in range(20):
         idx = torch.randint(160, (8,))
-        loss = -ref.log_prob(z[idx], {"x": x["x"][idx]}).mean()
+        loss = -ref.log_prob(z[idx], {"x": x["x"][idx]}, log_prior=log_prior[idx]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

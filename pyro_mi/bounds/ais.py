@@ -72,7 +72,8 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
     pi0 is the prior p(z) for a :class:`~pyro_mi.proposal.PriorProposal` (one model
     trace per call), else the proposal's ``log_prob(z, x)`` (for a
     :class:`~pyro_mi.proposal.GaussianEncoder` its network runs once here, since x is
-    fixed along the path). Pyro's argument validation is switched off inside, so that
+    fixed along the path, and its mixture's prior component reads log p(z) from the same
+    model trace). Pyro's argument validation is switched off inside, so that
     a chain stepping into a region of zero density gets -inf (and is rejected)
     instead of raising.
     """
@@ -92,7 +93,7 @@ def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
         def components(z):
             with pyro.validation_enabled(False):
                 lp, ll = density.log_terms(x, z)
-            return site_log_prob(q, z), lp + ll
+            return proposal.mix(site_log_prob(q, z), z, x, lp), lp + ll
 
     else:
 

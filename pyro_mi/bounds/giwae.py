@@ -280,6 +280,8 @@ def giwae_bounds(
     K_train = min(K, 16) if train_particles is None else _check_k(train_particles)
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
     q = copy.deepcopy(proposal) if trained_q else proposal
+    if trained_q:
+        q.prior_weight = 0.0  # GIWAE trains the Gaussian encoder itself (its own q_theta)
     if critic is None:
         critic = default_giwae_critic(density, hidden_sizes, proposal=q)
     if not callable(critic):

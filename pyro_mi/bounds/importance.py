@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..density import Data, ModelDensity
 from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng, world
-from ..proposal import PriorProposal, proposal_from_point
+from ..proposal import GaussianEncoder, PriorProposal, proposal_from_point
 from ..result import MIResult, require_finite
 from ..weights import log_weight_sums
 
@@ -49,7 +49,12 @@ def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Te
     Also returns log q(z|x) - log p(z) (the BA lower bound per point).
     """
     log_prior, log_lik = density.log_terms(x, z)
-    log_q = log_prior if isinstance(proposal, PriorProposal) else proposal.log_prob(z, x)
+    if isinstance(proposal, PriorProposal):
+        log_q = log_prior
+    elif isinstance(proposal, GaussianEncoder):
+        log_q = proposal.log_prob(z, x, log_prior=log_prior)
+    else:
+        log_q = proposal.log_prob(z, x)
     return log_prior + log_lik - log_q, log_lik, log_q - log_prior
 
 
@@ -113,6 +118,10 @@ def _stream(density, proposal, x, num_particles, bar):
         with pyro.validation_enabled(False):
             if log_weights is not None:
                 yield log_weights(x, k)
+            elif isinstance(proposal, GaussianEncoder):  # its mixture needs log p(z): from the same model run
+                z = proposal.draw(x, k)
+                log_prior, log_lik = density.log_terms(x, z)
+                yield log_prior + log_lik - proposal.log_prob(z, x, log_prior=log_prior)
             else:
                 z, log_q = proposal.rsample(x, k)
                 yield density.log_joint(x, z) - log_q

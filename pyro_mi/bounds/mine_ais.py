@@ -444,7 +444,9 @@ def mine_ais_bounds(
     x = density.check_data(x)
     val_steps = num_steps if val_steps is None else val_steps
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
-    q = copy.deepcopy(proposal) if trained_q else proposal
+    q = copy.deepcopy(proposal) if isinstance(proposal, GaussianEncoder) else proposal
+    if isinstance(q, GaussianEncoder):
+        q.prior_weight = 0.0  # MINE-AIS's base is the Gaussian encoder itself (whitened, module docstring)
     likelihood_log = None
     if likelihood_steps:
         critic = LikelihoodCritic(density, q, hidden_sizes).to(z.device)

@@ -1021,6 +1021,32 @@ class ModelDensity:
         if why is not None:
             raise ValueError(f"{why}; check its distribution's parameters and support")
 
+    def mi_ceiling(self) -> float | None:
+        """The most MI the observations can carry, nats: with every observed site discrete and
+        finitely supported, I(x; z) <= H(x) <= log (the number of values x can take), summed over
+        the sites' elements (for a data-plate model, one row's, averaged over the rows). None if an
+        observed site is continuous or has infinitely many values (a Poisson count)."""
+        total = 0.0
+        for o in self.obs_sites:
+            fn = self.site_fns[o]
+            support = fn.support
+            while isinstance(support, torch.distributions.constraints.independent):
+                support = support.base_constraint
+            shape = fn.batch_shape + fn.event_shape
+            if support is torch.distributions.constraints.boolean:
+                counts = torch.full(shape, 2.0)
+            elif isinstance(support, type(torch.distributions.constraints.integer_interval(0, 1))):
+                counts = (torch.as_tensor(support.upper_bound) - torch.as_tensor(support.lower_bound) + 1).double()
+                counts = counts.expand(shape) if counts.dim() <= len(shape) else counts
+            else:
+                return None
+            logs = counts.double().log().expand(shape)
+            if self.has_data_plate:
+                dim = len(fn.batch_shape) + self._plates.data_dim
+                logs = logs.movedim(dim, 0).reshape(logs.shape[dim], -1).sum(-1).mean() if logs.dim() else logs
+            total += float(logs.sum())
+        return total
+
     def flatten_data(self, x: Data) -> torch.Tensor:
         """Observed values ``{site: (N, *shape)}`` -> one float tensor (N, obs_dim)."""
         x = self.check_data(x)
