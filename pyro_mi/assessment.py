@@ -30,7 +30,7 @@ import torch
 from .result import MIResult
 
 #: a gap narrower than this (nats) is tight whatever its distribution over points
-TIGHT = 0.05
+TIGHT = 0.1
 #: the sandwich width from which a line must say why (nats)
 WIDE = 1.0
 #: at most this fraction of the points carrying half the total gap makes it dominated

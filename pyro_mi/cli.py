@@ -285,6 +285,8 @@ def _estimate(args: argparse.Namespace):
         fit_steps=args.fit_steps,
         model_kwargs=kwargs,
         vectorize=args.vectorize,
+        reparam=args.reparam,
+        preset=args.preset,
         progress=not args.json and not args.no_progress and sys.stderr.isatty() and distributed.world()[0] == 0,
         **options,
     )
@@ -433,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how the model is run over a batch: batched in plates, torch.func.vmap over points, or a "
                           "loop (a one-data-point model); plates, or chains folded into its data plate (a model "
                           "with --data); auto takes the first that runs and is checked (default auto)")
+    est.add_argument("--preset", default="default", choices=("fast", "default", "tight"),
+                     help="K, T and L of the method: fast (a first look), default, tight (what a paper would "
+                          "report); flags given explicitly override them")
+    est.add_argument("--reparam", default="auto", choices=("auto", "none"),
+                     help="auto: non-centre hierarchical location-scale latents (Pyro's LocScaleReparam; the MI is "
+                          "unchanged); none: the model as written (default auto)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--timeout", type=float,
                      help="under torchrun: seconds a process waits for the others before the run fails "

@@ -68,6 +68,8 @@ def estimate_mi(
     model_args: tuple = (),
     model_kwargs: dict | None = None,
     vectorize: str = "auto",
+    reparam: str = "auto",
+    preset: str = "default",
     progress: bool = True,
     **options,
 ) -> MIResult:
@@ -97,6 +99,13 @@ def estimate_mi(
             (``vectorize``: how a one-data-point model is run over a batch, ``"auto"``
             tries ``"plate"``, then ``"vmap"``, then ``"loop"``; the way taken, when it is
             not ``"plate"``, is in the result's notes).
+        reparam: ``"auto"`` (default) non-centres the hierarchical location-scale latents
+            with Pyro's ``LocScaleReparam`` (see :class:`ModelDensity`), ``"none"`` runs the
+            model as written. With a ``guide`` the model runs as written (the guide samples
+            its sites).
+        preset: ``"fast"``, ``"default"`` or ``"tight"``: the method's K, T and L from
+            :data:`PRESETS` (options given explicitly override them); ``"tight"`` is what a paper
+            would report, ``"fast"`` a first look.
         progress: show progress bars.
         **options: method options, e.g. ``num_particles=1000``; ``differentiable=True``
             (``ba``, ``iwae``) simulates by ``rsample`` and keeps the graph, so that
@@ -114,6 +123,9 @@ def estimate_mi(
         OutOfMemory: (a MemoryError) the run asked for more memory than there is, in one line
             naming N, the allocation and what to lower.
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    options = {**PRESETS[preset].get(_FAMILY.get(method, method), {}), **options}
     check_method_options(method, num_data, options)
     if seed is None and world()[1] > 1:
         raise ValueError("seed=None cannot run under torch.distributed: every process must simulate the same "
@@ -123,11 +135,23 @@ def estimate_mi(
     lower = "num_data (--num-data), points_per_block (--points-per-block), or the method's num_particles / num_chains"
     with seeded(seed, method, options), memory_guard(f"{method} on N = {num_data} simulated points", lower):
         density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data,
-                               vectorize=vectorize)
+                               vectorize=vectorize, reparam="none" if guide is not None else reparam)
         result = simulate_and_bound(density, method, proposal, guide, num_data, fit_steps, progress, options)
-    result.settings.update({"proposal": proposal, "seed": seed, "fit_steps": fit_steps})
+    result.settings.update({"proposal": proposal, "seed": seed, "fit_steps": fit_steps, "reparam": density.reparam,
+                            "preset": preset})
     result.seconds = time.perf_counter() - start
     return result
+
+
+#: the method options of each preset, by method family (options given explicitly override them)
+PRESETS = {
+    "fast": {"iwae": dict(num_particles=50), "ba": dict(num_particles=10),
+             "ais": dict(num_chains=2, num_steps=30, num_leapfrog=2)},
+    "default": {},
+    "tight": {"iwae": dict(num_particles=5000), "ba": dict(num_particles=100),
+              "ais": dict(num_chains=8, num_steps=5000, num_leapfrog=5)},
+}
+_FAMILY = {"im-ais": "ais", "cr-ais": "ais", "bdmc": "ais"}
 
 
 def check_method_options(method: str, num_data: int, options: dict) -> None:
@@ -179,17 +203,17 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
     q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
     broadcast_module(q)
     fit = getattr(q, "fit_log", None)
-    notes = []
+    fallback = []
     if isinstance(q, GaussianEncoder) and getattr(fit, "prior_wins", False):
-        notes.append(f"the fitted encoder's held-out BA estimate ({fit.prior_weights[0.0]:.3g} nats, and no more mixed "
+        fallback.append(f"the fitted encoder's held-out BA estimate ({fit.prior_weights[0.0]:.3g} nats, and no more mixed "
                      "with the prior) is below the prior's (0): the prior is the proposal")
         q = PriorProposal(density)
     result = METHODS[method](density, q, x, z, progress=progress, **options)
     if result.x is None:
         result.x, result.z = x, z
     result.settings["vectorize"] = density.vectorize
-    result.notes[:0] = density.notices + notes
-    result.warnings[:0] = density.warnings
+    result.notes[:0] = density.notices
+    result.warnings[:0] = density.warnings + fallback
     if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
         result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,
                                   proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)

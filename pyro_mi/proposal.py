@@ -346,8 +346,8 @@ def fit_guide(
     :data:`FIT_PRIOR_WEIGHT`: a pair the network cannot fit, from a heavy tail of the prior,
     pulls on it through its share of the mixture only), and then its prior weight is chosen
     from :data:`PRIOR_WEIGHTS` by the held-out BA estimate; the weight 1 (the prior alone)
-    wins when the fitted network is worse than the prior, and ``guide.fit_log.prior_wins``
-    says so (:func:`pyro_mi.make_proposal` then uses the prior).
+    wins when no mixture's held-out BA exceeds the prior's (0) by 2 standard errors, and
+    ``guide.fit_log.prior_wins`` says so (:func:`pyro_mi.estimate_mi` then uses the prior).
 
     Args:
         density: the model's :class:`ModelDensity`.
@@ -407,14 +407,17 @@ def fit_guide(
     if encoder and num_val:
         with torch.no_grad():
             gaussian = GaussianEncoder._log_prob(z_val, *guide(x_val))
-        scores = {}
+        scores, errors = {}, {}
         for a in PRIOR_WEIGHTS:  # held-out BA of each mixture; a = 1 is the prior, whose BA is 0
             if a < 1:
                 guide.prior_weight = a
-                scores[a] = float((guide.mix(gaussian, z_val, x_val, log_prior_val) - log_prior_val).mean())
+                ba = (guide.mix(gaussian, z_val, x_val, log_prior_val) - log_prior_val).double()
+                scores[a], errors[a] = float(ba.mean()), float(ba.std() / math.sqrt(ba.numel()))
             else:
-                scores[a] = 0.0
+                scores[a], errors[a] = 0.0, 0.0
         best = max(scores, key=lambda a: scores[a] if math.isfinite(scores[a]) else -math.inf)
+        if best < 1 and not scores[best] > 2 * errors[best]:  # not clearly better than the prior
+            best = 1.0
         guide.prior_weight = 0.0 if best == 1 else best
         log.prior_weights = scores
         log.prior_wins = best == 1

@@ -34,8 +34,9 @@ def record_steps(num_steps: int, max_draws: int) -> list[int]:
 
 
 class ChainSummary:
-    """Running per-chain statistics: ``data[key] = {"accept_sum", "transitions", "divergences"}``,
-    the first two (C, N) float and the last (C, N) int."""
+    """Running per-chain statistics: ``data[key] = {"accept_sum", "transitions", "divergences",
+    "moves"}``: the summed acceptance probability (C, N) float, the number of transitions, and
+    the divergent and accepted transitions (C, N) int."""
 
     def __init__(self):
         self.data: dict = {}
@@ -46,30 +47,43 @@ class ChainSummary:
         d = self.data.get(key)
         if d is None or state.step == 1:
             zeros = torch.zeros_like(state.log_weights)
-            d = self.data[key] = {"accept_sum": zeros, "transitions": 0, "divergences": zeros.long()}
+            d = self.data[key] = {"accept_sum": zeros, "transitions": 0, "divergences": zeros.long(),
+                                  "moves": zeros.long()}
         d["accept_sum"] = d["accept_sum"] + info.hmc.accept_prob
         d["transitions"] += 1
         d["divergences"] = d["divergences"] + info.hmc.diverging.long()
+        d["moves"] = d["moves"] + info.hmc.accepted.long()
 
     def totals(self, keys) -> dict:
-        """Over the chunks ``keys``: ``accept_rate`` (mean acceptance probability of all
-        transitions), ``divergences`` (count of divergent transitions),
-        ``divergent_transition_fraction`` and ``divergent_chain_fraction`` (the fraction of
-        chains, per data point, that diverged in more than :data:`DIVERGED` of their
-        transitions: occasional divergences at the edge of the leapfrog's stability are
-        part of a well-tuned kernel and harmless, since they are rejected)."""
+        """Over the chunks ``keys`` (``(job, chunk, block)``; blocks in order of their points):
+        ``accept_rate`` (mean acceptance probability of all transitions), ``divergences`` (count
+        of divergent transitions), ``divergent_transition_fraction`` and
+        ``divergent_chain_fraction`` (the fraction of chains, per data point, that diverged in
+        more than :data:`DIVERGED` of their transitions: occasional divergences at the edge of
+        the leapfrog's stability are part of a well-tuned kernel and harmless, since they are
+        rejected), ``stuck_chain_fraction`` (chains that never accepted a move), and per data
+        point (N,) the counts ``divergent_chains`` and ``stuck_chains``."""
         parts = [self.data[k] for k in keys if k in self.data]
         if not parts:
             return {"accept_rate": None, "divergences": 0, "divergent_transition_fraction": 0.0,
-                    "divergent_chain_fraction": 0.0}
+                    "divergent_chain_fraction": 0.0, "stuck_chain_fraction": 0.0}
         acc = sum(float(p["accept_sum"].sum()) for p in parts)
         n = sum(p["transitions"] * p["accept_sum"].numel() for p in parts)
         rate = torch.cat([(p["divergences"] / p["transitions"]).reshape(-1) for p in parts])
+        stuck = torch.cat([(p["moves"] == 0).reshape(-1) for p in parts])
+        per_point = {}
+        for name, of in (("divergent_chains", lambda p: p["divergences"] / p["transitions"] > DIVERGED),
+                         ("stuck_chains", lambda p: p["moves"] == 0)):
+            blocks = sorted({k[-1] for k in keys if k in self.data})
+            per_point[name] = torch.cat([sum(of(self.data[k]).long().sum(0) for k in keys
+                                             if k in self.data and k[-1] == b) for b in blocks])
         return {
             "accept_rate": acc / n if n else None,
             "divergences": sum(int(p["divergences"].sum()) for p in parts),
             "divergent_transition_fraction": float(rate.double().mean()),
             "divergent_chain_fraction": float((rate > DIVERGED).double().mean()),
+            "stuck_chain_fraction": float(stuck.double().mean()),
+            **per_point,
         }
 
 

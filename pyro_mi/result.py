@@ -49,6 +49,27 @@ def require_finite(method: str, parts: Mapping[str, torch.Tensor]) -> None:
             )
 
 
+def finite_side(method: str, side: str, values: torch.Tensor, why: str, advice: str) -> tuple[torch.Tensor | None,
+                                                                                              list[str]]:
+    """A side's per-point values (N,), or None with a warning where it is not finite at some point:
+    there no finite bound exists (every proposal draw or chain had zero weight), so the side is
+    not reported, and the warning names the points, ``why``, and ``advice``.
+
+    Raises:
+        ValueError: ``values`` is NaN somewhere (a density that could not be evaluated).
+    """
+    v = values.detach()
+    if bool(torch.isnan(v).any()):
+        require_finite(method, {f"the {side} side": values})
+    bad = ~torch.isfinite(v)
+    if not bool(bad.any()):
+        return values, []
+    where = bad.nonzero().flatten()
+    listed = ", ".join(str(int(i)) for i in where[:5])
+    return None, [f"the {side} side is not reported: at {int(bad.sum())} of {bad.numel()} points (first: {listed}) "
+                  f"{why}, so no finite {side} bound on the MI exists there; {advice}"]
+
+
 @dataclass
 class MIResult:
     """Lower and upper bounds on I(x; z), in nats.

@@ -47,7 +47,7 @@ from ..density import Data, ModelDensity, site_log_prob
 from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng
 from ..proposal import GaussianEncoder, GuideDensity, PriorProposal, proposal_from_point
 from ..recording import ChainRecorder, ChainSummary, ProgressBar
-from ..result import MIResult, require_finite
+from ..result import MIResult, finite_side, require_finite
 from ..samplers import StepSizeAdapter, anneal, freeze, get_schedule, pilot_step_sizes
 from ..samplers.compile import COMPILE_MODES, compile_components, resolve_mode
 from ..weights import importance_ess, log_mean_exp
@@ -60,9 +60,7 @@ DEFAULTS = dict(num_chains=4, num_steps=100, num_leapfrog=2, step_size=0.05, sch
 ADAPT_MODES = ("pilot", "online", "none")
 #: default chunk size: at most this many (chain, data point, dim) elements per chunk
 CHUNK_ELEMENTS = 1 << 24
-#: a warning is attached above this fraction of chains with a divergent transition
-DIVERGENCE_WARNING = 0.10
-#: ... and below this mean importance ESS of the forward weights
+#: a warning is attached below this mean importance ESS of the forward weights
 ESS_WARNING = 1.5
 
 
@@ -480,12 +478,20 @@ def anneal_log_normalizer(
     if adapt == "online":
         warnings.append("adapt='online' adapts step sizes along each chain's own path, which biases the AIS "
                         "weights: these bounds are approximate, not guaranteed (adapt='pilot' is exact)")
-    if chain_stats["divergent_chain_fraction"] > DIVERGENCE_WARNING:
+    for name, what, advice in (
+            ("divergent_chains", "diverged (over 10% of their HMC transitions rejected as divergent)",
+             "a smaller step_size (adapt='none'), more num_steps, or a proposal closer to the posterior"),
+            ("stuck_chains", "never accepted a move, so their weights come from where they started",
+             "more num_steps (smaller steps between betas), or a proposal closer to the posterior")):
+        count = chain_stats.get(name)
+        if count is None or not int(count.sum()):
+            continue
+        points = count.nonzero().flatten()
+        listed = ", ".join(str(int(i)) for i in points[:5])
+        total = fwd.shape[0] + run["reverse"].shape[0] + run["reverse_from_forward"].shape[0]
         warnings.append(
-            f"{chain_stats['divergent_chain_fraction']:.0%} of the chains diverged (more than "
-            f"{DIVERGENCE_WARNING:.0%} of chains with over 10% of their HMC transitions divergent): rejected moves "
-            "leave the bounds valid but possibly very loose; try a smaller step_size (adapt='none'), more "
-            "num_steps, or a proposal closer to the posterior")
+            f"{int(count.sum())} of {total * N} chains ({int(count.sum()) / (total * N):.2%}) {what}, at "
+            f"{points.numel()} points (first: {listed}): the bounds stay valid but may be loose there; try {advice}")
     if num_steps > 1 and fwd.shape[0] > 1 and float(ess.mean()) < ESS_WARNING:
         warnings.append(
             f"the importance ESS of the forward chains' weights is {float(ess.mean()):.2f} on average (below "
@@ -557,12 +563,13 @@ def _bounds(
             points_per_block=points_per_block,
         )
     elbo, eubo = ais["lower"], ais["upper"]
-    require_finite(method, {"log p(x|z) of the simulated points": log_lik,
-                            "the log p(x) lower bound (every forward chain has zero weight)": elbo,
-                            "the log p(x) upper bound": eubo})
+    require_finite(method, {"log p(x|z) of the simulated points": log_lik})
+    advice = "use a proposal closer to the posterior, or more num_steps"
+    lower, no_lower = finite_side(method, "lower", log_lik - eubo, "a reverse chain's weight is infinite", advice)
+    upper, no_upper = finite_side(method, "upper", log_lik - elbo, "every forward chain has zero weight", advice)
     diagnostics = {"log_p_x_lower": elbo, "log_p_x_upper": eubo, **ais["diagnostics"]}
-    result = MIResult(method, lower_per_point=log_lik - eubo, upper_per_point=log_lik - elbo, settings=settings,
-                      diagnostics=diagnostics, warnings=ais["warnings"], notes=ais["notes"], x=x, z=z)
+    result = MIResult(method, lower_per_point=lower, upper_per_point=upper, settings=settings, diagnostics=diagnostics,
+                      warnings=ais["warnings"] + no_lower + no_upper, notes=ais["notes"], x=x, z=z)
     if save_chains is not None:
         from ..diagnostics import save_chains as _save
 
@@ -672,8 +679,9 @@ _COMMON_DOC = """
         importance ESS of the forward chains' final weights), ``accept_rate``,
         ``divergences``, ``divergent_chain_fraction``, ``step_sizes`` (T + 1, N), the log
         weights, the log p(x) bounds per point and, with ``record``, ``chains`` (for
-        :meth:`~pyro_mi.result.MIResult.to_arviz`); ``warnings`` name divergent chains
-        (> 10%), a low ESS (< 1.5) and the approximate online mode.
+        :meth:`~pyro_mi.result.MIResult.to_arviz`); ``warnings`` name divergent chains and
+        chains that never moved (and the points they belong to), a low ESS (< 1.5) and the
+        approximate online mode.
 
     Raises:
         ValueError: non-positive K, T, L or step size, an unknown schedule or adapt mode,

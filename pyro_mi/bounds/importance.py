@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..density import Data, ModelDensity
 from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng, world
 from ..proposal import GaussianEncoder, PriorProposal, proposal_from_point
-from ..result import MIResult, require_finite
+from ..result import MIResult, finite_side, require_finite
 from ..weights import log_weight_sums
 
 #: latent and observed numbers per chunk of (particle, data point) log-weight evaluations (at
@@ -184,8 +184,12 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
         lse = torch.full_like(log_w_true, -math.inf)  # over all K draws
         lse_eubo = log_w_true.clone()  # the posterior sample and the first K-1 draws
         lse_sq = torch.full_like(log_w_true, -math.inf)
+        nan_draws = torch.zeros_like(log_w_true)
         seen = 0
         for log_w in _stream(density, proposal, xb, K, bar):
+            nan = torch.isnan(log_w)
+            nan_draws = nan_draws + nan.sum(0)
+            log_w = log_w.masked_fill(nan, -math.inf)  # a density that overflowed: zero weight, counted
             keep = min(log_w.shape[0], K - 1 - seen)  # every draw but the last one is in the EUBO
             head, total, total_sq = log_weight_sums(log_w, keep)
             lse_eubo = torch.logaddexp(lse_eubo, head)
@@ -193,20 +197,28 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
             lse_sq = torch.logaddexp(lse_sq, total_sq)
             seen += log_w.shape[0]
         ess = torch.exp(2 * lse - lse_sq).detach()  # pyro_mi.weights.importance_ess, accumulated over chunks
-        return {"log_lik": log_lik, "elbo": lse - math.log(K), "eubo": lse_eubo - math.log(K), "ess": ess}
+        return {"log_lik": log_lik, "elbo": lse - math.log(K), "eubo": lse_eubo - math.log(K), "ess": ess,
+                "nan_draws": nan_draws}
 
     t = _per_block(density, proposal, x, z, points_per_block, K, differentiable, terms, progress, "IWAE")
     log_lik, elbo, eubo, ess = t["log_lik"], t["elbo"], t["eubo"], t["ess"]
-    require_finite("iwae", {"log p(x|z) of the simulated points": log_lik,
-                            "the log p(x) lower bound (every proposal draw has zero weight)": elbo,
-                            "the log p(x) upper bound (log p(x, z) - log q(z|x) at the simulated z)": eubo})
+    require_finite("iwae", {"log p(x|z) of the simulated points": log_lik})
+    advice = "use a proposal closer to the posterior (a fitted guide), more num_particles, or ais"
+    lower, no_lower = finite_side("iwae", "lower", log_lik - eubo,
+                                  "the proposal's density is 0 at the simulated latents", advice)
+    upper, no_upper = finite_side("iwae", "upper", log_lik - elbo, "every proposal draw has zero weight", advice)
+    warnings = ess_warnings(K, ess) + no_lower + no_upper
+    if int(t["nan_draws"].sum()):
+        warnings.append(f"{int(t['nan_draws'].sum())} proposal draws (at {int((t['nan_draws'] > 0).sum())} points) had a "
+                        "joint density that could not be evaluated (NaN: an overflow in the model at extreme "
+                        "latents) and were given zero weight")
     return MIResult(
         "iwae",
-        lower_per_point=log_lik - eubo,
-        upper_per_point=log_lik - elbo,
+        lower_per_point=lower,
+        upper_per_point=upper,
         settings={"num_particles": K},
         diagnostics={"ess": float(ess.mean()), "log_p_x_lower": elbo, "log_p_x_upper": eubo},
-        warnings=ess_warnings(K, ess),
+        warnings=warnings,
         x=density.check_data(x),
         z=z,
     )
@@ -257,13 +269,16 @@ def _ba(density, proposal, x, z, num_particles, progress, points_per_block, diff
 
     t = _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms, progress, "BA")
     log_lik, ba_lower, upper = t["log_lik"], t["ba_lower"], t["upper"]
-    require_finite("ba", {"log p(x|z) of the simulated points": log_lik,
-                          "the lower bound log q(z|x) - log p(z) at the simulated z": ba_lower,
-                          "the upper bound (E_q[log p(x, z) - log q(z|x)] over the proposal draws)": upper})
+    require_finite("ba", {"log p(x|z) of the simulated points": log_lik})
+    advice = "use a proposal closer to the posterior (a fitted guide), or iwae"
+    ba_lower, no_lower = finite_side("ba", "lower", ba_lower, "the proposal's density is 0 at the simulated latents",
+                                     advice)
+    upper, no_upper = finite_side("ba", "upper", upper, "a proposal draw has zero weight", advice)
     return MIResult(
         "ba",
         lower_per_point=ba_lower,
         upper_per_point=upper,
+        warnings=no_lower + no_upper,
         settings={"num_particles": num_particles},
         x=density.check_data(x),
         z=z,

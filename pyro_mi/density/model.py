@@ -13,6 +13,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.inspect import get_dependencies
+from pyro.infer.reparam import LocScaleReparam
+from pyro.poutine.messenger import Messenger
 
 from ..resources import is_out_of_memory
 from . import enumeration, packing
@@ -29,6 +32,34 @@ Data = Mapping[str, torch.Tensor]
 _PROBE_CHAINS, _PROBE_DATA = 2, 3
 #: the ways of running a data-plate model, in the order ``"auto"`` tries them
 _DATA_PLATE_WAYS = ("plate", "fold")
+#: the reparameterisations of :class:`ModelDensity`
+REPARAM = ("none", "auto")
+
+
+class _Deterministic(Messenger):
+    """Marks the named sample sites deterministic, as ``pyro.deterministic`` marks its sites: a
+    site that a reparameteriser made a function of its new latent is not a latent of its own."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = frozenset(names)
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.names:
+            msg["infer"]["_deterministic"] = True
+
+
+def decentred(model: Callable, sites: Sequence[str]) -> Callable:
+    """``model`` with ``sites`` fully non-centred by Pyro's ``LocScaleReparam`` (new latents
+    ``<site>_decentered``; the original sites become deterministic functions of them)."""
+    return _Deterministic(sites)(poutine.reparam(model, config={k: LocScaleReparam(centered=0.0) for k in sites}))
+
+
+def _is_loc_scale(fn) -> bool:
+    """A location-scale family on the real line (after Independent), as Pyro's AutoReparam picks them."""
+    while isinstance(fn, dist.Independent):
+        fn = fn.base_dist
+    return {"loc", "scale"} <= set(fn.arg_constraints) and fn.support is dist.constraints.real
 
 
 def _as_tuple(obs_sites) -> tuple[str, ...]:
@@ -117,6 +148,11 @@ class ModelDensity:
             each point alone. A data-plate model runs ``"plate"`` or ``"fold"`` (its chains
             folded into its own data plate, for sites that do not broadcast over a chains
             dim; see :mod:`.plates`); ``"auto"`` tries them in that order.
+        reparam: ``"none"`` (the model as written) or ``"auto"``: the latent sites of a
+            location-scale family whose location or scale depends on another latent are
+            non-centred with Pyro's ``LocScaleReparam`` (see :meth:`_decentre`), which a funnel
+            needs; a bijection of the latents, so the MI and each point's log p(x) are unchanged
+            (the packed latents are then the decentred ones).
 
     Raises:
         ValueError: the model cannot be called with the arguments given (saying which
@@ -156,6 +192,7 @@ class ModelDensity:
         data: Data | torch.Tensor | None = None,
         covariates: Mapping[str, torch.Tensor] | None = None,
         vectorize: str = "auto",
+        reparam: str = "none",
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -163,6 +200,10 @@ class ModelDensity:
             raise TypeError(f"model_args must be a tuple of the model's positional arguments, got "
                             f"{type(model_args).__name__}")
         self.model = model
+        if reparam not in REPARAM:
+            raise ValueError(f"reparam must be one of {REPARAM}, got {reparam!r}")
+        self._model = model  # the program pyro_mi runs: the model, or it reparameterised
+        self.reparam = reparam
         self.obs_sites = _as_tuple(obs_sites)
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
@@ -201,8 +242,8 @@ class ModelDensity:
         """One trace of the model as its author calls it, observed sites sampled (no pyro_mi plate)."""
         with torch.random.fork_rng(), torch.no_grad(), poutine.block():
             try:
-                return poutine.trace(poutine.uncondition(self.model)).get_trace(*self.arguments.args,
-                                                                                **self.arguments.kwargs)
+                return poutine.trace(poutine.uncondition(self._model)).get_trace(*self.arguments.args,
+                                                                                 **self.arguments.kwargs)
             except TypeError as e:
                 if "argument" not in str(e):
                     raise
@@ -233,6 +274,16 @@ class ModelDensity:
         whichever way the model is written."""
         trace = self._bare_trace()
         sites = {s["name"]: s for s in _sample_sites(trace)}
+        if self.reparam == "auto":
+            decentred_sites = self._decentre(sites)
+            if decentred_sites:
+                self._model = decentred(self.model, decentred_sites)
+                self.notices.append(
+                    f"the latent sites {decentred_sites} are non-centred (reparam='auto': Pyro's LocScaleReparam), "
+                    f"sampled as {[k + '_decentered' for k in decentred_sites]}: a bijection of the latents, so the MI and "
+                    "each point's log p(x) are unchanged")
+                trace = self._bare_trace()
+                sites = {s["name"]: s for s in _sample_sites(trace)}
         missing = [o for o in self.obs_sites if o not in sites]
         if missing:
             raise ValueError(
@@ -295,6 +346,24 @@ class ModelDensity:
             break
         if failures:
             self.notices.append(self._notice(failures))
+
+    def _decentre(self, sites: Mapping[str, dict]) -> list[str]:
+        """The latent sites ``reparam="auto"`` non-centres: a location-scale family on the real line
+        (Normal, StudentT, Cauchy, Laplace, ...) whose location or scale depends on another
+        latent site in the prior (Pyro's ``get_dependencies``): the funnel of a hierarchical
+        model, whose scale and effects the samplers then see apart."""
+        candidates = [k for k, s in sites.items() if k not in self.obs_sites and _is_loc_scale(s["fn"])]
+        if not candidates:
+            return []
+        # the observed sites are hidden: prior dependencies are among latents (and a simulator has no density)
+        try:
+            with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+                deps = get_dependencies(poutine.block(self.model, hide=list(self.obs_sites)), self.arguments.args,
+                                        self.arguments.kwargs)["prior_dependencies"]
+        except Exception:  # noqa: BLE001 - Pyro's dependency tracing cannot run the model: leave it as written
+            return []
+        latents = set(sites) - set(self.obs_sites)
+        return [k for k in candidates if set(deps.get(k, {})) & (latents - {k})]
 
     def _find_data_plate(self, sites: Mapping[str, dict]) -> bool:
         """Whether the model's rows are its data points (see the class docstring); sets the
@@ -509,14 +578,14 @@ class ModelDensity:
     # ------------------------------------------------------------- model calls
     def _call(self):
         """One call of a model without a data plate, with its author's arguments."""
-        return self.model(*self.arguments.args, **self.arguments.kwargs)
+        return self._model(*self.arguments.args, **self.arguments.kwargs)
 
     def _program(self, num_data: int, sample_obs: bool = False) -> Callable[[int], object]:
         """``program(copies)``: the model on ``num_data`` rows from this density's first point
         (one call for a model without a data plate), its observed sites sampled with
         ``sample_obs``; uncondition innermost, so that only the model's own observations are
         released."""
-        model = poutine.uncondition(self.model) if sample_obs else self.model
+        model = poutine.uncondition(self._model) if sample_obs else self._model
 
         def program(copies: int):
             args, kwargs = self.arguments.bind(num_data, self._start, copies) if self.has_data_plate \

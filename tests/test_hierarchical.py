@@ -1,0 +1,175 @@
+"""Hierarchical models (issue "tight sandwiches on funnels and heavy tails, and a warning whenever a
+number is useless"): non-centring that leaves every per-point bound valid, the defensive mixture
+encoder, the prior fallback, presets, and the assessment's warnings."""
+
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_mi
+from pyro_mi import GaussianEncoder, ModelDensity, fit_guide
+from pyro_mi.assessment import assess
+from pyro_mi.examples.zoo import zoo
+from pyro_mi.proposal import PRIOR_WEIGHTS
+from pyro_mi.result import MIResult
+
+
+def paired(result, log_marginal):
+    exact = log_marginal(result.x).double()
+    out = []
+    for key in ("log_p_x_upper", "log_p_x_lower"):
+        d = exact - result.diagnostics[key].double()
+        out.append((float(d.mean()), float(d.std() / math.sqrt(d.numel()))))
+    return out
+
+
+# ------------------------------------------------------------------ reparam="auto"
+def test_non_centring_is_found_and_leaves_log_p_x_unchanged():
+    m = zoo()["eight_schools_centred"]
+    none = ModelDensity(m.model, m.obs_sites, model_args=m.model_args)
+    auto = ModelDensity(m.model, m.obs_sites, model_args=m.model_args, reparam="auto")
+    assert [s.name for s in auto.latent_sites] == ["mu", "tau", "theta_decentered"]
+    assert [s.name for s in none.latent_sites] == ["mu", "tau", "theta"]
+    torch.manual_seed(0)
+    x, z = auto.sample(200)
+    # the same point's z in the centred coordinates: theta = mu + tau * theta_decentered
+    v = auto.constrained(z)
+    theta = v["mu"] + v["tau"] * v["theta_decentered"]  # (N, 1) and (N, 8)
+    z_none = none.pack({"mu": v["mu"][None], "tau": v["tau"][None], "theta": theta[None]})[0]
+    # log p(x|z) is the same function of the point; log p(z) differs by the log-Jacobian of the map
+    torch.testing.assert_close(auto.log_likelihood(x, z), none.log_likelihood(x, z_none), rtol=1e-4, atol=1e-3)
+    jac = 8 * v["tau"].log().reshape(-1)  # d theta / d theta_decentered = tau, for 8 schools
+    torch.testing.assert_close(auto.log_prior(z, x), none.log_prior(z_none, x) + jac, rtol=1e-4, atol=1e-3)
+    # models without a hierarchical location-scale site are left as written
+    other = zoo()["eight_schools"]
+    d = ModelDensity(other.model, other.obs_sites, model_args=other.model_args, reparam="auto")
+    assert [s.name for s in d.latent_sites] == ["eta", "mu", "tau"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reparam", ["none", "auto"])
+def test_both_parameterisations_bound_the_exact_per_point_log_p_x(reparam):
+    m = zoo()["eight_schools_centred"]
+    r = pyro_mi.estimate_mi(m.model, m.obs_sites, model_args=m.model_args, method="ais", num_data=512,
+                            num_steps=200, num_leapfrog=3, reparam=reparam, seed=1, progress=False)
+    (lo, lo_se), (up, up_se) = paired(r, m.log_marginal)
+    assert lo <= 4 * lo_se and up >= -4 * up_se, (lo, lo_se, up, up_se)
+
+
+def test_a_guide_runs_the_model_as_written():
+    m = zoo()["eight_schools_centred"]
+
+    def guide(J, sigma, y=None):
+        pyro.sample("mu", dist.Normal(0.0, 10.0))
+        pyro.sample("tau", dist.HalfCauchy(25.0))
+        with pyro.plate("J", J):
+            pyro.sample("theta", dist.Normal(0.0, 30.0))
+
+    r = pyro_mi.estimate_mi(m.model, m.obs_sites, model_args=m.model_args, guide=guide, num_data=16,
+                            num_particles=4, progress=False)
+    assert r.settings["reparam"] == "none"
+
+
+# ------------------------------------------------------------------ the default encoder
+def test_the_defensive_mixture_bounds_every_weight():
+    m = zoo()["partially_pooled_with_logit"]
+    d = ModelDensity(m.model, m.obs_sites, model_args=m.model_args, reparam="auto")
+    q = GaussianEncoder(d, hidden_sizes=(8,), prior_weight=0.1)
+    torch.manual_seed(0)
+    x, z = d.sample(64)
+    lp, ll = d.log_terms(x, z)
+    mu, sigma = q(x)
+    expected = torch.logaddexp(math.log(0.9) + dist.Normal(mu, sigma).log_prob(z).sum(-1), math.log(0.1) + lp)
+    torch.testing.assert_close(q.log_prob(z, x), expected)
+    # p(x, z) / q(z|x) <= p(x|z) / 0.1 at every z, here at draws of q itself
+    zq, lq = q.rsample(x, 32)
+    lp_q, ll_q = d.log_terms(x, zq)
+    assert bool((lp_q + ll_q - lq <= ll_q - math.log(0.1) + 1e-4).all())
+
+
+def test_the_prior_is_the_proposal_when_the_fit_is_worse():
+    # an encoder far from the posterior that training cannot move (lr ~ 0): on held-out pairs every
+    # mixture is worse than the prior, which fit_guide then chooses, and estimate_mi says so
+    def model(x=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        return pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    d = ModelDensity(model, "x")
+    q = GaussianEncoder(d, hidden_sizes=(4,))
+    with torch.no_grad():
+        q.skip.weight.fill_(-5.0)  # mu = -5 x, log sigma = -5 x: nowhere near p(z|x)
+    torch.manual_seed(0)
+    fit_guide(d, q, num_steps=5, lr=1e-12, progress=False)
+    assert q.fit_log.prior_wins and q.fit_log.prior_weights[1.0] == 0.0
+    assert all(v < 0 for a, v in q.fit_log.prior_weights.items() if a < 1)
+    assert set(PRIOR_WEIGHTS) >= {0.0, 1.0}
+
+
+def test_a_heavy_tailed_scale_no_longer_gives_a_useless_sandwich():
+    # the issue's sigma ~ HalfCauchy(1), six x_j ~ N(0, sigma^2): iwae's upper side was 87.2 nats, the
+    # interval [1.34, 251.1], no warning; the MI is 1.63 nats (issue text)
+    def model(x=None):
+        s = pyro.sample("s", dist.HalfCauchy(1.0))
+        with pyro.plate("j", 6):
+            return pyro.sample("x", dist.Normal(0.0, s), obs=x)
+
+    r = pyro_mi.estimate_mi(model, "x", num_data=1024, progress=False)
+    assert r.gap < 0.5 or r.warnings, r
+    assert 1.0 < r.lower < 2.0 and r.upper < 5.0, r
+
+
+# ------------------------------------------------------------------ presets
+def test_presets_set_the_method_options_and_explicit_ones_win(capsys):
+    m = zoo()["fully_pooled"]
+    r = pyro_mi.estimate_mi(m.model, m.obs_sites, model_args=m.model_args, method="ais", preset="fast",
+                            num_data=16, fit_steps=10, progress=False)
+    assert (r.settings["num_steps"], r.settings["num_chains"], r.settings["preset"]) == (30, 2, "fast")
+    r = pyro_mi.estimate_mi(m.model, m.obs_sites, model_args=m.model_args, method="ais", preset="fast",
+                            num_steps=7, num_data=16, fit_steps=10, progress=False)
+    assert r.settings["num_steps"] == 7
+    with pytest.raises(ValueError, match="preset must be one of"):
+        pyro_mi.estimate_mi(m.model, m.obs_sites, model_args=m.model_args, preset="exact", progress=False)
+
+
+# ------------------------------------------------------------------ assessment
+def _result(lower, upper):
+    return MIResult("demo", torch.tensor(lower, dtype=torch.float64), torch.tensor(upper, dtype=torch.float64))
+
+
+def test_a_gap_carried_by_a_few_points_names_them():
+    lower = [1.0] * 99 + [1.0]
+    upper = [1.01] * 99 + [500.0]
+    r = _result(lower, upper)
+    assess(r)
+    assert r.diagnostics["dominant_points"][0] == 99
+    assert any(w.startswith("1 of 100 points carry") and "dominant_points" in w for w in r.warnings)
+
+
+def test_a_wide_sandwich_always_says_why():
+    r = _result([1.0 + 0.01 * i for i in range(100)], [3.0 + 0.01 * i for i in range(100)])
+    assess(r, advice="more num_steps")
+    assert any("the sandwich is 2 nats wide" in w and "more num_steps" in w for w in r.warnings)
+    tight = _result([1.0] * 50, [1.02] * 50)
+    assess(tight)
+    assert tight.warnings == []
+
+
+def test_a_lower_side_below_zero_and_an_upper_side_above_the_ceiling_are_useless():
+    r = _result([-3.0, -2.5, -3.5, -2.0], [2.0, 2.5, 3.0, 2.2])
+    assess(r, ceiling=1.5)
+    assert any("below 0 by more than 2 standard errors" in w for w in r.warnings)
+    assert any("above 1.5 nats, the most the observations can carry" in w for w in r.warnings)
+    assert r.ceiling == 1.5 and r.interval[1] == 1.5 and json.loads(json.dumps(r.to_dict()))["ceiling"] == 1.5
+
+
+def test_the_zoo_ceilings_are_the_log_number_of_values():
+    for name in ("fully_pooled", "working_memory", "hmm", "vae"):
+        m = zoo()[name]
+        d = ModelDensity(m.model, m.obs_sites, model_args=m.model_args)
+        assert abs(d.mi_ceiling() - m.ceiling) < 1e-9, name
+    m = zoo()["eight_schools"]
+    assert ModelDensity(m.model, m.obs_sites, model_args=m.model_args).mi_ceiling() is None
