@@ -99,7 +99,7 @@ def _dominated(result: MIResult, gap: torch.Tensor, advice: str) -> bool:
     listed = ", ".join(str(i) for i in worst[:5])
     result.warnings.append(
         f"{k} of {N} points carry {share:.0%} of the gap (the widest: points {listed}; up to {MAX_LISTED} in "
-        f"diagnostics['dominant_points']): the sandwich's width comes from a few simulated points far from where the "
-        f"proposal puts its mass (a heavy-tailed prior draws some); the median point's gap is "
+        f"diagnostics['dominant_points']): the sandwich's width comes from a few simulated points where the proposal "
+        f"is far from the posterior (a heavy-tailed prior draws such points); the median point's gap is "
         f"{float(gap.median()):.3g} nats. Use {advice}")
     return True

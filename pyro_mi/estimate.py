@@ -197,7 +197,9 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
         the :class:`MIResult`, with ``x``/``z``, the density's notices, ``vectorize`` and the
         proposal fit's diagnostics filled in.
     """
+    seen = len(density.warnings)
     x, z = density.sample(num_data, differentiable=bool(options.get("differentiable")))
+    simulated = density.warnings[seen:]  # about the bounded points (a proposal's own training pairs say nothing)
     if world()[1] > 1:  # every rank simulated and fits from the same seed; rank 0's copies make sure
         x, z = broadcast((x, z))
     q = make_proposal(density, proposal, guide, fit_steps=fit_steps, progress=progress)
@@ -213,7 +215,7 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
         result.x, result.z = x, z
     result.settings["vectorize"] = density.vectorize
     result.notes[:0] = density.notices
-    result.warnings[:0] = density.warnings + fallback
+    result.warnings[:0] = simulated + fallback
     if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
         result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,
                                   proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)

@@ -245,3 +245,14 @@ EXACT_MODELS = {
     "dirichlet-multinomial": dirichlet_multinomial_exact,
     "normal-gamma": normal_gamma_exact,
 }
+
+
+def paired_sides(result, log_marginal) -> list[tuple[float, float]]:
+    """(lower - truth, upper - truth) of a result with per-point log p(x) bounds, each (mean, standard
+    error) over its points: paired per point against the exact ``log_marginal(x) -> (N,)``."""
+    exact = log_marginal(result.x).double()
+    out = []
+    for key in ("log_p_x_upper", "log_p_x_lower"):
+        d = exact - result.diagnostics[key].double()
+        out.append((float(d.mean()), float(d.std() / math.sqrt(d.numel()))))
+    return out

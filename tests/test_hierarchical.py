@@ -10,21 +10,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from models import paired_sides
+
 import pyro_mi
 from pyro_mi import GaussianEncoder, ModelDensity, fit_guide
 from pyro_mi.assessment import assess
 from pyro_mi.examples.zoo import zoo
 from pyro_mi.proposal import PRIOR_WEIGHTS
 from pyro_mi.result import MIResult
-
-
-def paired(result, log_marginal):
-    exact = log_marginal(result.x).double()
-    out = []
-    for key in ("log_p_x_upper", "log_p_x_lower"):
-        d = exact - result.diagnostics[key].double()
-        out.append((float(d.mean()), float(d.std() / math.sqrt(d.numel()))))
-    return out
 
 
 # ------------------------------------------------------------------ reparam="auto"
@@ -56,7 +49,7 @@ def test_both_parameterisations_bound_the_exact_per_point_log_p_x(reparam):
     m = zoo()["eight_schools_centred"]
     r = pyro_mi.estimate_mi(m.model, m.obs_sites, model_args=m.model_args, method="ais", num_data=512,
                             num_steps=200, num_leapfrog=3, reparam=reparam, seed=1, progress=False)
-    (lo, lo_se), (up, up_se) = paired(r, m.log_marginal)
+    (lo, lo_se), (up, up_se) = paired_sides(r, m.log_marginal)
     assert lo <= 4 * lo_se and up >= -4 * up_se, (lo, lo_se, up, up_se)
 
 

@@ -12,6 +12,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from models import paired_sides
+
 import pyro_mi
 from pyro_mi import GuideDensity, ModelDensity
 from pyro_mi.cli import main
@@ -19,18 +21,8 @@ from pyro_mi.examples import zoo as zoo_module
 from pyro_mi.examples.zoo import zoo
 
 
-def paired(result, log_marginal):
-    """(lower - truth, upper - truth), each (mean, standard error) over the points: paired per point."""
-    exact = log_marginal(result.x).double()
-    out = []
-    for key in ("log_p_x_upper", "log_p_x_lower"):
-        d = exact - result.diagnostics[key].double()
-        out.append((float(d.mean()), float(d.std() / math.sqrt(d.numel()))))
-    return out
-
-
 def assert_bounds(result, log_marginal, tight: float | None = None):
-    (lo, lo_se), (up, up_se) = paired(result, log_marginal)
+    (lo, lo_se), (up, up_se) = paired_sides(result, log_marginal)
     assert lo <= 4 * lo_se, f"lower side above the truth: {lo} ± {lo_se}"
     assert up >= -4 * up_se, f"upper side below the truth: {up} ± {up_se}"
     if tight is not None:
