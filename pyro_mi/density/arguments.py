@@ -112,11 +112,8 @@ class ModelArguments:
         times over, the data plate's rows repeated), with ``observed`` values ``{site: (M, *shape)}``
         written where the model reads them (M = copies * num_data rows; for a one-data-point
         model the arguments that carry them get a leading dim of M). Without a data plate and
-        without ``observed`` these are the author's arguments.
-
-        Raises:
-            ValueError: an observed site whose values cannot be written into the arguments (see
-                :meth:`check_writable`).
+        without ``observed`` these are the author's arguments. A site of a data-plate model must
+        be carried row by row (:class:`ObservedSlot` ``columns``), which the caller checks.
         """
         values: dict = {}
         if self.rows is not None:
@@ -126,8 +123,7 @@ class ModelArguments:
                 values[s] = v[rows.to(v.device)]
         for site, x in (observed or {}).items():
             where = self.observed.get(site)
-            if where is None:
-                values[("kwarg", site)] = x
+            if where is None:  # a keyword named after the site, below
                 continue
             base = values.get(where.slot, self.get(where.slot))
             values[where.slot] = _write(base, where, x, rowwise=self.rows is not None)

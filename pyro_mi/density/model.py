@@ -606,8 +606,13 @@ class ModelDensity:
         """
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
-        self.located_observed()
+        located = self.located_observed()
         for o in self.obs_sites:
+            if self.has_data_plate and o in located and located[o].columns is None:
+                raise ValueError(
+                    f"the guide reads x from the model's arguments, but observed site {o!r} comes from argument "
+                    f"{slot_name(located[o].slot, self._parameter_names())}, which is not one row per data point: "
+                    "pyro_mi cannot give the guide other values of it; let pyro_mi fit its own encoder (no guide)")
             if o in self._derived:
                 raise ValueError(
                     f"the guide reads x from the model's arguments, but observed site {o!r} is computed from "
@@ -627,13 +632,12 @@ class ModelDensity:
     def _trace(self, num_chains: int, num_data: int, cond: dict, sample_obs: bool, enum: bool = False):
         return self._plates.trace(self._program(num_data, sample_obs), num_chains, num_data, cond=cond, enum=enum)
 
-    def draw(self, num_chains: int, num_data: int, x: Data | None = None, cond: Mapping | None = None,
+    def draw(self, num_chains: int, num_data: int, cond: Mapping | None = None,
              differentiable: bool = False) -> tuple[dict, dict]:
-        """Simulates (x, z) ~ p(x, z) for C x N points the chosen way.
+        """Simulates (x, z) ~ p(x, z) for C x N points the chosen way (a data-plate model on the rows
+        of its data points from this density's first).
 
         Args:
-            x: unused (kept for callers of earlier versions; a data-plate model's rows come from
-                its arguments).
             cond: ``{latent site: value (C, 1.., N, *shape)}`` held fixed: the other sites are
                 drawn from the model given them (ancestral sampling).
             differentiable: draw by ``rsample`` (a loop over points for a model run point by
