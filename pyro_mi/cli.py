@@ -294,7 +294,7 @@ def _estimate(args: argparse.Namespace):
     return result
 
 
-def _tensor(array) -> torch.Tensor:
+def _tensor(array, what: str = "an argument") -> torch.Tensor:
     """An array as a tensor: floating and integer values in torch's default float dtype (Pyro's
     distributions take float values, counts included), booleans as they are.
 
@@ -302,9 +302,18 @@ def _tensor(array) -> torch.Tensor:
         CLIError: an array of strings, objects or other non-numeric values.
     """
     if getattr(array, "dtype", None) is not None and array.dtype.kind not in "biuf":
-        raise CLIError(f"an array of {array.dtype} values cannot be a model argument (numbers or booleans only)")
+        raise CLIError(f"{what}: an array of {array.dtype} values cannot be a model argument (numbers or booleans only)")
     t = torch.as_tensor(array)
-    return t if t.dtype == torch.bool else t.to(torch.get_default_dtype())
+    if t.numel() == 0:
+        raise CLIError(f"{what}: an empty array (shape {tuple(t.shape)}) cannot be a model argument")
+    if t.dtype == torch.bool:
+        return t
+    out = t.to(torch.get_default_dtype())
+    overflow = torch.isinf(out) & torch.isfinite(t.double())
+    if bool(overflow.any()):
+        raise CLIError(f"{what}: the array's values overflow {out.dtype} (e.g. {float(t[overflow][0]):.3g}, which "
+                       f"{out.dtype} cannot hold): rescale them")
+    return out
 
 
 def _parameters(model: Callable) -> list[inspect.Parameter]:
@@ -335,13 +344,13 @@ def _data_arrays(specs: list[str], model: Callable, obs: tuple[str, ...]) -> dic
             if len(arrays) != 1 and name not in arrays:
                 raise CLIError(f"--data {spec}: {path} holds arrays {', '.join(arrays)}; save one array, or one "
                                f"named {name!r}")
-            out[name] = _tensor(arrays.get(name, next(iter(arrays.values()))))
+            out[name] = _tensor(arrays.get(name, next(iter(arrays.values()))), f"--data {spec}")
             continue
         if "" in arrays:
             if len(obs) == 1 and (obs[0] in names or takes_any):
-                out[obs[0]] = _tensor(arrays[""])
+                out[obs[0]] = _tensor(arrays[""], f"--data {spec}")
             elif names:
-                out[names[0]] = _tensor(arrays[""])
+                out[names[0]] = _tensor(arrays[""], f"--data {spec}")
             else:
                 raise CLIError(f"--data {path} holds one array, and the model takes no argument to give it to")
             continue
@@ -349,7 +358,7 @@ def _data_arrays(specs: list[str], model: Callable, obs: tuple[str, ...]) -> dic
         if not known:
             raise CLIError(f"--data {path} has no array named after an argument of the model ({', '.join(names) or 'none'})"
                            f" or an observed site ({', '.join(obs)}); its arrays are: {', '.join(arrays)}")
-        out.update({k: _tensor(arrays[k]) for k in known})
+        out.update({k: _tensor(arrays[k], f"--data {spec} (array {k!r})") for k in known})
     return out
 
 
@@ -375,7 +384,7 @@ def _model_args(specs: list[str]) -> dict:
         else:
             raise CLIError(f"--model-arg {spec}: {path} holds arrays {', '.join(arrays)}; save one array, or one "
                            f"named {name!r}")
-        out[name] = _tensor(array)
+        out[name] = _tensor(array, f"--model-arg {spec}")
     return out
 
 
@@ -484,6 +493,9 @@ def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace | None, as_json:
     resumable = [m for m in METHODS if "checkpoint" in method_options(m)]
     if path is not None and os.path.exists(path):
         message = f"interrupted; saved to {path}; rerun the same command to resume"
+    elif path is not None:
+        message = (f"interrupted before anything was saved to {path} (a phase that is not checkpointed, such as "
+                   "fitting the proposal or a critic, was running); rerunning the command starts afresh")
     elif method in resumable:
         message = "interrupted; nothing saved (pass --checkpoint FILE to make a run resumable)"
     elif method in METHODS:
@@ -533,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     0 on success; 2 on any user error (one line on stderr, and ``{"error": ...}``
     on stdout with ``--json``): bad flags, bad input, an error in the user's model
     file or raised by their model or guide (named by ``file:line``), another process of a
-    ``torchrun`` group that died; 130 after SIGINT and 143 after SIGTERM (one line saying
-    whether a checkpoint was saved). Other exceptions are bugs and keep their traceback.
+    ``torchrun`` group that died, out of memory; 2 also after printing a result whose requested
+    file (``--save-chains``) could not be written; 130 after SIGINT and 143 after SIGTERM (one
+    line saying whether a checkpoint was saved). Other exceptions are bugs and keep their
+    traceback (under ``--json`` after an ``{"error": ...}`` object on stdout).
     Under ``torchrun`` only rank 0 prints the result.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -563,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                                               distributed.DistributedError)):
             message = str(e)
         if message is None:
+            if as_json:  # a bug: the traceback follows on stderr, and stdout still holds one JSON object
+                print(strict_json({"error": f"internal error: {_one_line(e)}"}))
             raise
         return _fail(message, as_json)
     finally:
@@ -571,7 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.leave()
     if rank == 0:
         print(text)
-    return 0
+        for error in getattr(result, "write_errors", []):  # the numbers are printed; the failed write is an error
+            print(f"pyro-mi: error: {error}", file=sys.stderr)
+    return 2 if getattr(result, "write_errors", []) else 0
 
 
 if __name__ == "__main__":

@@ -82,3 +82,21 @@ class SeparableCritic(nn.Module):
     def pairwise(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Scores of all pairs: (B, x_dim), (M, z_dim) -> (B, M)."""
         return self.f(x) @ self.g(z).T
+
+
+def check_critic(critic, x_dim: int, z_dim: int, what: str = "critic") -> None:
+    """Calls ``critic`` once on two zero pairs, x (2, ``x_dim``) and z (2, ``z_dim``), and raises
+    ValueError, in one line naming the sizes, if it fails or does not return one score per pair
+    (a critic built for other sizes; the error torch would give is a matrix-shape mismatch)."""
+    param = next((p for p in getattr(critic, "parameters", lambda: iter(()))()), None)
+    kw = {} if param is None else dict(dtype=param.dtype, device=param.device)
+    try:
+        with torch.no_grad():
+            out = critic(torch.zeros(2, x_dim, **kw), torch.zeros(2, z_dim, **kw))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise ValueError(f"the {what} does not take x of {x_dim} features and z of {z_dim} (the sizes here): "
+                         f"{str(e).splitlines()[0]}") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (2,):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the {what} must return one score per pair: for 2 pairs of x ({x_dim}) and z ({z_dim}) "
+                         f"it returned {shape}")

@@ -100,6 +100,17 @@ def to_inference_data(result):
     return idata
 
 
+def write_chains(result, path) -> None:
+    """:func:`save_chains`, and on failure the result keeps its numbers: the error goes to
+    ``result.write_errors`` and its warnings (the command line prints the result, then the error,
+    and exits with status 2)."""
+    try:
+        save_chains(result, path)
+    except ValueError as e:
+        result.write_errors.append(str(e))
+        result.warnings.append(f"{e}: the bounds above are complete, the chains are not saved")
+
+
 def save_chains(result, path: str) -> None:
     """Writes :func:`to_inference_data` of ``result`` to a netCDF file ``path`` (e.g. ``chains.nc``).
     Under ``torch.distributed`` only rank 0 writes (every rank holds the gathered chains).

@@ -125,6 +125,10 @@ def estimate_mi(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
+    if fit_steps is not None and (isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0):
+        raise ValueError(f"fit_steps must be None or a non-negative integer, got {fit_steps!r}")
     options = {**PRESETS[preset].get(_FAMILY.get(method, method), {}), **options}
     check_method_options(method, num_data, options)
     if seed is None and world()[1] > 1:

@@ -85,7 +85,11 @@ def design_batch_shape(model: Callable, design: torch.Tensor) -> torch.Size:
     dims in order (``pyro.contrib.oed.glmm`` and Pyro's OED tutorial declare them with
     ``plate_stack`` / ``iter_plates_to_shape``). ``()`` for a single design."""
     with torch.random.fork_rng(), torch.no_grad(), poutine.block():
-        trace = poutine.trace(model).get_trace(design)
+        try:
+            trace = poutine.trace(model).get_trace(design)
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise ValueError(f"the model fails when called on the design of shape {tuple(design.shape)} (does its "
+                             f"last dim match the model?): {str(e).splitlines()[0]}") from e
     sites = _sample_sites(trace)
     common = set.intersection(*({f for f in s["cond_indep_stack"] if f.dim is not None} for s in sites))
     shape = []
@@ -251,6 +255,12 @@ def eig(
     """
     if not isinstance(design, torch.Tensor):
         raise TypeError(f"design must be a tensor, got {type(design).__name__}")
+    if design.numel() == 0:
+        raise ValueError(f"design is empty (shape {tuple(design.shape)}): give at least one design")
+    if design.is_floating_point() and not bool(torch.isfinite(design).all()):
+        bad = (~torch.isfinite(design)).nonzero()[0].tolist()
+        raise ValueError(f"design has a non-finite entry at index {bad} (value {float(design[tuple(bad)])}): every "
+                         "design must be finite")
     if differentiable:
         if method not in ("iwae", "ba"):
             raise ValueError(f"differentiable=True supports methods 'iwae' and 'ba', not {method!r}")

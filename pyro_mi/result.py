@@ -97,6 +97,7 @@ class MIResult:
         z: their packed unconstrained latents (N, D), or None.
         seconds: wall time of the estimate, set by :func:`pyro_mi.estimate_mi`.
         true_mi: the true MI where known (built-in examples), else None.
+        write_errors: files the run was asked to write and could not (the numbers are complete).
         ceiling: an upper limit of the model's MI known from the observations' support
             (discrete observations: the log of the number of values they can take), which
             caps :attr:`interval`; None where there is none.
@@ -117,6 +118,7 @@ class MIResult:
     seconds: float | None = None
     true_mi: float | None = None
     ceiling: float | None = None
+    write_errors: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.lower, self.lower_stderr = mean_and_stderr(self.lower_per_point)
@@ -187,6 +189,7 @@ class MIResult:
             "seconds": self.seconds,
             "true_mi": self.true_mi,
             "ceiling": self.ceiling,
+            "write_errors": list(self.write_errors),
         }
         scalar = (int, float, str, bool, type(None))
         out.update({k: v for k, v in self.settings.items() if isinstance(v, scalar) and k not in out})

@@ -112,8 +112,10 @@ def test_interrupt_prints_one_line(capsys, tmp_path, monkeypatch, exc, status, s
     assert code == status and out == ""
     if saved:
         assert one_line(err) == f"pyro-mi: interrupted; saved to {ckpt}; rerun the same command to resume"
-    else:
-        assert one_line(err) == "pyro-mi: interrupted; nothing saved (pass --checkpoint FILE to make a run resumable)"
+    else:  # --checkpoint was passed, but nothing was saved yet: the message must not ask for it (issue 32)
+        assert one_line(err) == (f"pyro-mi: interrupted before anything was saved to {ckpt} (a phase that is not "
+                                 "checkpointed, such as fitting the proposal or a critic, was running); rerunning "
+                                 "the command starts afresh")
 
 
 def test_interrupt_of_a_method_without_checkpoints(capsys, tmp_path, monkeypatch):

@@ -298,7 +298,10 @@ def run_chains(
         raise
     if checkpoint is not None:
         payload["done"] = True
-        save()
+        try:
+            save()
+        except ValueError:  # the disk filled at the end: the results are in hand, the file keeps its last save
+            pass
 
     def split(outs):
         lw = torch.cat([o["log_weights"] for o in outs], 0)
@@ -571,9 +574,9 @@ def _bounds(
     result = MIResult(method, lower_per_point=lower, upper_per_point=upper, settings=settings, diagnostics=diagnostics,
                       warnings=ais["warnings"] + no_lower + no_upper, notes=ais["notes"], x=x, z=z)
     if save_chains is not None:
-        from ..diagnostics import save_chains as _save
+        from ..diagnostics import write_chains
 
-        _save(result, save_chains)
+        write_chains(result, save_chains)
     return result
 
 

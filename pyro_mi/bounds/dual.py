@@ -70,7 +70,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..critics import JointCritic, SeparableCritic
+from ..critics import JointCritic, SeparableCritic, check_critic
 from ..result import MIResult
 from ..training import TrainingLog, split_indices, train
 from ..weights import log_mean_exp
@@ -550,6 +550,7 @@ def fit_dual_bound(
     if critic is None or isinstance(critic, str):
         candidates = default_critics(method, dx, dz, hidden_sizes, embed_dim, critic)
     elif callable(critic):
+        check_critic(critic, dx, dz)
         candidates = [critic]
     else:
         raise TypeError(f"critic must be a callable module critic(x, z), got {type(critic).__name__}")

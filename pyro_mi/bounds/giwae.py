@@ -41,6 +41,7 @@ from torch import nn
 from ..critics import JointCritic, mlp
 from ..density import Data, ModelDensity
 from ..distributed import manual_seed
+from ..critics import check_critic
 from ..proposal import GaussianEncoder, PriorProposal
 from ..result import MIResult
 from ..training import train
@@ -286,6 +287,7 @@ def giwae_bounds(
         critic = default_giwae_critic(density, hidden_sizes, proposal=q)
     if not callable(critic):
         raise TypeError(f"critic must be a callable module critic(x, z), got {type(critic).__name__}")
+    check_critic(critic, density.obs_dim, density.latent_dim)
     modules = [m for m in ((q if trained_q else None), critic) if isinstance(m, nn.Module)]
     if not trained_q and isinstance(q, nn.Module):
         q.requires_grad_(False)

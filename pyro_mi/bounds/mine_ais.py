@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
+from ..critics import check_critic
 from ..density import Data, ModelDensity
 from ..proposal import GaussianEncoder, PriorProposal, proposal_from_point
 from ..result import MIResult, require_finite
@@ -208,9 +209,9 @@ def _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, sch
 
 def _finish(result: MIResult, save_chains) -> MIResult:
     if save_chains is not None:
-        from ..diagnostics import save_chains as _save
+        from ..diagnostics import write_chains
 
-        _save(result, save_chains)
+        write_chains(result, save_chains)
     return result
 
 
@@ -272,6 +273,7 @@ def ibal_bounds(
     """
     if not callable(critic):
         raise TypeError(f"critic must be a callable critic(x_flat, z), got {type(critic).__name__}")
+    check_critic(critic, density.obs_dim, density.latent_dim)
     ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
                        pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress,
                        compile, points_per_block)
@@ -459,6 +461,7 @@ def mine_ais_bounds(
             nn.init.zeros_(critic.critic.net[-1].bias)
     if not isinstance(critic, nn.Module):
         raise TypeError(f"critic must be a torch.nn.Module (it is trained), got {type(critic).__name__}")
+    check_critic(critic, density.obs_dim, density.latent_dim)
     eps = _NegativeStepSize(step_size).to(z.device)
     modules = [m for m in ((q if trained_q else None), critic, eps) if m is not None]
     seed = int(torch.randint(2**62, (1,), generator=generator))

@@ -65,10 +65,46 @@ def _is_loc_scale(fn) -> bool:
 def _as_tuple(obs_sites) -> tuple[str, ...]:
     if isinstance(obs_sites, str):
         return (obs_sites,)
-    obs = tuple(obs_sites)
+    try:
+        obs = tuple(obs_sites)
+    except TypeError:
+        obs = ()
     if not obs or not all(isinstance(s, str) for s in obs):
         raise TypeError(f"obs_sites must be a site name or a non-empty sequence of names, got {obs_sites!r}")
+    twice = sorted({s for s in obs if obs.count(s) > 1})
+    if twice:
+        raise ValueError(f"observed site {twice[0]!r} is named more than once in obs_sites {list(obs)}")
     return obs
+
+
+def _check_joint(sites: Mapping[str, dict], obs_sites: Sequence[str]) -> None:
+    """Refuses, naming the site, what would make the traced densities other than the model's joint:
+    a site scaled (``poutine.scale``, a subsampling plate) or masked (``poutine.mask`` with a
+    False entry), and an ``obs=`` value whose shape does not broadcast to its distribution's."""
+    for name, s in sites.items():
+        scale, mask = s["scale"], s["mask"]
+        scaled = not (isinstance(scale, (int, float)) and scale == 1.0) and not (
+            isinstance(scale, torch.Tensor) and bool((scale == 1).all()))
+        if scaled:
+            raise ValueError(
+                f"site {name!r} is scaled by {scale if isinstance(scale, (int, float)) else 'a tensor'} "
+                "(poutine.scale, or a subsampling plate): its log density is then not that of the model's joint "
+                "distribution, whose MI pyro_mi bounds; remove the scale (and subsampling) for pyro_mi")
+        if mask is not None and not (mask is True or (isinstance(mask, torch.Tensor) and bool(mask.all()))):
+            raise ValueError(
+                f"site {name!r} is masked (poutine.mask with False entries): its masked elements are not part of the "
+                "model's joint density, whose MI pyro_mi bounds; remove the mask, or the masked elements, for pyro_mi")
+    for o in obs_sites:
+        fn, given = sites[o]["fn"], (sites[o].get("infer") or {}).get("obs")
+        if isinstance(given, torch.Tensor):
+            shape = fn.batch_shape + fn.event_shape
+            try:
+                ok = torch.broadcast_shapes(given.shape, shape) == shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"observed site {o!r}: the model passes obs= of shape {tuple(given.shape)}, but its "
+                                 f"distribution has shape {tuple(shape)} (batch and event): check the data you pass")
 
 
 def _is_discrete(fn) -> bool:
@@ -251,6 +287,13 @@ class ModelDensity:
                     raise ValueError(f"the model does not take the covariates {list(self._covariates)} as keyword "
                                      f"arguments ({e}); covariates need a data-plate model") from e
                 raise ValueError(self._arguments_message(e)) from e
+            except (RuntimeError, IndexError) as e:
+                if is_out_of_memory(e):
+                    raise
+                shapes = ", ".join(f"{slot_name(k, self._parameter_names())} {tuple(v.shape)}"
+                                   for k, v in self.arguments.tensor_slots())
+                raise ValueError(f"the model fails when called with the arguments given (tensor shapes: "
+                                 f"{shapes or 'none'}): {str(e).splitlines()[0]}") from e
 
     def _arguments_message(self, e: TypeError) -> str:
         """What to do when the model cannot be called with the arguments given."""
@@ -290,6 +333,7 @@ class ModelDensity:
                 f"observed site {missing[0]!r} is not a sample site of the model; "
                 f"its sample sites are {sorted(sites)}"
             )
+        _check_joint(sites, self.obs_sites)
         # pyro.factor sites (Unit) add to the joint density but are not latent variables
         latents = [s for name, s in sites.items() if name not in self.obs_sites and not isinstance(s["fn"], dist.Unit)]
         for s in latents:
@@ -660,10 +704,12 @@ class ModelDensity:
         cond = dict(cond or {})
         if self._points is not None:
             values = self._points.draw(C, N, cond, differentiable)
+            self._check_sites(values, "a simulation")
             return values, self._points.fns, lambda: self.site_log_probs(values, {}, C, N, self._no_density)
         trace = self._trace(C, N, cond, sample_obs=True)
         sites = _sample_sites(trace)
         values = self.site_values(trace, C, N)
+        self._check_sites(values, "a simulation")
         if self.enumerated:
             def score():
                 return self.site_log_probs(values, {}, C, N, self._no_density)
@@ -674,6 +720,21 @@ class ModelDensity:
 
         fns = {s["name"]: s["fn"] for s in sites if not isinstance(s["fn"], dist.Unit)}
         return values, fns, score
+
+    def _check_sites(self, names, what: str) -> None:
+        """Raises ValueError if the sample sites ``names`` of a run (``what``) differ from those of the
+        model's first run: pyro_mi needs the same sites on every run (a latent sampled in a loop of
+        random length, or only on some branch, has none)."""
+        expected = {k for k, fn in self.site_fns.items() if not isinstance(fn, dist.Unit)}
+        names = set(names)
+        if names != expected:
+            extra, missing = sorted(names - expected), sorted(expected - names)
+            said = "; ".join(p for p in (f"sites {extra} appeared" if extra else "",
+                                         f"sites {missing} did not" if missing else "") if p)
+            raise ValueError(
+                f"the model's sample sites change between runs ({what}: {said}): pyro_mi needs the same sites on "
+                "every run of the model; sample every site on every run (a loop of fixed length, or "
+                "poutine.mask instead of skipping a site)")
 
     def _trace_log_probs(self, trace, num_chains: int, num_data: int, skip=frozenset()) -> dict:
         """Per-site log densities ``{site: (C, N)}`` of a :meth:`trace_program` trace of the model
@@ -710,6 +771,7 @@ class ModelDensity:
             return self._points.log_probs(both, _scaled_log_prob, skip)
         cond = {**values, **{o: self._obs_layout(v) for o, v in shared.items()}}
         trace = self._trace(C, N, cond, sample_obs=False, enum=bool(self.enumerated))
+        self._check_sites(self.site_values(trace, C, N), "an evaluation")
         return self._trace_log_probs(trace, C, N, skip)
 
     def _obs_layout(self, value: torch.Tensor) -> torch.Tensor:

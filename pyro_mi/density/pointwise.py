@@ -66,6 +66,23 @@ def _sample_out_of_place(fn) -> torch.Tensor:
     return fn.sample()
 
 
+def _same_sites(rows: list[dict]) -> list[str]:
+    """The site names of runs of the model on single points, the same for every point.
+
+    Raises:
+        ValueError: a run had other sites (a latent sampled only on some branch or in a loop of
+            random length), naming them.
+    """
+    names = set(rows[0])
+    for r in rows[1:]:
+        if set(r) != names:
+            diff = sorted(set(r) ^ names)
+            raise ValueError(f"the model's sample sites change between runs (sites {diff} are sampled on some data "
+                             "points only): pyro_mi needs the same sites on every run of the model; sample every site "
+                             "on every run (a loop of fixed length, or poutine.mask instead of skipping a site)")
+    return list(rows[0])
+
+
 class _ShapeOnlyEnum(EnumMessenger):
     """Pyro's ``poutine.enum``, able to run under vmap: after each sample site Pyro's enumerator
     reads its value's shape through ``value.data``, which vmap forbids; it is shown a stand-in
@@ -194,7 +211,7 @@ class PointwiseModel:
         else:
             rows = [self._point_log_probs({k: v[b] for k, v in flat.items()}, site_log_prob, skip)
                     for b in range(C * N)]
-            out = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+            out = {k: torch.stack([r[k] for r in rows]) for k in _same_sites(rows)}
         return {k: v.reshape(C, N) for k, v in out.items()}
 
     def draw(self, num_chains: int, num_data: int, cond: Mapping | None = None,
@@ -222,7 +239,7 @@ class PointwiseModel:
                 self.draws = "loop"
         if flat is None:
             rows = [self._draw_one({k: v[b] for k, v in flat_cond.items()}) for b in range(B)]
-            flat = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+            flat = {k: torch.stack([r[k] for r in rows]) for k in _same_sites(rows)}
         return {k: v.reshape((num_chains, num_data) + v.shape[1:]) for k, v in flat.items()}
 
     def _fixed(self, point: Mapping) -> dict:
