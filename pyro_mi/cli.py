@@ -72,6 +72,8 @@ ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
     ("--lr", dict(type=float, help="critic/encoder Adam learning rate")),
     ("--points-per-block", dict(type=int, help="data points per block: the unit that torchrun's processes share "
                                                "out, each with random numbers of its own")),
+    ("--refine", dict(type=float, help="the most points (a fraction) whose pilot ended far from their target that are "
+                                       "rerun with 10x the annealing steps")),
 ]
 
 #: the default N of ``--num-data``: estimate_mi's, so that the two front ends agree

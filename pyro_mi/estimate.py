@@ -147,13 +147,14 @@ def estimate_mi(
     return result
 
 
-#: the method options of each preset, by method family (options given explicitly override them)
+#: the method options of each preset, by method family (options given explicitly override them); "tight"
+#: runs AIS long for every point, so without ``refine`` (a rerun at 10 T would take minutes)
 PRESETS = {
     "fast": {"iwae": dict(num_particles=50), "ba": dict(num_particles=10),
              "ais": dict(num_chains=2, num_steps=30, num_leapfrog=2)},
     "default": {},
     "tight": {"iwae": dict(num_particles=5000), "ba": dict(num_particles=100),
-              "ais": dict(num_chains=8, num_steps=5000, num_leapfrog=5)},
+              "ais": dict(num_chains=8, num_steps=5000, num_leapfrog=5, refine=0.0)},
 }
 _FAMILY = {"im-ais": "ais", "cr-ais": "ais", "bdmc": "ais"}
 

@@ -39,6 +39,16 @@ def proposal_from_point(proposal, start: int):
     return proposal.from_point(start) if isinstance(proposal, (PriorProposal, GuideDensity)) else proposal
 
 
+def proposal_for_points(proposal, index: torch.Tensor):
+    """``proposal`` for the data points ``index`` (see :meth:`ModelDensity.for_points`): the prior, or
+    a Pyro guide, of the density of those points; the default encoder depends on x alone."""
+    if not isinstance(proposal, (PriorProposal, GuideDensity)):
+        return proposal
+    sub = copy.copy(proposal)
+    sub.density = proposal.density.for_points(index)
+    return sub
+
+
 class PriorProposal:
     """The model's prior p(z) as a proposal (ignores x).
 

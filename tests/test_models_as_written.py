@@ -59,7 +59,7 @@ def test_observed_values_are_found_in_the_arguments():
     d = ModelDensity(svi_style, "obs", model_args=(data,))
     assert d.has_data_plate and d.located_observed()["obs"].columns.tolist() == 0
     x, z = d.sample(16)
-    args, _ = d.arguments.bind(16, observed=x)
+    args, _ = d.arguments.bind(torch.arange(16), observed=x)
     torch.testing.assert_close(args[0][:, 0], x["obs"])  # the values written where obs= reads them
     torch.testing.assert_close(args[0][:, 1], data[torch.arange(16) % 8, 1])  # the covariate cycled
     # the likelihood at those points uses each point's own covariate

@@ -35,6 +35,7 @@ bounds are approximate and the result says so.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -45,7 +46,7 @@ import torch
 from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
 from ..density import Data, ModelDensity, site_log_prob
 from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng
-from ..proposal import GaussianEncoder, GuideDensity, PriorProposal, proposal_from_point
+from ..proposal import GaussianEncoder, GuideDensity, PriorProposal, proposal_for_points, proposal_from_point
 from ..recording import ChainRecorder, ChainSummary, ProgressBar
 from ..result import MIResult, finite_side, require_finite
 from ..samplers import StepSizeAdapter, anneal, freeze, get_schedule, pilot_step_sizes
@@ -60,6 +61,8 @@ DEFAULTS = dict(num_chains=4, num_steps=100, num_leapfrog=2, step_size=0.05, sch
 ADAPT_MODES = ("pilot", "online", "none")
 #: default chunk size: at most this many (chain, data point, dim) elements per chunk
 CHUNK_ELEMENTS = 1 << 24
+#: the default fraction of points that ``refine`` may rerun (see :func:`refined_points`)
+REFINE = 0.05
 #: a warning is attached below this mean importance ESS of the forward weights
 ESS_WARNING = 1.5
 
@@ -269,8 +272,12 @@ def run_chains(
                 for bar in bars:
                     bar(("pilot", 0, block), st, info)
 
-            table = pilot_step_sizes(components, z_p, betas, step_size, num_leapfrog, gen,
-                                     num_pilot_steps=pilot_steps, on_step=pilot_step)
+            table, pilot_weights = pilot_step_sizes(components, z_p, betas, step_size, num_leapfrog, gen,
+                                                    num_pilot_steps=pilot_steps, on_step=pilot_step,
+                                                    return_weights=True)
+            # how far the pilot ended from each point's target: the Jensen gap of its log weights
+            gap = log_mean_exp(pilot_weights, 0) - pilot_weights.mean(0)
+            payload["pilot_gap"] = torch.nan_to_num(gap, nan=math.inf)
         elif adapt == "none":
             table = z.new_full((T + 1, N), float(step_size))
         payload["step_sizes"] = table
@@ -312,7 +319,8 @@ def run_chains(
     rev2 = split(cr)[1] if cr else z.new_zeros(0, N)
     keys = [k for k in payload["completed"] if k[0] in ("main", "rev", "cr") and k[-1] == block]
     return {"forward": fwd, "reverse": rev, "reverse_from_forward": rev2, "step_sizes": table, "keys": keys,
-            "reverse_flags": {k: payload["completed"][k]["reverse"] for k in keys}}
+            "reverse_flags": {k: payload["completed"][k]["reverse"] for k in keys},
+            "pilot_gap": payload.get("pilot_gap")}
 
 
 # --------------------------------------------------------------------- bounds
@@ -463,6 +471,8 @@ def anneal_log_normalizer(
             o.data.update(records)
     run = {name: torch.cat([blk[name] for blk in blocks], 1)
            for name in ("forward", "reverse", "reverse_from_forward", "step_sizes")}
+    if all(blk.get("pilot_gap") is not None for blk in blocks):
+        run["pilot_gap"] = torch.cat([blk["pilot_gap"] for blk in blocks])
     run["keys"] = [k for blk in blocks for k in blk["keys"]]
     run["reverse_flags"] = {k: v for blk in blocks for k, v in blk["reverse_flags"].items()}
     lower, upper = estimator(run)
@@ -477,6 +487,8 @@ def anneal_log_normalizer(
         "step_sizes": run["step_sizes"],
         **chain_stats,
     }
+    if "pilot_gap" in run:
+        diagnostics["pilot_gap"] = run["pilot_gap"]
     warnings = []
     if adapt == "online":
         warnings.append("adapt='online' adapts step sizes along each chain's own path, which biases the AIS "
@@ -532,8 +544,11 @@ def _bounds(
     progress: bool,
     compile: str,
     points_per_block: int,
+    refine: float,
 ) -> MIResult:
     check_points_per_block(points_per_block)
+    if isinstance(refine, bool) or not isinstance(refine, (int, float)) or not 0 <= refine <= 1:
+        raise ValueError(f"refine must be a fraction of the points in [0, 1], got {refine!r}")
     pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
                                  compile)
     if save_chains is not None:
@@ -542,6 +557,7 @@ def _bounds(
     seed = int(torch.randint(2**62, (1,), generator=generator))
     settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
                             pilot_steps, compile)
+    settings["refine"] = refine
     record = record or save_chains is not None
     ckpt = None
     if checkpoint is not None:
@@ -552,19 +568,35 @@ def _bounds(
     with torch.no_grad(), pyro.validation_enabled(False):
         log_lik = density.log_terms(x, z)[1]
 
-    def path_of(lo, hi):
-        xb, q = {k: v[lo:hi] for k, v in x.items()}, proposal_from_point(proposal, lo)
-        return components_fn(density.from_point(lo), q, xb), lambda n: q.rsample(xb, n)[0].detach()
+    def paths(d, q0, xs):
+        def path_of(lo, hi):
+            xb, q = {k: v[lo:hi] for k, v in xs.items()}, proposal_from_point(q0, lo)
+            return components_fn(d.from_point(lo), q, xb), lambda n: q.rsample(xb, n)[0].detach()
 
+        return path_of
+
+    run = dict(kind=_KIND[method], num_chains=num_chains, num_leapfrog=num_leapfrog, step_size=step_size,
+               schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, checkpoint_every=checkpoint_every,
+               callback=callback, progress=progress, constrained=density.constrained, compile=compile,
+               points_per_block=points_per_block,
+               max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, min(z.shape[0], points_per_block)))
     with finishing(ckpt):
-        ais = anneal_log_normalizer(
-            path_of, z, kind=_KIND[method], num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog,
-            step_size=step_size, schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
-            seed=seed, checkpoint=ckpt, checkpoint_every=checkpoint_every, record=record,
-            max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, min(z.shape[0], points_per_block)),
-            callback=callback, progress=progress, constrained=density.constrained, compile=compile,
-            points_per_block=points_per_block,
-        )
+        ais = anneal_log_normalizer(paths(density, proposal, x), z, num_steps=num_steps, pilot_steps=pilot_steps,
+                                    seed=seed, checkpoint=ckpt, record=record, **run)
+        index = refined_points(ais["diagnostics"].get("pilot_gap"), refine) if not record else None
+        if index is not None:  # the points the pilot found far from their target: rerun with REFINE_FACTOR x T
+            sub = anneal_log_normalizer(
+                paths(density.for_points(index), proposal_for_points(proposal, index), {k: v[index] for k, v in x.items()}),
+                z[index], num_steps=num_steps * REFINE_FACTOR, pilot_steps=None, seed=block_seed(seed, "refine"),
+                checkpoint=ckpt.section("refine") if ckpt is not None else None, record=False, **run)
+            _replace_points(ais, sub, index)
+            settings["refined_points"] = int(index.numel())
+            ais["notes"].append(
+                f"{index.numel()} of {z.shape[0]} points, those whose pilot ended farthest from their target (a Jensen "
+                f"gap of its log weights above {REFINE_MIN_GAP:g} nats), were rerun with T = {num_steps * REFINE_FACTOR} "
+                "annealing steps and their first run dropped (the choice depends on x and the pilot only, so every "
+                "bound holds); indices in diagnostics['refined_points']")
+            ais["diagnostics"]["refined_points"] = index.tolist()
     elbo, eubo = ais["lower"], ais["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik})
     advice = "use a proposal closer to the posterior, or more num_steps"
@@ -578,6 +610,38 @@ def _bounds(
 
         write_chains(result, save_chains)
     return result
+
+
+#: a point is rerun (``refine``) when its pilot's log weights have a Jensen gap above this (nats) ...
+REFINE_MIN_GAP = 10.0
+#: ... with this many times the annealing steps
+REFINE_FACTOR = 10
+
+
+def refined_points(pilot_gap: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+    """The points to rerun: of those whose pilot gap exceeds :data:`REFINE_MIN_GAP`, the
+    ``fraction`` of all points with the largest (in point order); None if none (or no pilot)."""
+    if pilot_gap is None or not fraction:
+        return None
+    k = int(fraction * pilot_gap.numel())
+    order = pilot_gap.argsort(descending=True)[:k]
+    index = order[pilot_gap[order] > REFINE_MIN_GAP].sort().values
+    return index if index.numel() else None
+
+
+def _replace_points(ais: dict, sub: dict, index: torch.Tensor) -> None:
+    """Puts a rerun's per-point bounds and diagnostics (of the points ``index``) in place of the first run's."""
+    for side in ("lower", "upper"):
+        ais[side] = ais[side].clone()
+        ais[side][index] = sub[side]
+    d, s = ais["diagnostics"], sub["diagnostics"]
+    for key, v in s.items():
+        if isinstance(v, torch.Tensor) and key in d and isinstance(d[key], torch.Tensor) and key != "step_sizes" \
+                and v.dim() and d[key].dim() == v.dim() and d[key].shape[-1] == ais["lower"].numel() \
+                and v.shape[:-1] == d[key].shape[:-1]:
+            d[key] = d[key].clone()
+            d[key][..., index] = v
+    d["ess"] = float(d["ess_per_point"].mean())
 
 
 def ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains, pilot_steps,
@@ -621,6 +685,7 @@ def _make(method: str, doc: str):
         progress: bool = True,
         compile: str = "auto",
         points_per_block: int = POINTS_PER_BLOCK,
+        refine: float = REFINE,
     ) -> MIResult:
         return _bounds(
             method, density, proposal, x, z, num_chains=num_chains, num_steps=num_steps,
@@ -628,7 +693,7 @@ def _make(method: str, doc: str):
             pilot_chains=pilot_chains, pilot_steps=pilot_steps, generator=generator, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, save_chains=save_chains, record=record,
             max_chains_per_chunk=max_chains_per_chunk, callback=callback, progress=progress,
-            compile=compile, points_per_block=points_per_block,
+            compile=compile, points_per_block=points_per_block, refine=refine,
         )
 
     bound.__doc__ = doc + _COMMON_DOC
@@ -676,6 +741,12 @@ _COMMON_DOC = """
         points_per_block: the points are run in blocks of this many, each with random numbers
             of its own (:mod:`pyro_mi.distributed`); under ``torchrun`` the ranks share the
             blocks out, and the numbers are the same for any number of processes.
+        refine: with ``adapt="pilot"``, at most this fraction of the points, those whose pilot
+            ended farthest from their target (the Jensen gap of its log weights, above
+            :data:`REFINE_MIN_GAP` nats), are rerun with :data:`REFINE_FACTOR` times the steps,
+            their first run dropped: the few points of a heavy-tailed prior that carry most of a
+            gap get the steps they need. The choice depends on x and the pilot only, so the
+            bounds hold. 0: none; not with ``record`` or ``save_chains``.
 
     Returns:
         :class:`~pyro_mi.result.MIResult` (nats) whose ``diagnostics`` hold ``ess`` (mean

@@ -102,22 +102,18 @@ class ModelArguments:
         self.rows = rows
         self.per_point = tuple(s for s, v in self.tensor_slots() if v.dim() >= 1 and v.shape[0] == rows)
 
-    def row_index(self, num_data: int, start: int = 0, copies: int = 1) -> torch.Tensor:
-        """The template rows of data points ``start .. start + num_data`` (cyclic), ``copies`` times over."""
-        return ((start + torch.arange(num_data)) % self.rows).repeat(copies)
-
-    def bind(self, num_data: int | None = None, start: int = 0, copies: int = 1,
+    def bind(self, points: torch.Tensor | None = None, copies: int = 1,
              observed: Mapping[str, torch.Tensor] | None = None) -> tuple[tuple, dict]:
-        """The arguments for a call on ``num_data`` data points from point ``start`` (``copies``
-        times over, the data plate's rows repeated), with ``observed`` values ``{site: (M, *shape)}``
-        written where the model reads them (M = copies * num_data rows; for a one-data-point
-        model the arguments that carry them get a leading dim of M). Without a data plate and
-        without ``observed`` these are the author's arguments. A site of a data-plate model must
-        be carried row by row (:class:`ObservedSlot` ``columns``), which the caller checks.
+        """The arguments for a call on the data ``points`` (their numbers: point i has row ``i % n``
+        of every per-point argument), ``copies`` times over, with ``observed`` values ``{site: (M,
+        *shape)}`` written where the model reads them (M = copies * len(points) rows; for a
+        one-data-point model the arguments that carry them get a leading dim of M). Without a data
+        plate and without ``observed`` these are the author's arguments. A site of a data-plate
+        model must be carried row by row (:class:`ObservedSlot` ``columns``), which the caller checks.
         """
         values: dict = {}
-        if self.rows is not None:
-            rows = self.row_index(num_data, start, copies)
+        if self.rows is not None and points is not None:
+            rows = (points % self.rows).repeat(copies)
             for s in self.per_point:
                 v = self.get(s)
                 values[s] = v[rows.to(v.device)]

@@ -255,7 +255,7 @@ class ModelDensity:
         self._explicit_rows = rows
         self.arguments = ModelArguments(self.model_args, kwargs)
         self._located = None
-        self._start = 0
+        self._start, self._index = 0, None  # its points: numbers start, start + 1, ... (or index[...] of them)
         self.notices: list[str] = []
         self.warnings: list[str] = []
         ways = _DATA_PLATE_WAYS + VECTORIZE
@@ -632,7 +632,7 @@ class ModelDensity:
         model = poutine.uncondition(self._model) if sample_obs else self._model
 
         def program(copies: int):
-            args, kwargs = self.arguments.bind(num_data, self._start, copies) if self.has_data_plate \
+            args, kwargs = self.arguments.bind(self._point_numbers(num_data), copies) if self.has_data_plate \
                 else (self.arguments.args, self.arguments.kwargs)
             return model(*args, **kwargs)
 
@@ -667,7 +667,7 @@ class ModelDensity:
 
         def program(copies: int):
             observed = {o: v.repeat((copies,) + (1,) * (v.dim() - 1)) for o, v in x.items()}
-            args, kwargs = self.arguments.bind(N, self._start, copies, observed) if self.has_data_plate \
+            args, kwargs = self.arguments.bind(self._point_numbers(N), copies, observed) if self.has_data_plate \
                 else self.arguments.bind(observed=observed)
             return guide(*args, **kwargs)
 
@@ -839,15 +839,29 @@ class ModelDensity:
 
     # ------------------------------------------------------------ checks
     def from_point(self, start: int) -> "ModelDensity":
-        """This density for data points ``start, start + 1, ...``: the same model, with its rows
-        (per-point arguments: data, covariates, e.g. design ``i % B`` of a design batch) counted
-        from ``start``, for evaluating a block of points on its own. ``self`` for a model without
-        a data plate."""
+        """This density for data points ``start, start + 1, ...`` (of its own numbering): the same
+        model, with its rows (per-point arguments: data, covariates, e.g. design ``i % B`` of a
+        design batch) counted from ``start``, for evaluating a block of points on its own. ``self``
+        for a model without a data plate."""
         if not self.has_data_plate or start == self._start:
             return self
         shifted = copy.copy(self)
         shifted._start = start
         return shifted
+
+    def for_points(self, index: torch.Tensor) -> "ModelDensity":
+        """This density for the data points ``index`` (of its own numbering), numbered 0, 1, ...:
+        point k gets the rows of point ``index[k]``. ``self`` for a model without a data plate."""
+        if not self.has_data_plate:
+            return self
+        sub = copy.copy(self)
+        sub._index, sub._start = self._point_numbers(int(index.max()) + 1)[index.cpu()], 0
+        return sub
+
+    def _point_numbers(self, num_data: int) -> torch.Tensor:
+        """The numbers of this density's first ``num_data`` points (rows ``i % n`` of the arguments)."""
+        here = self._start + torch.arange(num_data)
+        return here if self._index is None else self._index[here]
 
     def check_data(self, x, name: str = "x") -> dict[str, torch.Tensor]:
         """Validates observed values; returns ``{site: tensor (num_data, *shape)}``.

@@ -165,7 +165,8 @@ def pilot_step_sizes(
     target_accept: float = PILOT_TARGET_ACCEPT,
     smooth: int = 5,
     on_step: Callable | None = None,
-) -> torch.Tensor:
+    return_weights: bool = False,
+):
     """Tunes step sizes in a cheap pilot and returns them frozen: (T + 1, N).
 
     The pilot's forward chains start at ``z_init`` (draws of pi0, typically a few chains
@@ -186,14 +187,18 @@ def pilot_step_sizes(
         target_accept: the pilot's target mean acceptance (0.9; see the module docstring).
         smooth: the width of the moving average over pilot betas (1: none).
         on_step: optional callback ``on_step(state, info)`` (progress bars).
+        return_weights: also return the pilot chains' final log weights (C_pilot, N): how far
+            from the target each point's pilot ended (their spread).
 
     Returns:
-        (T + 1, N) step sizes, for :func:`~pyro_mi.samplers.ais.anneal`.
+        (T + 1, N) step sizes, for :func:`~pyro_mi.samplers.ais.anneal` (and the log weights
+        with ``return_weights``).
     """
     T = betas.numel() - 1
     N = z_init.shape[1]
     if T < 2:  # no transitions: the step size is never used
-        return z_init.new_full((T + 1, N), float(step_size))
+        table = z_init.new_full((T + 1, N), float(step_size))
+        return (table, z_init.new_zeros(z_init.shape[:2])) if return_weights else table
     P = num_pilot_steps if num_pilot_steps is not None else max(5, math.ceil(T / 5))
     idx = pilot_grid(T, P)
     coarse = betas[idx]
@@ -209,11 +214,11 @@ def pilot_step_sizes(
             on_step(state, info)
 
     reverse = torch.zeros(z_init.shape[0], dtype=torch.bool, device=z_init.device)
-    anneal(components, z_init, reverse, coarse, eps0, num_leapfrog, generator,
-           adapter=StepSizeAdapter("scaling", 4.0, target_accept=target_accept, pool_chains=True), on_step=record)
-    if not logs:
-        return eps0.expand(T + 1, N).clone()
-    return freeze(trans, _moving_average(torch.stack(logs), smooth), T + 1)
+    final = anneal(components, z_init, reverse, coarse, eps0, num_leapfrog, generator,
+                   adapter=StepSizeAdapter("scaling", 4.0, target_accept=target_accept, pool_chains=True),
+                   on_step=record)
+    table = freeze(trans, _moving_average(torch.stack(logs), smooth), T + 1) if logs else eps0.expand(T + 1, N).clone()
+    return (table, final.log_weights) if return_weights else table
 
 
 def _moving_average(t: torch.Tensor, width: int) -> torch.Tensor:
