@@ -8,6 +8,7 @@ from .density import ModelDensity
 from .oed import EIGResult, eig
 from .estimate import METHODS, estimate_mi, make_proposal
 from .infer import TraceMI_ELBO, Trace_MIM
+from .plots import plot, sweep
 from .proposal import GaussianEncoder, GuideDensity, PriorProposal, fit_guide
 from .result import MIResult
 from .samples import estimate_mi_samples
@@ -27,5 +28,7 @@ __all__ = [
     "estimate_mi_samples",
     "fit_guide",
     "make_proposal",
+    "plot",
+    "sweep",
 ]
 __version__ = "0.1.0"

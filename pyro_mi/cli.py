@@ -249,6 +249,11 @@ def _estimate(args: argparse.Namespace):
     for key, flag in OUTPUT_FILES.items():
         if key in options:
             check_output_path(options[key], flag)
+    for path, flag in ((args.per_point, "--per-point"), (args.plot, "--plot")):
+        if path is not None:
+            check_output_path(path, flag)
+    if args.plot and "record" in inspect.signature(METHODS[args.method]).parameters:
+        options["record"] = True  # the annealing panel draws the recorded chains
     true_mi = None
     if args.example:
         if args.target:
@@ -293,7 +298,35 @@ def _estimate(args: argparse.Namespace):
         **options,
     )
     result.true_mi = true_mi
+    _write_outputs(result, args)
     return result
+
+
+#: the option that :func:`pyro_mi.plots.sweep` varies for ``--plot``, by method
+SWEPT = {**{m: "num_steps" for m in ("ais", "im-ais", "cr-ais", "bdmc")}, "iwae": "num_particles"}
+
+
+def _write_outputs(result, args: argparse.Namespace) -> None:
+    """``--per-point`` and ``--plot`` (a sweep runs on every process under torchrun; rank 0
+    writes). A file that cannot be written goes to ``result.write_errors``: the numbers are kept."""
+    from . import plots
+
+    sweep = None
+    if args.plot and args.method in SWEPT:
+        top = result.settings[SWEPT[args.method]]
+        sweep = plots.sweep(result, sorted({max(1, top // 100), max(1, top // 10), top}), SWEPT[args.method])
+    if distributed.world()[0] != 0:
+        return
+    for path, write in ((args.per_point, lambda p: result.per_point().to_csv(p)),
+                        (args.plot, lambda p: plots.plot(result, p, sweep=sweep))):
+        if path is None:
+            continue
+        try:
+            write(path)
+        except (OSError, ValueError) as e:
+            message = f"{path}: {e}"
+            result.write_errors.append(message)
+            result.warnings.append(f"{message}: the bounds above are complete, the file is not written")
 
 
 def _tensor(array, what: str = "an argument") -> torch.Tensor:
@@ -458,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {distributed.TIMEOUT:g})")
     est.add_argument("--json", action="store_true", help="print one JSON object")
     est.add_argument("--no-progress", action="store_true")
+    est.add_argument("--per-point", metavar="FILE.csv",
+                     help="write one row per data point (its bounds, gap, ESS, acceptance, divergent or stuck chains "
+                          "and warnings; MIResult.per_point) to FILE.csv")
+    est.add_argument("--plot", metavar="FILE.png",
+                     help="draw the per-point gaps, and for AIS methods the chains' acceptance and step size against "
+                          "beta (the chains are recorded) and the sandwich against T (the same points rerun at T/100 "
+                          "and T/10; about 11%% more time), for IWAE against K; to FILE (PNG, PDF, SVG by suffix)")
     for flag, kwargs in ESTIMATE_OPTIONS:
         est.add_argument(flag, **{**kwargs, "help": _flag_help(flag, kwargs["help"])})
     est.set_defaults(run=_estimate)

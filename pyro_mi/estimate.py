@@ -215,19 +215,42 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
         fallback.append(f"the fitted encoder's held-out BA estimate ({fit.prior_weights[0.0]:.3g} nats, and no more mixed "
                      "with the prior) is below the prior's (0): the prior is the proposal")
         q = PriorProposal(density)
-    result = METHODS[method](density, q, x, z, progress=progress, **options)
-    if result.x is None:
-        result.x, result.z = x, z
-    result.settings["vectorize"] = density.vectorize
-    result.notes[:0] = density.notices
-    result.warnings[:0] = simulated + fallback
-    if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
-        result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,
-                                  proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)
-        if isinstance(q, GaussianEncoder):
-            result.diagnostics["proposal_prior_weight"] = q.prior_weight
-    assess(result, density.mi_ceiling(), ADVICE.get(method, ""))
-    return result
+    generator = options.get("generator")
+    start = generator.get_state() if generator is not None else None
+    global_start = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    # a rerun writes no files and records no chains unless asked to
+    quiet = {k: v for k, v in (("checkpoint", None), ("save_chains", None), ("record", False))
+             if k in inspect.signature(METHODS[method]).parameters}
+
+    def bound(parent: MIResult | None, changes: dict) -> MIResult:
+        began = time.perf_counter()
+        opts = {**options, **changes}
+        if start is not None:  # each rerun draws the same random numbers as the first run
+            opts["generator"] = torch.Generator(device=generator.device).set_state(start)
+        with torch.random.fork_rng(enabled=parent is not None):
+            if parent is not None:
+                torch.set_rng_state(global_start[0])
+                if global_start[1] is not None:
+                    torch.cuda.set_rng_state_all(global_start[1])
+            result = METHODS[method](density, q, x, z, progress=progress, **opts)
+        if result.x is None:
+            result.x, result.z = x, z
+        result.settings["vectorize"] = density.vectorize
+        result.notes[:0] = density.notices
+        result.warnings[:0] = simulated + fallback
+        if fit is not None:  # what fitting the proposal reached (the held-out BA estimate, nats) and when it stopped
+            result.diagnostics.update(proposal_fit_steps=fit.steps, proposal_fit_best_step=fit.best_step,
+                                      proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)
+            if isinstance(q, GaussianEncoder):
+                result.diagnostics["proposal_prior_weight"] = q.prior_weight
+        assess(result, density.mi_ceiling(), ADVICE.get(method, ""))
+        if parent is not None:
+            result.settings = {**parent.settings, **result.settings}
+            result.seconds = time.perf_counter() - began
+        result.rerun = lambda **more: bound(result, {**quiet, **more})
+        return result
+
+    return bound(None, {})
 
 
 #: what tightens each method's sandwich, for the warnings of :func:`pyro_mi.assessment.assess`

@@ -62,7 +62,8 @@ class ChainSummary:
         more than :data:`DIVERGED` of their transitions: occasional divergences at the edge of
         the leapfrog's stability are part of a well-tuned kernel and harmless, since they are
         rejected), ``stuck_chain_fraction`` (chains that never accepted a move), and per data
-        point (N,) the counts ``divergent_chains`` and ``stuck_chains``."""
+        point (N,) the counts ``divergent_chains`` and ``stuck_chains`` and the mean acceptance
+        probability ``accept_per_point``."""
         parts = [self.data[k] for k in keys if k in self.data]
         if not parts:
             return {"accept_rate": None, "divergences": 0, "divergent_transition_fraction": 0.0,
@@ -72,11 +73,14 @@ class ChainSummary:
         rate = torch.cat([(p["divergences"] / p["transitions"]).reshape(-1) for p in parts])
         stuck = torch.cat([(p["moves"] == 0).reshape(-1) for p in parts])
         per_point = {}
-        for name, of in (("divergent_chains", lambda p: p["divergences"] / p["transitions"] > DIVERGED),
-                         ("stuck_chains", lambda p: p["moves"] == 0)):
-            blocks = sorted({k[-1] for k in keys if k in self.data})
-            per_point[name] = torch.cat([sum(of(self.data[k]).long().sum(0) for k in keys
-                                             if k in self.data and k[-1] == b) for b in blocks])
+        blocks = sorted({k[-1] for k in keys if k in self.data})
+        for name, of in (("divergent_chains", lambda p: (p["divergences"] / p["transitions"] > DIVERGED).long()),
+                         ("stuck_chains", lambda p: (p["moves"] == 0).long()),
+                         ("accept_sum", lambda p: p["accept_sum"]), ("transitions", lambda p: p["transitions"] +
+                                                                      0 * p["accept_sum"])):
+            per_point[name] = torch.cat([sum(of(self.data[k]).sum(0) for k in keys if k in self.data and k[-1] == b)
+                                         for b in blocks])
+        per_point["accept_per_point"] = per_point.pop("accept_sum") / per_point.pop("transitions")
         return {
             "accept_rate": acc / n if n else None,
             "divergences": sum(int(p["divergences"].sum()) for p in parts),

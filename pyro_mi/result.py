@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -98,6 +98,10 @@ class MIResult:
         seconds: wall time of the estimate, set by :func:`pyro_mi.estimate_mi`.
         true_mi: the true MI where known (built-in examples), else None.
         write_errors: files the run was asked to write and could not (the numbers are complete).
+        rerun: set by :func:`pyro_mi.estimate_mi`: ``result.rerun(**options)`` bounds the same
+            simulated points with the same proposal and random numbers, the method's options
+            changed (e.g. ``num_steps=100``), writing no files and recording no chains unless
+            asked; how :func:`pyro_mi.plots.sweep` draws the sandwich against T.
         ceiling: an upper limit of the model's MI known from the observations' support
             (discrete observations: the log of the number of values they can take), which
             caps :attr:`interval`; None where there is none.
@@ -119,6 +123,7 @@ class MIResult:
     true_mi: float | None = None
     ceiling: float | None = None
     write_errors: list[str] = field(default_factory=list)
+    rerun: Callable[..., "MIResult"] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.lower, self.lower_stderr = mean_and_stderr(self.lower_per_point)
@@ -145,6 +150,56 @@ class MIResult:
         if self.lower is None or self.upper is None:
             return None
         return self.upper - self.lower
+
+    def per_point(self):
+        """One row per data point, as a pandas ``DataFrame``: ``lower``, ``upper``, ``gap`` (nats;
+        NaN where the method gives no such side), the log p(x) bounds, and where the method has
+        them ``ess`` (importance ESS of its weights), ``accept_rate`` (mean acceptance of its HMC
+        transitions), ``divergent_chains`` and ``stuck_chains`` (counts), ``pilot_gap`` (how far its
+        AIS pilot ended from the target), ``refined`` (rerun with more steps), ``dominant`` (among
+        the widest points of a gap that a few carry) and ``warnings`` (what concerns this point).
+        The point to look at first is the first row of ``df.sort_values("gap", ascending=False)``.
+
+        Raises:
+            ValueError: a result without per-point values.
+        """
+        import pandas as pd
+
+        pp = self.lower_per_point if self.lower_per_point is not None else self.upper_per_point
+        if pp is None:
+            raise ValueError(f"result of method {self.method!r} has no per-point values")
+        N = pp.numel()
+
+        def col(t):
+            return None if t is None else t.detach().double().cpu().reshape(-1).numpy()
+
+        nan = torch.full((N,), float("nan"))
+        lo, up = col(self.lower_per_point if self.lower_per_point is not None else nan), \
+            col(self.upper_per_point if self.upper_per_point is not None else nan)
+        df = pd.DataFrame({"lower": lo, "upper": up, "gap": up - lo})
+        names = {"log_p_x_lower": "log_p_x_lower", "log_p_x_upper": "log_p_x_upper", "ess_per_point": "ess",
+                 "accept_per_point": "accept_rate", "divergent_chains": "divergent_chains",
+                 "stuck_chains": "stuck_chains", "pilot_gap": "pilot_gap"}
+        for key, name in names.items():
+            v = self.diagnostics.get(key)
+            if isinstance(v, torch.Tensor) and v.numel() == N:
+                df[name] = col(v)
+        df["refined"] = False
+        df.loc[list(self.diagnostics.get("refined_points", [])), "refined"] = True
+        df["dominant"] = False
+        df.loc[list(self.diagnostics.get("dominant_points", [])), "dominant"] = True
+        said = []
+        for i in range(N):
+            row = df.iloc[i]
+            tags = [text for flag, text in (
+                (row["dominant"], "among the points that carry the gap"),
+                (row.get("divergent_chains", 0) > 0, "divergent chains"),
+                (row.get("stuck_chains", 0) > 0, "chains that never moved"),
+                (row["refined"], "rerun with more annealing steps")) if flag]
+            said.append("; ".join(tags))
+        df["warnings"] = said
+        df.index.name = "point"
+        return df
 
     def to_arviz(self):
         """The recorded chains of an AIS result as ArviZ InferenceData (see :mod:`pyro_mi.diagnostics`).

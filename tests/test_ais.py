@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pyro_mi import estimate_mi
+from pyro_mi.bounds.ais import POSTERIOR_DRAWS
 from pyro_mi.bounds import METHODS, ais_bounds, bdmc_bounds, cr_ais_bounds, im_ais_bounds, iwae_bounds
 from pyro_mi.bounds.ais import bdmc_log_px, cr_ais_log_px, im_ais_log_px
 from pyro_mi.density import ModelDensity
@@ -360,17 +361,26 @@ def test_estimate_mi_with_guide_and_arviz(tmp_path):
     assert r.lower - 0.3 < ex.true_mi < r.upper + 0.3 and r.gap < 0.2  # exact posterior as pi0
     assert 0 < r.diagnostics["ess"] <= 4
     idata = r.to_arviz()
+    # posterior: draws of p(z|x_i) only, the 4 forward chains at beta = 1 after the annealing (issue 33)
     assert set(idata.posterior.data_vars) == {"z"}
-    assert idata.posterior["z"].shape[:3] == (5, len(idata.posterior.draw), 16)  # 4 forward + 1 reverse chain
-    assert idata.sample_stats["accept_prob"].shape == (5, 10, 16)
-    assert list(idata.posterior.direction.values) == ["forward"] * 4 + ["reverse"]
+    assert idata.posterior["z"].shape[:3] == (4, POSTERIOR_DRAWS, 16)
+    assert idata.sample_stats["accept_prob"].shape == (4, POSTERIOR_DRAWS, 16)
+    assert idata.log_likelihood["obs"].shape == (4, POSTERIOR_DRAWS, 16)
+    # the annealing path in groups of its own: 4 forward + 1 reverse chain, with their betas
+    assert idata.annealing_stats["accept_prob"].shape == (5, 10, 16)
+    assert list(idata.annealing.direction.values) == ["forward"] * 4 + ["reverse"]
+    assert idata.annealing_stats.beta.shape == (5, 10)
     assert idata.posterior.attrs["method"] == "ais"
-    az.summary(idata)
+    summary = az.summary(idata)
+    assert len(summary) == 2 * 16  # one row per latent element and point
+    assert summary["r_hat"].notna().all()
+    assert summary["r_hat"].median() < 1.05  # the chains at beta = 1 agree on each point's posterior
     az.ess(idata)
     az.rhat(idata)
     az.plot_trace(idata, var_names=["z"], coords={"data": [0]})
     loaded = az.from_netcdf(str(path))
-    assert loaded.sample_stats["diverging"].shape == (5, 10, 16)
+    assert loaded.annealing_stats["diverging"].shape == (5, 10, 16)
+    assert loaded.posterior["z"].shape[:3] == (4, POSTERIOR_DRAWS, 16)
 
 
 def test_to_arviz_refuses_results_without_chains():

@@ -151,5 +151,6 @@ def test_recorded_chains_of_several_blocks_join_on_the_data_axis():
     r = estimate_mi(ex.model, ex.obs_sites, method="ais", num_data=40, seed=0, fit_steps=20, progress=False,
                     num_chains=2, num_steps=6, record=True, points_per_block=16)
     idata = r.to_arviz()
-    assert dict(idata.posterior.sizes)["data"] == 40 and dict(idata.posterior.sizes)["chain"] == 3
-    assert idata.sample_stats["accept_prob"].shape[:3] == (3, 6, 40)
+    assert dict(idata.posterior.sizes)["data"] == 40 and dict(idata.posterior.sizes)["chain"] == 2  # forward chains
+    assert dict(idata.annealing.sizes)["chain"] == 3
+    assert idata.annealing_stats["accept_prob"].shape[:3] == (3, 6, 40)

@@ -190,7 +190,8 @@ def test_records_chains_for_arviz(setup):
     r = mine_ais_bounds(d, q, {"x": x["x"][:16]}, z[:16], num_steps=8, max_steps=4, eval_every=2, num_val=8,
                         record=True, **FAST)
     idata = r.to_arviz()
-    assert idata.posterior["z"].shape[:3] == (5, len(idata.posterior.draw), 16)
+    assert idata.posterior["z"].shape[:3] == (4, len(idata.posterior.draw), 16)  # the 4 forward chains at beta = 1
+    assert idata.annealing["z"].shape[:3] == (5, len(idata.annealing.draw), 16)
     assert r.diagnostics["chains"]["coordinates"] == "whitened"
 
 

@@ -99,9 +99,12 @@ fig.savefig(OUT / "02_ais_vs_iwae_digits.png", dpi=120)
 #
 # ## The chains, in ArviZ
 #
-# `result.to_arviz()` returns an InferenceData: `posterior` holds the latent site `z` at
-# thinned annealing steps (chain, draw = annealing step, data, z_dim_0), `sample_stats`
-# the per-step acceptance probability, step size, divergences and log-weight increments.
+# `result.to_arviz()` returns an InferenceData: `posterior` holds draws of p(z | x_i) only,
+# the forward chains' HMC transitions at beta = 1 after their annealing (chain, draw, data,
+# z_dim_0), so that r-hat and ESS across chains mean what they mean for MCMC; `sample_stats`
+# those transitions' acceptance, step size and divergences; `annealing` and
+# `annealing_stats` the path itself (states and per-step statistics, with a beta coordinate).
+# `tutorials/08_diagnostics.py` reads them on a loose sandwich.
 
 # %%
 best = ais_results[AIS_T[-1]]
@@ -110,6 +113,6 @@ print(idata)
 print("mean acceptance", best.diagnostics["accept_rate"], "divergences", best.diagnostics["divergences"])
 print("ESS of the final importance weights (of", NUM_CHAINS, "chains):", best.diagnostics["ess"])
 print(az.summary(idata.sample_stats, var_names=["accept_prob", "step_size"], coords={"data": [0]}, kind="stats", skipna=True))
-print(az.summary(idata.posterior.isel(draw=slice(-3, None)), coords={"data": [0]}, kind="stats"))
+print(az.summary(idata.posterior, coords={"data": [0]}, kind="diagnostics"))
 az.plot_trace(idata, var_names=["z"], coords={"data": [0], "z_dim_0": [0, 1]})
 plt.savefig(OUT / "02_ais_chains_trace.png", dpi=100)

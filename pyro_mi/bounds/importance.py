@@ -217,7 +217,7 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
         lower_per_point=lower,
         upper_per_point=upper,
         settings={"num_particles": K},
-        diagnostics={"ess": float(ess.mean()), "log_p_x_lower": elbo, "log_p_x_upper": eubo},
+        diagnostics={"ess": float(ess.mean()), "ess_per_point": ess, "log_p_x_lower": elbo, "log_p_x_upper": eubo},
         warnings=warnings,
         x=density.check_data(x),
         z=z,
