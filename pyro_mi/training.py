@@ -177,15 +177,16 @@ def train(
     if saved is not None:
         for m, s in zip(modules, saved["modules"]):
             m.load_state_dict(s)
+        # the random stream continues from where the saved run was, finished or not
+        torch.set_rng_state(saved["rng"][0])
+        if cuda is not None:
+            torch.cuda.set_rng_state(saved["rng"][1], cuda)
         if saved["done"]:
             return saved["log"]
         opt.load_state_dict(saved["optimizer"])
         if sched is not None:
             sched.load_state_dict(saved["scheduler"])
         log, state, values = saved["log"], saved["state"], saved["values"]
-        torch.set_rng_state(saved["rng"][0])
-        if cuda is not None:
-            torch.cuda.set_rng_state(saved["rng"][1], cuda)
     elif validate is not None:
         state["best"] = [copy.deepcopy(m.state_dict()) for m in modules]
         log.best_value = _evaluate(modules, validate)

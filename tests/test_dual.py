@@ -86,6 +86,27 @@ def test_shift_pairs_and_per_point_values():
         assert (v <= math.log(8) + 1e-6).all()
 
 
+def test_evaluation_scores_in_chunks_of_bounded_size(monkeypatch):
+    """The per-point values of a large sample are computed in chunks of at most CHUNK_EVALS pairs
+    (memory that does not grow with n), and equal the unchunked values."""
+    x, z, _ = gaussians(500, 2, 0.5)
+    critic = JointCritic(2, 2, (16,))
+    seen = []
+
+    def counted(a, b):
+        seen.append(a.shape[:-1].numel())
+        return critic(a, b)
+
+    with torch.no_grad():
+        whole = dual.per_point_values("mine", counted, x, z, num_shifts=30, generator=torch.Generator().manual_seed(0))
+        assert max(seen) == 500 * 30
+        monkeypatch.setattr(dual, "CHUNK_EVALS", 64)
+        seen.clear()
+        chunked = dual.per_point_values("mine", counted, x, z, num_shifts=30, generator=torch.Generator().manual_seed(0))
+    assert max(seen) == 64
+    torch.testing.assert_close(chunked, whole)
+
+
 def test_jackknife_values_match_deleting_each_sample():
     """The closed-form delete-one values equal the bound recomputed on all pairs without sample k."""
     n = 12

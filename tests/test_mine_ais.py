@@ -158,7 +158,44 @@ class Interrupt:
 
 # hmc.step calls: 1-19 the initial validation (19 transitions), then 5 per training step and 19 per
 # validation (every 10 steps), then the evaluation's pilot and chains (calls 227-249)
-# (with the likelihood critic, fitted again to the same parameters on resume, the same counts hold)
+# (the likelihood critic's fit calls no hmc.step: the same counts hold with it)
+def test_checkpoint_resumes_the_likelihood_critics_fit(setup, tmp_path, monkeypatch):
+    """An interrupt during the likelihood critic's fit saves it: the resumed run fits only the rest
+    and ends where the uninterrupted one did."""
+    from pyro_mi.bounds.likelihood_critic import LikelihoodCritic
+
+    ex, d, x, z, m, q = setup
+    xs, zs = {"x": x["x"][:32]}, z[:32]
+    calls = {"n": 0, "stop": None}
+    log_likelihood = LikelihoodCritic.log_likelihood
+
+    def counted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return log_likelihood(self, *args)
+
+    monkeypatch.setattr(LikelihoodCritic, "log_likelihood", counted)
+
+    def run(**kw):
+        calls["n"] = 0
+        pyro.set_rng_seed(5)
+        return mine_ais_bounds(d, q, xs, zs, num_steps=20, max_steps=0, num_val=16, likelihood_steps=60,
+                               generator=torch.Generator().manual_seed(0), **FAST, **kw)
+
+    whole = run()
+    total = calls["n"]
+    path = tmp_path / "mine.ckpt"
+    calls["stop"] = 45  # inside the fit (60 steps, a validation every 200)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=str(path), checkpoint_every=0.0)
+    assert path.exists()
+    calls["stop"] = None
+    resumed = run(checkpoint=str(path))
+    assert calls["n"] < total - 30, (calls["n"], total)  # the first 40-odd fit steps were not redone
+    torch.testing.assert_close(resumed.lower_per_point, whole.lower_per_point, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("at,likelihood", [(30, False), (80, False), (240, False), (240, True)],
                          ids=["training", "validation", "evaluation", "likelihood-critic"])
 def test_checkpoint_resumes_to_the_same_result(setup, tmp_path, monkeypatch, at, likelihood):

@@ -239,6 +239,27 @@ def test_guide_missing_a_latent_site_raises():
         Trace_MIM().loss(model, guide2, data())
 
 
+@pytest.mark.parametrize("uses", ["matmul", "broadcast"])
+def test_guide_of_the_wrong_event_shape_names_the_site(uses):
+    """A guide sampling z with event shape (3,) for the model's (2,): the model either fails on it
+    (a matrix product) or broadcasts it silently; both are one error naming the site and shapes."""
+    init_params()
+
+    def model3(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+            loc = z @ torch.ones(d, D) if uses == "matmul" else z.sum(-1, keepdim=True)
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide3(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x, 1.0).to_event(1))
+
+    for asymmetric in (True, False):
+        with pytest.raises(ValueError, match=r"guide's site 'z' has a value of shape \(5, 3\).*event shape \(2,\)"):
+            Trace_MIM(asymmetric=asymmetric).loss(model3, guide3, data())
+
+
 def test_discrete_likelihood_needs_asymmetric():
     init_params()
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..critics import JointCritic, mlp
 from ..density import Data, ModelDensity
-from ..distributed import manual_seed
+from ..distributed import block_seed, manual_seed, seeded_global_rng
 from ..critics import check_critic
 from ..proposal import GaussianEncoder, PriorProposal
 from ..result import MIResult
@@ -55,14 +55,26 @@ MIN_DELTA = 1e-3
 
 
 def simulated_batches(density: ModelDensity, batch_size: int):
-    """Fresh simulated pairs ``({site: (batch_size, ...)}, z (batch_size, D))``, endlessly, simulated
-    :data:`SIMULATION_POOL` batches per model run: one run per pool instead of per training step
-    (at batch 256 on linear-vae, a run costs as much as a step)."""
-    while True:
-        with torch.no_grad():
-            x, z = density.sample(batch_size * SIMULATION_POOL)
-        for lo in range(0, batch_size * SIMULATION_POOL, batch_size):
-            yield {k: v[lo : lo + batch_size] for k, v in x.items()}, z[lo : lo + batch_size]
+    """``batch(step)``: fresh simulated pairs ``({site: (batch_size, ...)}, z (batch_size, D))`` for
+    training step ``step`` >= 1, simulated :data:`SIMULATION_POOL` batches per model run: one run per
+    pool instead of per training step (at batch 256 on linear-vae, a run costs as much as a step).
+    Each pool has its own seed, derived from one draw of torch's global RNG here, so the batch of a
+    step does not depend on the steps before it (a resumed fit gets the batches it would have)."""
+    seed = int(torch.randint(2**62, ()))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # whose RNG the model may draw from
+    pool: dict = {}
+
+    def batch(step: int):
+        p, i = divmod(step - 1, SIMULATION_POOL)
+        if p not in pool:
+            pool.clear()
+            with torch.no_grad(), seeded_global_rng(block_seed(seed, p), device):
+                pool[p] = density.sample(batch_size * SIMULATION_POOL)
+        x, z = pool[p]
+        lo = i * batch_size
+        return {k: v[lo : lo + batch_size] for k, v in x.items()}, z[lo : lo + batch_size]
+
+    return batch
 
 
 class StandardizedCritic(nn.Module):
@@ -295,7 +307,7 @@ def giwae_bounds(
     batches = simulated_batches(density, batch_size)
 
     def objective(step: int) -> torch.Tensor:
-        xb, zb = next(batches)
+        xb, zb = batches(step)
         ba, con = giwae_terms(density, q, critic, xb, zb, K_train)
         return (ba + con).mean()
 

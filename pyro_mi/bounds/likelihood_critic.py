@@ -86,6 +86,8 @@ def fit_likelihood_critic(
     eval_every: int = 200,
     patience: int = 5,
     progress: bool = True,
+    checkpoint=None,
+    checkpoint_every: float = 60.0,
 ) -> TrainingLog:
     """Fits the surrogate log N(x; f(z), diag s^2) of ``critic`` by maximum likelihood on fresh
     simulated pairs (x, z) ~ p(x, z): Adam with a cosine-decayed learning rate, early stopping on
@@ -96,6 +98,8 @@ def fit_likelihood_critic(
         density: the model's density layer; critic: a :class:`LikelihoodCritic`, trained in place.
         max_steps, batch_size, lr, num_val, eval_every, patience: the regression's settings.
         progress: show a progress bar.
+        checkpoint, checkpoint_every: as :func:`~pyro_mi.training.train` (the fit resumes where it
+            was interrupted, with the same result).
 
     Returns:
         the :class:`~pyro_mi.training.TrainingLog` (validation scores in nats per data point).
@@ -103,7 +107,7 @@ def fit_likelihood_critic(
     batches = simulated_batches(density, batch_size)
 
     def objective(step: int) -> torch.Tensor:
-        x, z = next(batches)
+        x, z = batches(step)
         return critic.log_likelihood(density.flatten_data(x), z).mean()
 
     with torch.no_grad():
@@ -111,7 +115,8 @@ def fit_likelihood_critic(
         x_val = density.flatten_data(x_val)
     return train([critic], objective, validate=lambda: float(critic.log_likelihood(x_val, z_val).mean()),
                  max_steps=max_steps, lr=lr, eval_every=eval_every, patience=patience, lr_schedule="cosine",
-                 progress=progress, desc="fit likelihood critic")
+                 progress=progress, desc="fit likelihood critic", checkpoint=checkpoint,
+                 checkpoint_every=checkpoint_every)
 
 
 __all__ = ["LikelihoodCritic", "fit_likelihood_critic"]

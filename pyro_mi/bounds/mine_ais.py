@@ -450,10 +450,8 @@ def mine_ais_bounds(
     if isinstance(q, GaussianEncoder):
         q.prior_weight = 0.0  # MINE-AIS's base is the Gaussian encoder itself (whitened, module docstring)
     likelihood_log = None
-    if likelihood_steps:
+    if likelihood_steps:  # fitted below, inside the checkpoint
         critic = LikelihoodCritic(density, q, hidden_sizes).to(z.device)
-        likelihood_log = fit_likelihood_critic(density, critic, max_steps=likelihood_steps, batch_size=fit_batch_size,
-                                               lr=lr, progress=progress)
     if critic is None:
         critic = default_giwae_critic(density, hidden_sizes, proposal=q)
         if not isinstance(q, GaussianEncoder):  # the MLP critic of the prior or a guide starts at T = 0 too
@@ -516,6 +514,10 @@ def mine_ais_bounds(
         return r.lower
 
     with finishing(ckpt):
+        if likelihood_steps:
+            likelihood_log = fit_likelihood_critic(
+                density, critic, max_steps=likelihood_steps, batch_size=fit_batch_size, lr=lr, progress=progress,
+                checkpoint=ckpt.section("likelihood") if ckpt else None, checkpoint_every=checkpoint_every)
         with pyro.validation_enabled(False):
             log = train(modules, objective, validate=validate, max_steps=max_steps, lr=lr, eval_every=eval_every,
                         patience=patience, progress=progress, desc="fit mine-ais",

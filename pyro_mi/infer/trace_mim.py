@@ -211,10 +211,15 @@ class Trace_MIM(ELBO):
     def _encoding_half(self, model, guide, args, kwargs) -> _Half:
         # (x, z) ~ P(x) q(z|x): z from the guide at the data, the model replayed on it.
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
-            *args, **kwargs
-        )
+        try:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
+                *args, **kwargs
+            )
+        except Exception as e:  # a guide value of the wrong shape fails deep in the model: say which
+            _check_event_shapes(_model_alone(model, args, kwargs), guide_trace, e)
+            raise
         guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+        _check_event_shapes(model_trace, guide_trace)
         self._check_traces(model_trace, guide_trace)
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
@@ -373,6 +378,31 @@ class Trace_MIM(ELBO):
         warn_if_nan(loss, "loss")
         self.num_steps += 1
         return loss
+
+
+def _model_alone(model, args, kwargs):
+    """The model's trace without the guide, drawing nothing from the user's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        return prune_subsample_sites(poutine.trace(model, graph_type="flat").get_trace(*args, **kwargs))
+
+
+def _check_event_shapes(model_trace, guide_trace, cause: Exception | None = None) -> None:
+    """Raises ValueError naming the first latent site whose guide value's event shape differs from
+    the model's distribution at that site (``from cause`` where the model failed on it)."""
+    guide = {s["name"]: s for s in _sample_sites(guide_trace)}
+    for site in _sample_sites(model_trace):
+        g = guide.get(site["name"])
+        if site["is_observed"] or g is None:
+            continue
+        event = tuple(site["fn"].event_shape)
+        value = tuple(g["value"].shape)
+        if value[len(value) - len(event):] != event or len(value) < len(event):
+            raise ValueError(
+                f"Trace_MIM: the guide's site {site['name']!r} has a value of shape {value} (event shape "
+                f"{tuple(g['fn'].event_shape)}) but the model's distribution at that site has event shape {event} "
+                f"(batch shape {tuple(site['fn'].batch_shape)}); the guide must sample each latent site with the "
+                "model's shape"
+            ) from cause
 
 
 def _same_scale(a, b) -> bool:
