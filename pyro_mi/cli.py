@@ -238,7 +238,7 @@ def _method_options(method: str, args: argparse.Namespace) -> dict:
 
 
 def _estimate(args: argparse.Namespace):
-    from .examples import get_example
+    from .examples import get_example, shipped_encoder
 
     options = _method_options(args.method, args)
     if args.timeout is not None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -261,7 +261,8 @@ def _estimate(args: argparse.Namespace):
         ex = get_example(args.example)
         # The example's own encoder (digits-vae's VAE guide) was trained on real data with the
         # ELBO and is a poor proposal for simulated x; the default BA-fitted encoder is used
-        # unless --guide names one (tutorials/01_digits_vae_ba_iwae.py compares the two).
+        # unless --guide names one (tutorials/01_digits_vae_ba_iwae.py compares the two), loaded
+        # as shipped unless --fit-steps asks for a fit (benchmarks/fit_example_encoders.py).
         model, obs, true_mi = ex.model, ex.obs_sites, ex.true_mi
     else:
         if not args.target:
@@ -281,12 +282,15 @@ def _estimate(args: argparse.Namespace):
     kwargs = _model_args(args.model_arg)
     kwargs.update(_data_arrays(args.data, model, obs) if args.data else {})
     _check_call(model, kwargs, args.target)
+    proposal = args.proposal
+    if args.example and proposal == "guide" and guide is None and args.fit_steps is None:
+        proposal = shipped_encoder(args.example) or proposal  # the default encoder, fitted once and shipped
     result = estimate_mi(
         model,
         obs,
         method=args.method,
         guide=guide,
-        proposal=args.proposal,
+        proposal=proposal,
         num_data=args.num_data,
         seed=args.seed,
         fit_steps=args.fit_steps,
@@ -298,6 +302,9 @@ def _estimate(args: argparse.Namespace):
         **options,
     )
     result.true_mi = true_mi
+    if proposal is not args.proposal:
+        result.notes.append(f"proposal: {proposal.description}: the encoder that --fit-steps 1000 would fit on this "
+                            "model at seed 0; --fit-steps N fits one anew")
     _write_outputs(result, args)
     return result
 

@@ -21,7 +21,7 @@ from .result import MIResult
 
 def make_proposal(
     density: ModelDensity,
-    proposal: str = "guide",
+    proposal: "str | Callable" = "guide",
     guide: Callable | None = None,
     *,
     fit_steps: int | None = None,
@@ -32,7 +32,9 @@ def make_proposal(
     Args:
         density: the model's :class:`ModelDensity`.
         proposal: ``"prior"`` (q = p(z)) or ``"guide"``: the user's ``guide`` if given,
-            else the default :class:`GaussianEncoder` fitted by :func:`fit_guide`.
+            else the default :class:`GaussianEncoder` fitted by :func:`fit_guide`; or a
+            function ``density -> proposal`` (e.g. :func:`pyro_mi.examples.shipped_encoder`),
+            fitted further only when ``fit_steps`` is given.
         guide: a Pyro guide, see :class:`GuideDensity`.
         fit_steps: BA fitting steps for the default encoder (default 1000); for a
             user's guide, fitting happens only when ``fit_steps`` is given.
@@ -42,8 +44,15 @@ def make_proposal(
     """
     if proposal == "prior":
         return PriorProposal(density)
+    if callable(proposal):
+        if guide is not None:
+            raise ValueError("give a guide or a proposal function, not both")
+        q = proposal(density)
+        if fit_steps:
+            fit_guide(density, q, num_steps=fit_steps, progress=progress)
+        return q
     if proposal != "guide":
-        raise ValueError(f"proposal must be 'prior' or 'guide', got {proposal!r}")
+        raise ValueError(f"proposal must be 'prior', 'guide' or a function of the density, got {proposal!r}")
     if guide is not None:
         q = GuideDensity(density, guide)
         if fit_steps:
@@ -60,7 +69,7 @@ def estimate_mi(
     *,
     method: str = "iwae",
     guide: Callable | None = None,
-    proposal: str = "guide",
+    proposal: "str | Callable" = "guide",
     num_data: int = 1024,
     seed: int | None = 0,
     fit_steps: int | None = None,
@@ -89,7 +98,8 @@ def estimate_mi(
         obs_sites: the observed site name(s) x; the other sample sites are z.
         method: a key of :data:`METHODS` (``"ba"``, ``"iwae"``, ...).
         guide: optional Pyro guide q(z|x) used as the proposal.
-        proposal: ``"guide"`` (the guide, or a fitted default encoder) or ``"prior"``.
+        proposal: ``"guide"`` (the guide, or a fitted default encoder), ``"prior"``, or a
+            function ``density -> proposal`` (see :func:`make_proposal`).
         num_data: N >= 2, simulated data points.
         seed: makes the run reproducible: the run uses torch's global RNG seeded with it
             inside ``torch.random.fork_rng`` (the caller's RNG state is left as it was),
@@ -141,7 +151,8 @@ def estimate_mi(
         density = ModelDensity(model, obs_sites, model_args=model_args, model_kwargs=model_kwargs, data=data,
                                vectorize=vectorize, reparam="none" if guide is not None else reparam)
         result = simulate_and_bound(density, method, proposal, guide, num_data, fit_steps, progress, options)
-    result.settings.update({"proposal": proposal, "seed": seed, "fit_steps": fit_steps, "reparam": density.reparam,
+    described = proposal if isinstance(proposal, str) else getattr(proposal, "description", "a function of the density")
+    result.settings.update({"proposal": described, "seed": seed, "fit_steps": fit_steps, "reparam": density.reparam,
                             "preset": preset})
     result.seconds = time.perf_counter() - start
     return result

@@ -20,9 +20,10 @@ Available examples (see :data:`EXAMPLES`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["EXAMPLES", "Example", "get_example"]
+__all__ = ["EXAMPLES", "Example", "encoder_path", "get_example", "shipped_encoder"]
 
 #: Names accepted by :func:`get_example`.
 EXAMPLES: tuple[str, ...] = ("linear-vae", "digits-vae", "digits-gan")
@@ -91,3 +92,50 @@ def get_example(name: str, **kwargs: Any) -> Example:
     raise ValueError(
         f"unknown example {name!r}; valid names are: {', '.join(EXAMPLES)}"
     )
+
+
+def encoder_path(name: str) -> Path:
+    """Where the default proposal of example ``name`` is shipped (see :func:`shipped_encoder`)."""
+    return Path(__file__).with_name(f"{name.replace('-', '_')}_encoder.pt")
+
+
+def shipped_encoder(name: str) -> Optional[Callable[[Any], Any]]:
+    """The default proposal of the built-in example ``name`` at its default settings, shipped
+    instead of fitted on every run: a function ``density -> GaussianEncoder`` for
+    :func:`pyro_mi.estimate_mi`'s ``proposal``, or None where none is shipped.
+
+    The file holds the encoder that :func:`pyro_mi.make_proposal` fits on the example's model
+    (BA, 1000 steps; Barber & Agakov 2003) as ``estimate_mi(..., seed=0)`` fits it, its prior
+    mixture weight and its fit's summary; ``benchmarks/fit_example_encoders.py`` writes it.
+    Loaded with ``weights_only=True``.
+
+    Raises:
+        ValueError (when the function is called): a density whose dimensions differ from the
+        shipped encoder's (an example built with other arguments).
+    """
+    path = encoder_path(name)
+    if not path.exists():
+        return None
+
+    def build(density):
+        import torch
+
+        from ..proposal import GaussianEncoder
+        from ..training import TrainingLog
+
+        saved = torch.load(path, weights_only=True)
+        dims = (density.obs_dim, density.latent_dim)
+        if tuple(saved["dims"]) != dims:
+            raise ValueError(f"the shipped encoder of {name!r} is for (obs_dim, latent_dim) = {tuple(saved['dims'])}, "
+                             f"not {dims}")
+        q = GaussianEncoder(density, hidden_sizes=tuple(saved["hidden_sizes"]))
+        q.load_state_dict(saved["state_dict"])
+        q.prior_weight = saved["prior_weight"]
+        fit = saved["fit"]
+        q.fit_log = TrainingLog(steps=fit["steps"], best_step=fit["best_step"], best_value=fit["best_value"],
+                                stopped_early=fit["stopped_early"], stop_reason=fit["stop_reason"])
+        q.fit_log.prior_weights, q.fit_log.prior_wins = fit["prior_weights"], fit["prior_wins"]
+        return q
+
+    build.description = f"the shipped encoder of {name!r} (fitted by BA, not refitted)"
+    return build
