@@ -177,7 +177,7 @@ def test_bad_method_and_particles():
         estimate_mi(model, "x", method="nope")
     with pytest.raises(ValueError, match="num_particles must be a positive integer"):
         estimate_mi(model, "x", num_particles=0, fit_steps=1, progress=False)
-    with pytest.raises(ValueError, match="proposal must be 'prior' or 'guide'"):
+    with pytest.raises(ValueError, match="proposal must be 'prior', 'guide' or a function of the density, got 'posterior'"):
         estimate_mi(model, "x", proposal="posterior", progress=False)
 
 
