@@ -91,7 +91,7 @@ def test_loss_value_is_minus_elbo_minus_weighted_bound():
     init_params()
     x = data()
     lam = 0.7
-    mi = TraceMI_ELBO(make_critic(), mi_weight=lam, xi=0.5)
+    mi = TraceMI_ELBO(make_critic(), mi_weight=lam, xi=0.5, num_negatives=None)
     torch.manual_seed(2)
     value = mi.loss(model, guide, x)
     torch.manual_seed(2)
@@ -103,12 +103,12 @@ def test_loss_value_is_minus_elbo_minus_weighted_bound():
 
 
 def test_critic_gradient_increases_the_bound():
-    """The critic's parameters get -N ∇ψ I_ξ (weight independent of λ): a small descent step on
+    """The critic's parameters get -N ∇ψ I_ξ (weight independent of λ > 0): a small descent step on
     the loss in ψ alone raises the bound on the same draws."""
     init_params()
     x = data(64)
     critic = make_critic()
-    mi = TraceMI_ELBO(critic, mi_weight=0.0)
+    mi = TraceMI_ELBO(critic, mi_weight=0.3, num_negatives=None)
     torch.manual_seed(3)
     before = mi.mi_bound(model, guide, x)
     critic.zero_grad()
@@ -138,7 +138,7 @@ def test_encoder_gradient_flows_through_z_only():
     x = data()
     lam = 2.0
     critic = make_critic()
-    mi = TraceMI_ELBO(critic, mi_weight=lam)
+    mi = TraceMI_ELBO(critic, mi_weight=lam, num_negatives=None)
     zero_grads()
     torch.manual_seed(4)
     Trace_ELBO().loss_and_grads(model, guide, x)
@@ -223,3 +223,27 @@ def test_errors():
         TraceMI_ELBO(JointCritic(D, 1, hidden_sizes=(4,))).loss(global_model, global_guide, x)
     with pytest.raises(ValueError, match="at least 2"):
         TraceMI_ELBO(make_critic()).loss(model, guide, x[:1])
+
+
+def test_xi_bound_with_fewer_negatives_uses_the_shifted_pairs():
+    """With k negatives the mismatched pairs are (x_i, z_{i+r mod B}), r = 1..k; k >= B - 1 is all pairs."""
+    torch.manual_seed(0)
+    x, z = torch.randn(6, 2), torch.randn(6, 3)
+    critic = lambda xx, zz: (xx.sum(-1) * zz.sum(-1)).tanh()  # noqa: E731
+    B, k = 6, 2
+    joint = critic(x, z)
+    neg = torch.stack([critic(x[i], z[(i + r) % B]) for i in range(B) for r in range(1, k + 1)])
+    expect = joint.mean() - neg.exp().mean() + 1.0
+    assert xi_bound(critic, x, z, 1.0, num_negatives=k).item() == pytest.approx(expect.item(), rel=1e-6)
+    assert xi_bound(critic, x, z, 1.0, num_negatives=5).item() == pytest.approx(xi_bound(critic, x, z).item(), rel=1e-6)
+
+
+def test_zero_weight_never_runs_the_critic():
+    init_params()
+
+    class Refuses(torch.nn.Module):
+        def forward(self, x, z):
+            raise AssertionError("the critic ran")
+
+    svi = SVI(model, guide, Adam({"lr": 0.01}), loss=TraceMI_ELBO(Refuses(), mi_weight=0.0))
+    assert math.isfinite(svi.step(data()))

@@ -32,13 +32,19 @@ from ..bounds import dual
 __all__ = ["TraceMI_ELBO", "xi_bound"]
 
 _PARTICLES = "num_particles_vectorized"
+#: mismatched pairs per data point in the training bound (see :func:`xi_bound`): fewer negatives make
+#: noisier steps but more of them in the same time (``benchmarks/mi_losses_cost.py --accuracy-seconds``)
+NUM_NEGATIVES = 4
 
 
-def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0) -> torch.Tensor:
+def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0, num_negatives: int | None = None) -> torch.Tensor:
     """The ξ-bound on I(x; z) from B paired samples (appendix eq. 2), in nats.
 
     E_{q(x,z)}[f] is the mean of f(x_i, z_i); E_{q(x)q(z)}[e^f] is the mean of
-    e^{f(x_i, z_j)} over the B(B-1) mismatched pairs i ≠ j of the batch.
+    e^{f(x_i, z_j)} over the B(B-1) mismatched pairs i ≠ j of the batch, or, with
+    ``num_negatives`` k < B - 1, over the B k pairs (x_i, z_{(i + r) mod B}), r = 1..k: each
+    a draw of q(x) q(z) too (the batch is in random order), so the estimate of the
+    expectation stays unbiased and costs B k critic evaluations instead of B(B - 1).
 
     Args:
         critic: callable ``critic(x, z)`` broadcasting over leading dims, e.g.
@@ -47,6 +53,7 @@ def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0) -> torch
         z: (..., B, z_dim) samples of z paired with x (same leading dims, or
             broadcastable).
         xi: ξ > 0.
+        num_negatives: k, mismatched pairs per sample (None: all B - 1).
 
     Returns:
         A scalar tensor: the bound averaged over the leading dims (nats).
@@ -60,11 +67,16 @@ def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0) -> torch
     if B < 2:
         raise ValueError(f"the ξ-bound needs a batch of at least 2 data points, got {B}")
     joint = critic(x, z)  # (..., B)
-    pairs = critic(x.unsqueeze(-2), z.unsqueeze(-3))  # (..., B, B), [i, j] = f(x_i, z_j)
-    off = ~torch.eye(B, dtype=torch.bool, device=pairs.device)
-    # every leading index has B joint and B(B-1) mismatched pairs, so the mean over the
-    # leading dims of the per-index bound is the bound on all scores pooled
-    return dual.xi_bound(joint, pairs[..., off], math.log(xi))
+    if num_negatives is None or num_negatives >= B - 1:
+        pairs = critic(x.unsqueeze(-2), z.unsqueeze(-3))  # (..., B, B), [i, j] = f(x_i, z_j)
+        negatives = pairs[..., ~torch.eye(B, dtype=torch.bool, device=pairs.device)]
+    else:
+        shift = torch.arange(1, num_negatives + 1, device=z.device)
+        index = (torch.arange(B, device=z.device).unsqueeze(1) + shift) % B  # (B, k)
+        negatives = critic(x.unsqueeze(-2), z[..., index, :]).flatten(-2)  # (..., B k)
+    # every leading index has B joint and as many mismatched pairs as the others, so the mean
+    # over the leading dims of the per-index bound is the bound on all scores pooled
+    return dual.xi_bound(joint, negatives, math.log(xi))
 
 
 class TraceMI_ELBO(Trace_ELBO):
@@ -81,17 +93,19 @@ class TraceMI_ELBO(Trace_ELBO):
     plate's subsample scale, so that λ is per data point like the ELBO's terms) and
     I_ξ the ξ-bound (appendix eq. 2) of :func:`xi_bound` on the pairs (x_n, z_n) of
     the guide's sample, z_n ~ q_φ(z|x_n), with the product of marginals formed by
-    the mismatched pairs of the batch.
+    ``num_negatives`` mismatched pairs per data point of the batch.
 
     Gradients (a surrogate loss; the reported value is the loss above):
 
-    * critic ψ: ascends I_ξ at the current encoder (weight N, independent of λ, so
-      the critic keeps fitting even with λ = 0) through the term
-      -N · I_ξ(f_ψ(x, sg(z))).
+    * critic ψ: ascends I_ξ at the current encoder (weight N, independent of λ > 0)
+      through the term -N · I_ξ(f_ψ(x, sg(z))).
     * encoder φ: through the reparameterised z only, with the critic frozen:
       -λ N · I_ξ(f_sg(ψ)(x, z)). The remaining part of the gradient, through the
       density q_φ(z) in the optimal critic, has expectation zero (eq. 5-10).
     * model and guide: the usual ELBO gradient (Trace_ELBO's estimator).
+
+    Both come from one evaluation of the critic (z enters with its gradient scaled by λ).
+    With λ = 0 nothing but Trace_ELBO runs: the critic is neither evaluated nor trained.
 
     The critic is registered with ``pyro.module(critic_name, critic)`` during each
     loss evaluation, so :class:`~pyro.infer.SVI` optimises it with the model and
@@ -103,18 +117,21 @@ class TraceMI_ELBO(Trace_ELBO):
             (all observed sites concatenated) and z (all latent sites, constrained
             values, concatenated), broadcasting over leading dims
             (:class:`pyro_mi.critics.JointCritic` or ``SeparableCritic``).
-        mi_weight: λ ≥ 0; with λ = 0 the loss is Trace_ELBO's.
+        mi_weight: λ ≥ 0; with λ = 0 the loss, its gradients and its cost are Trace_ELBO's.
         xi: ξ > 0 of eq. 2 (ξ = 1: the bound E[f] - E[e^f] + 1).
         critic_name: its name in Pyro's parameter store.
+        num_negatives: mismatched pairs per data point in the training bound (:func:`xi_bound`;
+            default :data:`NUM_NEGATIVES`; None: all B - 1 of the batch, B² critic evaluations).
         num_particles, max_plate_nesting, vectorize_particles, ...: as for
             :class:`~pyro.infer.Trace_ELBO`.
 
     Attributes:
-        last_mi_bound: the ξ-bound (nats per data point) of the last evaluation.
+        last_mi_bound: the ξ-bound (nats per data point) of the last evaluation with λ > 0
+            (None before one).
 
     Raises (at the first loss evaluation):
         TypeError: ``critic`` is not an ``nn.Module``.
-        ValueError: λ < 0, ξ ≤ 0; the model has no observed sites; no plate holds
+        ValueError: λ < 0, ξ ≤ 0, ``num_negatives`` not a positive integer or None; the model has no observed sites; no plate holds
             every site (the data plate) or more than one does; a guide site is not
             reparameterisable while λ > 0 (named); a batch of fewer than 2 points.
     """
@@ -125,6 +142,7 @@ class TraceMI_ELBO(Trace_ELBO):
         mi_weight: float = 1.0,
         xi: float = 1.0,
         critic_name: str = "mi_critic",
+        num_negatives: int | None = NUM_NEGATIVES,
         num_particles: int = 1,
         max_plate_nesting: float = float("inf"),
         vectorize_particles: bool = False,
@@ -145,6 +163,10 @@ class TraceMI_ELBO(Trace_ELBO):
         self.mi_weight = float(mi_weight)
         self.xi = float(xi)
         self.critic_name = critic_name
+        if num_negatives is not None and (isinstance(num_negatives, bool) or not isinstance(num_negatives, int)
+                                          or num_negatives < 1):
+            raise ValueError(f"num_negatives must be None or a positive integer, got {num_negatives!r}")
+        self.num_negatives = num_negatives
         self.last_mi_bound = None
         super().__init__(
             num_particles=num_particles,
@@ -195,24 +217,19 @@ class TraceMI_ELBO(Trace_ELBO):
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         """(loss value as float, surrogate tensor) of one particle: -ELBO - λ N I_ξ."""
         elbo_loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
+        if self.mi_weight == 0:  # Trace_ELBO itself, at its cost
+            return elbo_loss, surrogate
         self._check_reparam(guide_trace)
         critic = pyro.module(self.critic_name, self.critic)
         x, z, n = self._pairs(model_trace)
-        # The critic ascends the bound at the current encoder (z detached) ...
-        bound_psi = xi_bound(critic, x.detach(), z.detach(), self.xi)
-        surrogate = surrogate - n * bound_psi
-        bound = torch_item(bound_psi)
-        if self.mi_weight > 0:
-            # ... and the encoder ascends it through z only, the critic frozen (eq. 5-10).
-            frozen = {k: p.detach() for k, p in critic.named_parameters()}
-
-            def frozen_critic(xx, zz):
-                return torch.func.functional_call(critic, frozen, (xx, zz))
-
-            bound_phi = xi_bound(frozen_critic, x, z, self.xi)
-            surrogate = surrogate - self.mi_weight * n * bound_phi
+        # One critic pass serves both gradients: the critic ascends the bound at the current
+        # encoder (weight N), and the encoder ascends it through z only, the critic frozen (weight
+        # λN; eq. 5-10). z_l equals z, its gradient scaled by λ; the ψ-gradient is that of z held.
+        z_l = z.detach() + self.mi_weight * (z - z.detach())
+        bound_t = xi_bound(critic, x.detach(), z_l, self.xi, self.num_negatives)
+        bound = torch_item(bound_t)
         self.last_mi_bound = bound
-        return elbo_loss - self.mi_weight * n * bound, surrogate
+        return elbo_loss - self.mi_weight * n * bound, surrogate - n * bound_t
 
     # -------------------------------------------------------------- interface
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -226,7 +243,8 @@ class TraceMI_ELBO(Trace_ELBO):
         return loss
 
     def mi_bound(self, model, guide, *args, **kwargs) -> float:
-        """The critic's ξ-bound on the encoder's I(x; z) at one draw of the guide (nats per data point)."""
+        """The critic's ξ-bound on the encoder's I(x; z) at one draw of the guide, with all B - 1
+        mismatched pairs per data point (nats per data point)."""
         bounds = []
         with torch.no_grad():
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
