@@ -84,8 +84,8 @@ class Trace_MIM(ELBO):
     """MIM / A-MIM loss for :class:`pyro.infer.SVI` (Livne et al. 2019, eq. 8, 12; Alg. 1-2).
 
     A drop-in replacement for :class:`~pyro.infer.Trace_ELBO`: the usual VAE model
-    (a data plate, the observed tensor passed as an argument, ``obs=x``) and guide
-    are used unchanged::
+    (a data plate, the observed tensor passed as an argument, ``obs=x`` or an
+    expression such as ``obs=x.reshape(-1, 784)``) and guide are used unchanged::
 
         svi = SVI(model, guide, Adam({"lr": 1e-3}), loss=pyro_mi.Trace_MIM())
         svi.step(x)
@@ -140,9 +140,10 @@ class Trace_MIM(ELBO):
             latent site of the model, or samples a site that is not one (named);
             a guide site (or, for MIM, a model site) is not reparameterisable
             (MIM's gradients are pathwise, App. D.2; for a discrete likelihood use
-            ``asymmetric=True``); for MIM, an observed site's value is not one of
-            the model's tensor arguments (the decoding half must substitute
-            generated data for it); sites with different scales when K > 1.
+            ``asymmetric=True``); for MIM, an observed site's value that is
+            computed from the model's arguments rather than read from them (a
+            reshape or a slice of an argument is found, and the decoding half
+            writes its generated data there); sites with different scales when K > 1.
     """
 
     def __init__(
