@@ -1,9 +1,9 @@
 """Cost per SVI step of pyro_mi's MI-aware losses against ``Trace_ELBO`` on Pyro's own VAE.
 
-The model and guide are those of Pyro's ``examples/vae/vae.py`` (rewritten here: an encoder and a
-decoder of one softplus hidden layer, z ~ N(0, I), a Bernoulli likelihood observed as
-``obs=x.reshape(-1, 784)``, both methods of a class; the last two rows swap in a Normal likelihood of
-scale 0.1, which symmetric ``Trace_MIM`` can sample), with z in R^10, hidden 100, on the 8x8
+The model and guide are those of Pyro's ``examples/vae/vae.py`` as the zoo rewrites them
+(:class:`pyro_mi.examples.zoo.VAE`: a Bernoulli likelihood observed as ``obs=x.reshape(-1, 784)``,
+both methods of a class; the last two rows swap in a Normal likelihood of scale 0.1, which symmetric
+``Trace_MIM`` can sample), with z in R^10, hidden 100, on the 8x8
 digits upsampled to 28 x 28 (pixels / 16, bilinear), batch 128, Adam 1e-3. Each loss takes
 ``--steps`` SVI steps from the same initial parameters, interleaved over ``--repeats`` rounds; the
 best milliseconds per step are printed with the ratio to ``Trace_ELBO`` measured in this process.
@@ -25,46 +25,23 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
-from sklearn.datasets import load_digits
 from torch import nn
 
 from pyro_mi import Trace_MIM, TraceMI_ELBO
 from pyro_mi.infer.mi_elbo import xi_bound
 from pyro_mi.critics import JointCritic, SeparableCritic
+from pyro_mi.examples.digits_vae import load_digits_28
+from pyro_mi.examples.zoo import VAE
 
 
-class VAE(nn.Module):
-    """Pyro's examples/vae/vae.py VAE, as its authors wrote it (rewritten)."""
-
-    def __init__(self, z_dim: int = 10, hidden_dim: int = 100, likelihood: str = "bernoulli"):
-        super().__init__()
-        self.likelihood = likelihood  # "normal": N(loc_img, 0.1), which symmetric Trace_MIM can sample
-        self.fc1, self.fc21, self.fc22 = nn.Linear(784, hidden_dim), nn.Linear(hidden_dim, z_dim), nn.Linear(hidden_dim, z_dim)
-        self.fc3, self.fc4 = nn.Linear(z_dim, hidden_dim), nn.Linear(hidden_dim, 784)
-        self.softplus, self.z_dim = nn.Softplus(), z_dim
+class NormalVAE(VAE):
+    """The same VAE with a Normal likelihood of scale 0.1, which symmetric Trace_MIM can sample."""
 
     def model(self, x):
-        pyro.module("decoder", self)
+        pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
-            z_loc = x.new_zeros(torch.Size((x.shape[0], self.z_dim)))
-            z = pyro.sample("latent", dist.Normal(z_loc, torch.ones_like(z_loc)).to_event(1))
-            loc_img = torch.sigmoid(self.fc4(self.softplus(self.fc3(z))))
-            if self.likelihood == "bernoulli":
-                pyro.sample("obs", dist.Bernoulli(loc_img, validate_args=False).to_event(1), obs=x.reshape(-1, 784))
-            else:
-                pyro.sample("obs", dist.Normal(loc_img, 0.1).to_event(1), obs=x.reshape(-1, 784))
-
-    def guide(self, x):
-        pyro.module("encoder", self)
-        with pyro.plate("data", x.shape[0]):
-            hidden = self.softplus(self.fc1(x.reshape(-1, 784)))
-            pyro.sample("latent", dist.Normal(self.fc21(hidden), torch.exp(self.fc22(hidden))).to_event(1))
-
-
-def digits_28() -> torch.Tensor:
-    """The 1797 digits, 8 x 8 upsampled to 28 x 28, in [0, 1]: (1797, 1, 28, 28)."""
-    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+            z = pyro.sample("latent", dist.Normal(x.new_zeros(x.shape[0], self.z_dim), 1.0).to_event(1))
+            pyro.sample("obs", dist.Normal(self.decoder(z), 0.1).to_event(1), obs=x.reshape(-1, 784))
 
 
 def accuracy(data, base, seconds: float, batch: int) -> None:
@@ -82,8 +59,7 @@ def accuracy(data, base, seconds: float, batch: int) -> None:
 
     def pairs(x):
         with torch.no_grad():
-            h = vae.softplus(vae.fc1(x.reshape(-1, 784)))
-            z = dist.Normal(vae.fc21(h), torch.exp(vae.fc22(h))).sample()
+            z = dist.Normal(*vae.encoder(x)).sample()
         return x.reshape(-1, 784), z
 
     g = torch.Generator().manual_seed(2)
@@ -119,11 +95,12 @@ def main() -> None:
                     help="also fit each critic setting this long on a fixed VAE and print the MI bound it reaches")
     args = ap.parse_args()
     torch.manual_seed(0)
-    data = digits_28()
-    base = VAE()
+    data = load_digits_28()
+    base = VAE(z_dim=10, hidden_dim=100)
     losses = {
         "Trace_ELBO": lambda: Trace_ELBO(),
         "Trace_MIM(asymmetric=True)": lambda: Trace_MIM(asymmetric=True),
+        "Trace_MIM()": lambda: Trace_MIM(),
         "TraceMI_ELBO(JointCritic(784, 10), mi_weight=1)": lambda: TraceMI_ELBO(JointCritic(784, 10), mi_weight=1.0),
         "TraceMI_ELBO(JointCritic(784, 10), mi_weight=0)": lambda: TraceMI_ELBO(JointCritic(784, 10), mi_weight=0.0),
         **{f"TraceMI_ELBO(JointCritic(784, 10), num_negatives={k})":
@@ -138,7 +115,8 @@ def main() -> None:
         for name, make in losses.items():
             pyro.clear_param_store()
             vae = copy.deepcopy(base)
-            vae.likelihood = "normal" if name.endswith("Normal likelihood") else "bernoulli"
+            if name.endswith("Normal likelihood"):
+                vae.__class__ = NormalVAE
             svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), make())
             g = torch.Generator().manual_seed(1)
             batches = [data[torch.randint(len(data), (args.batch,), generator=g)] for _ in range(args.steps + 2)]

@@ -74,6 +74,14 @@ def load_digits_data(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.as_tensor(load_digits().data / 16.0, dtype=dtype)
 
 
+def load_digits_28(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The digits of :func:`load_digits_data` upsampled (bilinear) to MNIST's 28 x 28, for models
+    written for MNIST such as Pyro's VAE (``pyro_mi.examples.zoo.VAE``): (1797, 784) in [0, 1]."""
+    x = load_digits_data(dtype).reshape(-1, 1, 8, 8)
+    x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    return x.clamp(0, 1).reshape(-1, 784)
+
+
 class Decoder(nn.Module):
     """p(x|z): mean ``sigmoid(MLP(z))`` and a learned scalar scale >= ``min_scale``.
 

@@ -108,6 +108,12 @@ class Trace_MIM(ELBO):
     whole batch, so the mixture weights are ½ exactly, with lower variance than
     Alg. 1's N/2 + N/2 split.
 
+    **Discrete likelihoods.** An observed site without ``rsample`` (Bernoulli pixels) is sampled
+    in the decoding half without a gradient path; its gradient takes the score-function term
+    Σ_n (c_n - b_n) ∇ log p(x̃_n|z̃_n) (App. D.2), c_n data point n's share of the half's loss and
+    b_n the mean of the others' (a baseline), as Pyro's own ELBOs do for non-reparameterisable
+    sites. Latent sites must be reparameterisable.
+
     **Warm-up** (sec. 5, after Alemi et al. 2017): β, the weight of the second,
     decoder cross-entropy term CE(M_S, p_θ(x, z)) = -E[log p_θ(x|z) + log p_θ(z)]
     of eq. 8, rises linearly from 0 to ½ over ``warmup_steps`` training steps
@@ -138,9 +144,9 @@ class Trace_MIM(ELBO):
     Raises (at the first loss evaluation):
         ValueError: the model has no observed site; the guide does not sample a
             latent site of the model, or samples a site that is not one (named);
-            a guide site (or, for MIM, a model site) is not reparameterisable
-            (MIM's gradients are pathwise, App. D.2; for a discrete likelihood use
-            ``asymmetric=True``); for MIM, an observed site's value that is
+            a guide site (or, for MIM, a latent site of the model) is not
+            reparameterisable (App. D.2); for MIM with a discrete likelihood, sites
+            outside the data plate; for MIM, an observed site's value that is
             computed from the model's arguments rather than read from them (a
             reshape or a slice of an argument is found, and the decoding half
             writes its generated data there); sites with different scales when K > 1.
@@ -234,10 +240,10 @@ class Trace_MIM(ELBO):
         model_trace = poutine.trace(poutine.uncondition(model), graph_type="flat").get_trace(*args, **kwargs)
         model_trace = prune_subsample_sites(model_trace)
         for site in _sample_sites(model_trace):
-            if not site["fn"].has_rsample:
-                kind = "observed" if site["infer"].get("was_observed") else "latent"
+            # an observed site without rsample (Bernoulli pixels) gets a score-function term
+            if not site["fn"].has_rsample and not site["infer"].get("was_observed"):
                 raise ValueError(
-                    f"Trace_MIM: {kind} site {site['name']!r} of the model ({type(site['fn']).__name__}) "
+                    f"Trace_MIM: latent site {site['name']!r} of the model ({type(site['fn']).__name__}) "
                     "cannot be sampled with reparameterisation, which the decoding half of MIM needs "
                     "(Livne et al. 2019, App. D.2); use Trace_MIM(asymmetric=True) (A-MIM, encoding "
                     "samples only)"
@@ -369,11 +375,51 @@ class Trace_MIM(ELBO):
         return scale_and_mask(log_qx.sum(), scale)
 
     def _half_loss(self, half: _Half) -> torch.Tensor:
-        """-[½ (log q(z|x) + log q̂(x)) + β log p(x, z)], summed over the batch (nats)."""
+        """-[½ (log q(z|x) + log q̂(x)) + β log p(x, z)], summed over the batch (nats), plus a
+        score-function term of zero value where the half sampled x without reparameterisation."""
         log_q = sum(s["log_prob_sum"] for s in _sample_sites(half.guide_trace))
         log_p = sum(s["log_prob_sum"] for s in _sample_sites(half.model_trace))
         log_qx = self._log_marginal(half.marginal_model_trace, half.marginal_guide_trace)
-        return -(0.5 * (log_q + log_qx) + self.warmup_weight * log_p)
+        loss = -(0.5 * (log_q + log_qx) + self.warmup_weight * log_p)
+        scored = [s for s in _sample_sites(half.model_trace)
+                  if s["infer"].get("was_observed") and not s["is_observed"] and not s["fn"].has_rsample]
+        return loss + self._score_term(half, scored) if scored else loss
+
+    def _score_term(self, half: _Half, scored: list) -> torch.Tensor:
+        """Σ_n sg(c_n - b_n) (log p(x̃_n|z_n) - sg(·)): zero in value, its gradient the score-function
+        part of the gradient of the half's loss Σ_n c_n with respect to the distribution x̃_n was
+        drawn from (REINFORCE, Livne et al. 2019, App. D.2, for discrete x). c_n is data point n's
+        share of the half's loss (each x̃_n enters its own terms only: q̂(x) factorises over the data
+        plate), b_n the mean of the others' (a baseline that keeps the estimate unbiased)."""
+        sites = [s for t in half for s in _sample_sites(t)]
+        frames = [{f for f in s["cond_indep_stack"] if f.vectorized and f.name != _MARGINAL_PLATE} for s in sites]
+        common = set.intersection(*frames)
+        if len(common) != 1:
+            raise ValueError(
+                f"Trace_MIM: observed site {scored[0]['name']!r} is sampled without reparameterisation, so the "
+                "decoding half's gradient takes a score-function term per data point, which needs one plate (the "
+                f"data plate) holding every site; found {sorted(f.name for f in common) or 'none'}; use "
+                "Trace_MIM(asymmetric=True)"
+            )
+        dim = next(iter(common)).dim
+        marginal = -(self.max_plate_nesting + 1) if self.marginal_particles > 1 else None
+
+        keep, ndim = {dim, marginal}, max(-dim, -(marginal or -1))
+
+        def per_datum(trace, sign=1.0):  # Σ of the sites' log_prob over all dims but the data's (and K's)
+            return sum(sign * _sum_except(s["log_prob"], keep, max(s["log_prob"].dim(), ndim))
+                       for s in _sample_sites(trace))
+
+        log_w = per_datum(half.marginal_model_trace) + per_datum(half.marginal_guide_trace, -1.0)
+        log_qx = log_mean_exp(log_w, marginal) if marginal is not None and torch.is_tensor(log_w) \
+            and log_w.dim() >= -marginal else log_w
+        cost = -(0.5 * (per_datum(half.guide_trace) + log_qx) + self.warmup_weight * per_datum(half.model_trace))
+        cost = cost.detach().reshape(-1)
+        n = cost.numel()
+        baseline = (cost.sum() - cost) / (n - 1) if n > 1 else torch.zeros_like(cost)
+        log_lik = sum(_sum_except(scale_and_mask(s["unscaled_log_prob"], mask=s["mask"]), {dim}, -dim)
+                      for s in scored).reshape(-1)
+        return ((cost - baseline) * (log_lik - log_lik.detach())).sum()
 
     def _differentiable_loss_particle(self, traces: _MIMTraces) -> torch.Tensor:
         loss = self._half_loss(traces.encoding)
@@ -397,7 +443,8 @@ class Trace_MIM(ELBO):
         return loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """The MIM (or A-MIM) loss as a differentiable scalar tensor (all gradients pathwise).
+        """The MIM (or A-MIM) loss as a differentiable scalar tensor (gradients pathwise, plus the
+        score-function term of a discrete likelihood, zero in value).
 
         Counts as one training step for the warm-up.
         """

@@ -127,7 +127,7 @@ class Compiled:
 
         shape = tuple(inputs[0].shape)
         try:
-            graph = _simplify(make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs))
+            graph = _simplify(_detach_constants(make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)))
             if self.mode == "inductor":
                 graph = _inductor(graph, inputs[0].device)
             where = next((w for w in (_mismatch(fn(*c), graph(*c)) for c in checks) if w is not None), None)
@@ -144,6 +144,20 @@ class Compiled:
                 "eagerly. The model likely branches on latent values or draws random numbers outside pyro.sample")
             return None
         return graph
+
+
+def _detach_constants(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The recorded graph with its captured tensors (a model's ``nn.Parameter`` weights) detached.
+    Its gradients in z are explicit ops of the graph, so a replay needs no autograd; with weights
+    that require grad, every replay would otherwise record an autograd graph that the chains'
+    states keep alive, step after step (3.1 GB at T = 300 on Pyro's VAE, against 355 MB)."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and "." not in n.target:
+            value = getattr(gm, n.target)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                gm._parameters.pop(n.target, None)  # recorded as a parameter: kept as a buffer instead
+                gm.register_buffer(n.target, value.detach())
+    return gm
 
 
 _aten = torch.ops.aten
