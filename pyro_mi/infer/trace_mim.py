@@ -171,7 +171,7 @@ class Trace_MIM(ELBO):
             raise TypeError(f"asymmetric must be a bool, got {type(asymmetric).__name__}")
         self.asymmetric = asymmetric
         self.num_steps = 0
-        self._observed_slots: dict = {}  # where the model reads each observed site, by argument shapes
+        self._observed_slots: dict = {}  # where a model reads each observed site, by argument shapes
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -290,7 +290,7 @@ class Trace_MIM(ELBO):
         return arguments.replaced(values)
 
     def _observed_slot(self, model, arguments: ModelArguments, name: str):
-        key = (name, tuple((slot, tuple(v.shape)) for slot, v in arguments.tensor_slots()))
+        key = (model, name, tuple((slot, tuple(v.shape)) for slot, v in arguments.tensor_slots()))
         if key not in self._observed_slots:
             located, _ = locate_observed(model, arguments, [name])
             self._observed_slots[key] = located.get(name)
