@@ -25,7 +25,6 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
-from torch import nn
 
 from pyro_mi import Trace_MIM, TraceMI_ELBO
 from pyro_mi.infer.mi_elbo import xi_bound

@@ -13,7 +13,7 @@ sandwich against T: the plot that justifies a T. Built on matplotlib; ArviZ's ow
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 

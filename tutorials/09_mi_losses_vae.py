@@ -34,7 +34,6 @@
 # error of held-out digits through the encoder's mean.
 
 # %%
-import math
 import os
 import time
 from pathlib import Path
