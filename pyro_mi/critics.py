@@ -6,7 +6,7 @@
 * :class:`SeparableCritic`: T(x, z) = f(x)ᵀ g(z) (Poole et al. 2019), which
   scores all B×B pairs of a batch with one matrix product.
 
-Critics are ``torch.nn.Module``s; any module with the same call signature can be
+Critics are torch modules (``torch.nn.Module``); any module with the same call signature can be
 passed where a critic is expected.
 """
 

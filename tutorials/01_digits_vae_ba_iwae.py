@@ -30,8 +30,8 @@ from pyro_mi.bounds import ba_bounds, iwae_bounds  # noqa: E402
 from pyro_mi.examples import get_example  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 NUM_DATA = 32 if FAST else 128
 KS = [1, 10, 100] if FAST else [1, 10, 100, 1000, 10000]
 FIT_STEPS = 100 if FAST else 2000

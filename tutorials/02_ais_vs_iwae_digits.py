@@ -27,8 +27,8 @@ from pyro_mi.examples import get_example  # noqa: E402
 from pyro_mi.proposal import GuideDensity  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 # One thread: these tensors are small, and on a shared or busy CPU two threads can be many
 # times slower (OpenMP threads wait for each other at every op).
 torch.set_num_threads(1)

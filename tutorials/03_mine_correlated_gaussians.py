@@ -26,8 +26,8 @@ from pyro_mi import estimate_mi_samples  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
 torch.set_num_threads(1 if FAST else max(1, torch.get_num_threads()))
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 
 RHOS = [-0.5, 0.5] if FAST else [-0.9, -0.6, -0.3, 0.3, 0.6, 0.9]
 DIMS = [2, 20]

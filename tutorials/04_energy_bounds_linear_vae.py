@@ -28,8 +28,8 @@ from pyro_mi.bounds import ba_bounds, giwae_bounds, infonce_bounds, iwae_bounds
 from pyro_mi.examples import get_example
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 
 KS = [10, 30] if FAST else [100, 1000]
 NUM_DATA = 200 if FAST else 1000

@@ -63,8 +63,8 @@ from pyro_mi.proposal import GuideDensity  # noqa: E402
 from pyro_mi.result import MIResult  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)  # small networks: one thread is fastest and leaves the CPU to others
 
 WIDTHS = (5, 20) if FAST else (5, 20, 500)

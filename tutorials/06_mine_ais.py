@@ -68,8 +68,8 @@ from pyro_mi.examples import get_example  # noqa: E402
 from pyro_mi.proposal import PriorProposal  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)  # small tensors: one thread is fastest on a shared CPU
 T_START = time.perf_counter()
 

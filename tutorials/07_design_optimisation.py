@@ -49,8 +49,8 @@ from pyro.contrib.oed.eig import nmc_eig  # noqa: E402
 import pyro_mi  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)
 
 PRIOR_SD = torch.tensor([1.0, 0.3])

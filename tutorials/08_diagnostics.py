@@ -48,8 +48,8 @@ from pyro_mi.examples import get_example  # noqa: E402
 from pyro_mi.examples.zoo import zoo  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)
 NUM_DATA = 64 if FAST else 256
 SWEEP = (10, 100) if FAST else (10, 100, 1000)  # the last T is the run's own (default AIS)

@@ -55,8 +55,8 @@ from pyro_mi.examples.zoo import VAE  # noqa: E402
 from pyro_mi.weights import log_mean_exp  # noqa: E402
 
 FAST = os.environ.get("PYRO_MI_TUTORIAL_FAST") == "1"
-OUT = Path(__file__).resolve().parent / "output"
-OUT.mkdir(exist_ok=True)
+OUT = Path(os.environ.get("PYRO_MI_TUTORIAL_OUTPUT", Path(__file__).resolve().parent / "output"))
+OUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)
 STEPS = 60 if FAST else 3000  # SVI steps of batch 128 (3000: about 270 epochs of the 1437 training digits)
 NUM_DATA, NUM_STEPS = (32, 50) if FAST else (256, 1000)  # AIS: simulated points, annealing steps

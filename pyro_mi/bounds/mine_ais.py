@@ -253,10 +253,10 @@ def ibal_bounds(
         density: the model's :class:`~pyro_mi.density.ModelDensity`.
         proposal: the base q(z|x) (prior, guide or encoder proposal).
         x, z: simulated observations ``{site: (N, ...)}`` and their packed latents (N, D).
-        num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-            pilot_steps, generator, checkpoint, checkpoint_every, save_chains, record,
-            max_chains_per_chunk, callback, progress, compile, points_per_block: as for
-            :func:`~pyro_mi.bounds.ais_bounds`.
+        AIS options: ``num_chains``, ``num_steps``, ``num_leapfrog``, ``step_size``, ``schedule``,
+            ``adapt``, ``pilot_chains``, ``pilot_steps``, ``generator``, ``checkpoint``,
+            ``checkpoint_every``, ``save_chains``, ``record``, ``max_chains_per_chunk``, ``callback``,
+            ``progress``, ``compile``, ``points_per_block``: as for :func:`~pyro_mi.bounds.ais_bounds`.
         critic: ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``, differentiable in z.
 
     Returns:
@@ -367,9 +367,10 @@ def mine_ais_bounds(
 
     Args:
         density, proposal, x, z: as for :func:`ibal_bounds`.
-        num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-            pilot_steps, generator, save_chains, record, max_chains_per_chunk, callback,
-            progress, compile, points_per_block: the AIS evaluation's, as for
+        AIS options: ``num_chains``, ``num_steps``, ``num_leapfrog``, ``step_size``, ``schedule``,
+            ``adapt``, ``pilot_chains``, ``pilot_steps``, ``generator``, ``save_chains``, ``record``,
+            ``max_chains_per_chunk``, ``callback``, ``progress``, ``compile``, ``points_per_block``:
+            the AIS evaluation's, as for
             :func:`~pyro_mi.bounds.ais_bounds` (training runs whole in every process, and rank
             0's critic is evaluated);
             ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives (whose

@@ -129,11 +129,14 @@ class TraceMI_ELBO(Trace_ELBO):
         last_mi_bound: the ξ-bound (nats per data point) of the last evaluation with λ > 0
             (None before one).
 
-    Raises (at the first loss evaluation):
+    The errors below are raised at the first loss evaluation, not at construction.
+
+    Raises:
         TypeError: ``critic`` is not an ``nn.Module``.
-        ValueError: λ < 0, ξ ≤ 0, ``num_negatives`` not a positive integer or None; the model has no observed sites; no plate holds
-            every site (the data plate) or more than one does; a guide site is not
-            reparameterisable while λ > 0 (named); a batch of fewer than 2 points.
+        ValueError: λ < 0, ξ ≤ 0, ``num_negatives`` not a positive integer or None; the model
+            has no observed sites; no plate holds every site (the data plate) or more than one
+            does; a guide site is not reparameterisable while λ > 0 (named); a batch of fewer
+            than 2 points.
     """
 
     def __init__(

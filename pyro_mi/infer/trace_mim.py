@@ -141,7 +141,9 @@ class Trace_MIM(ELBO):
         strict_enumeration_warning, ignore_jit_warnings, retain_graph: as for
             :class:`~pyro.infer.ELBO`.
 
-    Raises (at the first loss evaluation):
+    The errors below are raised at the first loss evaluation, not at construction.
+
+    Raises:
         ValueError: the model has no observed site; the guide does not sample a
             latent site of the model, or samples a site that is not one (named);
             a guide site (or, for MIM, a latent site of the model) is not
