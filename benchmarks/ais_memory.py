@@ -3,7 +3,9 @@
 Each row runs ``ais_bounds`` on the linear-vae example (prior as pi0) in a fresh
 subprocess and prints its peak resident memory (``ru_maxrss``) and the memory before the
 run. Without ``record`` the per-chain state is kept, not its history, so memory should not
-grow with T; ``--record`` keeps the chains for ArviZ and grows as K·N·T. Usage::
+grow with T (eager and without ``refine``, so that neither torch's compiler stack, imported by a
+traced run, nor the rerun of far points at 10 T enters the comparison); ``--record`` keeps the
+chains for ArviZ and grows as K·N·T. Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/ais_memory.py [--chains 2048] [--num-data 64] [--steps 50 500] [--record]
 """
@@ -24,7 +26,8 @@ from pyro_mi.proposal import PriorProposal
 T, K, N, record = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 ex = get_example("linear-vae"); d = ModelDensity(ex.model, "x"); pyro.set_rng_seed(0); x, z = d.sample(N)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-ais_bounds(d, PriorProposal(d), x, z, num_chains=K, num_steps=T, num_leapfrog=1, record=record, progress=False)
+ais_bounds(d, PriorProposal(d), x, z, num_chains=K, num_steps=T, num_leapfrog=1, record=record, progress=False,
+           compile="none", refine=0.0)
 print(before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 

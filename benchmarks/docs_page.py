@@ -98,12 +98,29 @@ def stamp(command: str) -> str:
             f"{threads} thread(s), torch {torch.__version__}.")
 
 
+def as_markdown(output: str) -> str:
+    """A script's stdout as markdown: its tables (lines starting with ``|``) as they are, every other
+    run of lines in a ``text`` block, so that its layout survives."""
+    runs: list[tuple[bool, list[str]]] = []
+    for line in output.rstrip().splitlines():
+        table = line.startswith("|")
+        if not runs or runs[-1][0] != table:
+            runs.append((table, []))
+        runs[-1][1].append(line)
+    parts = []
+    for table, lines in runs:
+        text = "\n".join(lines).strip("\n")
+        if text.strip():
+            parts.append(text if table else f"```text\n{text}\n```")
+    return "\n\n".join(parts)
+
+
 def write_page(path: str, title: str, sections: list[tuple[str, str]], about: str = "") -> None:
     """Writes a markdown page: a title, what it shows, then for each (command, stdout) a stamp and the output."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     body = [f"# {title}", "", about, ""] if about else [f"# {title}", ""]
     for command, output in sections:
-        body += [f"Printed by {stamp(command)}", "", output.rstrip(), ""]
+        body += [f"Printed by {stamp(command)}", "", as_markdown(output), ""]
     with open(path, "w") as f:
         f.write("\n".join(body))
 

@@ -60,7 +60,7 @@ ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
     ("--compile", dict(choices=("auto", "none", "trace", "inductor"),
                        help="how HMC evaluates the model: none (a Pyro trace per leapfrog step), trace (one "
                             "recorded graph, same numbers), inductor (torch.compile; CUDA graphs on GPU), auto "
-                            "(trace when --num-steps >= 1000)")),
+                            "(trace when --num-steps x --num-leapfrog >= 1500)")),
     ("--checkpoint", dict(metavar="FILE", help="save progress (AIS chains, MINE-AIS training) to FILE; rerunning "
                                              "the command resumes it")),
     ("--save-chains", dict(metavar="FILE.nc", help="write the AIS chains as ArviZ InferenceData (netCDF)")),
@@ -564,8 +564,7 @@ def _on_sigterm(signum, frame):
 def _keep_freed_memory() -> None:
     """Asks glibc to keep freed memory for reuse instead of returning every large block to the
     system: chunked bounds allocate and free tensors of tens of MB per chunk, and with glibc's
-    defaults each one is a fresh mmap whose page faults cost as much as the arithmetic (IWAE,
-    K = 20,000, N = 256 on linear-vae: 9.3 s wall, 5.1 s of it in the kernel; 4.3 s with this).
+    defaults each one is a fresh mmap whose page faults can cost as much as the arithmetic.
     The same as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment; the
     cost is that the process keeps its peak memory. A no-op where the C library is not glibc."""
     try:
@@ -577,9 +576,8 @@ def _keep_freed_memory() -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    """torch's CPU threads: ``--threads``, else OMP_NUM_THREADS if set, else 1. Measured on a 2-core
-    machine, the README's first command took the same wall time with 1 and 2 threads (4.7 s)
-    and 1.3 s more CPU with 2; on a busy machine extra threads thrash (issue 13: 5x the CPU)."""
+    """torch's CPU threads: ``--threads``, else OMP_NUM_THREADS if set, else 1: on small tensors one
+    thread is as fast and uses less CPU, and on a busy machine extra threads thrash."""
     if threads is not None:
         if threads < 1:
             raise CLIError(f"--threads must be >= 1, got {threads}")

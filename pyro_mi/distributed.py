@@ -108,8 +108,7 @@ def seeded_global_rng(seed: int, device: torch.device):
 def manual_seed(seed: int) -> None:
     """Seeds torch's CPU and CUDA generators, as ``torch.manual_seed`` does for the backends
     pyro_mi runs on. torch's own also queues lazy seeds for XPU and MTIA, each recording a
-    traceback that grows with the stack: 0.09 ms a call at the top level, 0.3 ms 30 frames
-    down; IWAE on 15 blocks took 26.6 ms without it, 33.7 ms with it."""
+    traceback that grows with the stack, a cost paid once per block."""
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)

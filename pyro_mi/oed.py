@@ -43,8 +43,9 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from .bounds.importance import _evals_per_chunk, ess_warnings, iwae_bounds
-from .density import ModelDensity, _sample_sites
+from .bounds.importance import evals_per_chunk, ess_warnings, iwae_bounds
+from .density import ModelDensity
+from .density.plates import sample_sites
 from .density.plates import check_declared_batch_dims
 from .estimate import check_method_options, seeded, simulate_and_bound
 from .result import CROSSED, MIResult, require_finite
@@ -90,7 +91,7 @@ def design_batch_shape(model: Callable, design: torch.Tensor) -> torch.Size:
         except (RuntimeError, IndexError, ValueError) as e:
             raise ValueError(f"the model fails when called on the design of shape {tuple(design.shape)} (does its "
                              f"last dim match the model?): {str(e).splitlines()[0]}") from e
-    sites = _sample_sites(trace)
+    sites = sample_sites(trace)
     common = set.intersection(*({f for f in s["cond_indep_stack"] if f.dim is not None} for s in sites))
     shape = []
     for frame in sorted(common, key=lambda f: f.dim):
@@ -477,7 +478,7 @@ def _shared_iwae(density: ModelDensity, num_designs: int, num_data: int, num_par
     log_lik = log_lik.reshape(N, B)  # ℓ_0, experiment-major: point n·B + b
     with torch.enable_grad() if differentiable else torch.no_grad():
         score, _ = density.shared_prior_likelihood(K)
-        per_chunk = max(1, _evals_per_chunk(density) // (K * B))
+        per_chunk = max(1, evals_per_chunk(density) // (K * B))
         sums, left_out = [], [0.0, 0.0]  # log-sums per experiment; Σ_n log(S_(-j) / S) (upper, lower)
         for lo in tqdm(range(0, N, per_chunk), desc="IWAE", leave=False, disable=not progress or per_chunk >= N):
             hi = min(N, lo + per_chunk)

@@ -28,7 +28,8 @@ from pyro import poutine
 from torch import nn
 from torch.distributions import constraints
 
-from .density import Data, ModelDensity, _sample_sites
+from .density import Data, ModelDensity
+from .density.plates import sample_sites
 from .training import train
 
 
@@ -162,7 +163,7 @@ class GuideDensity:
                     "arguments, the observed values written into the argument the model reads them from, or "
                     f"as keywords named after the observed sites {list(density.obs_sites)} where no argument "
                     "carries them") from e
-        names = [s["name"] for s in _sample_sites(trace)]
+        names = [s["name"] for s in sample_sites(trace)]
         latents = [s.name for s in density.latent_sites]
         missing = [n for n in latents if n not in names]
         extra = [n for n in names if n not in latents]
@@ -173,7 +174,7 @@ class GuideDensity:
                 f"the guide samples site {extra[0]!r}, which is not a latent site of the model "
                 f"(latent sites: {latents})"
             )
-        guide_sites = {s["name"]: s for s in _sample_sites(trace)}
+        guide_sites = {s["name"]: s for s in sample_sites(trace)}
         for site in density.latent_sites:
             g = guide_sites[site.name]
             shape = density.point_shape(g["value"])
@@ -304,7 +305,7 @@ class GaussianEncoder(nn.Module):
     def log_prob(self, z: torch.Tensor, x: Data, log_prior: torch.Tensor | None = None) -> torch.Tensor:
         """log q(z|x) for z (..., N, D) -> (..., N), nats. ``log_prior``: log p(z) at z, if already
         computed (the mixture's prior component; one model run otherwise)."""
-        return self.mix(self._log_prob(z, *self(x)), z, x, log_prior)
+        return self.mix(self.normal_log_prob(z, *self(x)), z, x, log_prior)
 
     def mix(self, log_gaussian: torch.Tensor, z: torch.Tensor, x: Data, log_prior=None) -> torch.Tensor:
         """The mixture's log density from its Gaussian component's, (..., N)."""
@@ -316,7 +317,8 @@ class GaussianEncoder(nn.Module):
         return torch.logaddexp(math.log1p(-a) + log_gaussian, math.log(a) + log_prior)
 
     @staticmethod
-    def _log_prob(z, mu, sigma):
+    def normal_log_prob(z, mu, sigma):
+        """log N(z; mu, diag sigma^2) summed over the last dim: (..., D) -> (...), nats."""
         return torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1)
 
 
@@ -416,7 +418,7 @@ def fit_guide(
     )
     if encoder and num_val:
         with torch.no_grad():
-            gaussian = GaussianEncoder._log_prob(z_val, *guide(x_val))
+            gaussian = GaussianEncoder.normal_log_prob(z_val, *guide(x_val))
         scores, errors = {}, {}
         for a in PRIOR_WEIGHTS:  # held-out BA of each mixture; a = 1 is the prior, whose BA is 0
             if a < 1:

@@ -14,7 +14,8 @@ from pyro_mi.density import ModelDensity
 from pyro_mi.examples import get_example
 from pyro_mi.proposal import GaussianEncoder, PriorProposal
 from pyro_mi.samplers import anneal, get_schedule, hmc
-from pyro_mi.samplers.compile import AUTO_TRACE_STEPS, Compiled, compile_components, resolve_mode
+from pyro_mi.samplers.compile import (AUTO_TRACE_EVALUATIONS, WHOLE_TRANSITION_STEPS, Compiled, compile_components,
+                                      resolve_mode)
 
 
 def _problem(name="linear-vae", N=6):
@@ -94,8 +95,12 @@ def test_modes_and_auto():
     assert isinstance(compile_components(comps, "trace"), Compiled)
     with pytest.raises(ValueError, match="compile must be"):
         compile_components(comps, "jit")
-    assert resolve_mode("auto", AUTO_TRACE_STEPS) == "trace"
-    assert resolve_mode("auto", AUTO_TRACE_STEPS - 1) == "none"
+    assert resolve_mode("auto", AUTO_TRACE_EVALUATIONS) == "trace"
+    assert resolve_mode("auto", AUTO_TRACE_EVALUATIONS // 10, 10) == "trace"  # T x L leapfrog steps per chain
+    assert resolve_mode("auto", AUTO_TRACE_EVALUATIONS // 10 - 1, 10) == "none"
+    assert compile_components(comps, "trace").whole_transitions
+    assert compile_components(comps, "trace", WHOLE_TRANSITION_STEPS).whole_transitions
+    assert not compile_components(comps, "trace", WHOLE_TRANSITION_STEPS - 1).whole_transitions
     assert resolve_mode("inductor", 1) == "inductor"
     d, x, z = _problem(N=2)
     with pytest.raises(ValueError, match="compile must be 'auto' or one of"):
@@ -114,6 +119,21 @@ def test_anneal_with_traced_components_matches_eager():
     assert torch.equal(a.log_weights, b.log_weights) and torch.equal(a.hmc.z, b.hmc.z)
     # the whole transition (3 leapfrog steps and the Metropolis test) ran as one recorded graph
     assert [k[:2] for k in traced._graphs if k[0] == "transition"] == [("transition", 3)]
+
+
+def test_a_short_run_records_evaluations_and_gives_the_same_numbers():
+    """Below WHOLE_TRANSITION_STEPS the leapfrog runs in Python around a graph of one evaluation
+    (recorded at a shape's fourth use): bit for bit the eager numbers, and no transition graph."""
+    d, x, _ = _problem(N=4)
+    comps = components_fn(d, PriorProposal(d), x)
+    z0 = torch.randn(5, 4, d.latent_dim, generator=torch.Generator().manual_seed(3))
+    rev = torch.tensor([False] * 4 + [True])
+    betas = get_schedule("sigmoid", 20)
+    traced = compile_components(comps, "trace", num_steps=20)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        a, b = (anneal(c, z0, rev, betas, 0.05, 3, torch.Generator().manual_seed(5)) for c in (comps, traced))
+    assert torch.equal(a.log_weights, b.log_weights) and torch.equal(a.hmc.z, b.hmc.z)
+    assert [k[0] for k, g in traced._graphs.items() if g is not None] == ["evaluate"]
 
 
 def test_weights_that_require_grad_leave_no_autograd_history_in_the_chains():

@@ -383,7 +383,7 @@ def check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_c
     return pilot_chains
 
 
-def _proposal_identity(proposal):
+def proposal_identity(proposal):
     """What identifies a proposal in a checkpoint's fingerprint: its parameters and code."""
     if isinstance(proposal, PriorProposal):
         return "prior"
@@ -482,11 +482,11 @@ def anneal_log_normalizer(
     bar = ProgressBar(steps * len(range(0, N, points_per_block)), progress)
     observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
     kept = [o for o in (summary, recorder) if o is not None]  # observers whose records are gathered
-    mode = resolve_mode(compile, num_steps)
+    mode = resolve_mode(compile, num_steps, num_leapfrog)
 
     def run_block(b: int, lo: int, hi: int) -> dict:
         components, draw_pi0 = path_of(lo, hi)
-        components = compile_components(components, mode)
+        components = compile_components(components, mode, num_steps)
         with pyro.validation_enabled(False):
             run = run_chains(
                 components, draw_pi0, z[lo:hi], betas, **plan(num_chains), num_leapfrog=num_leapfrog,
@@ -602,7 +602,7 @@ def _bounds(
     ckpt = None
     if checkpoint is not None:
         fp = fingerprint(method, settings, seed, get_schedule(schedule, num_steps), x, z,
-                         _proposal_identity(proposal), density.model, density.model_args, density.model_kwargs,
+                         proposal_identity(proposal), density.model, density.model_args, density.model_kwargs,
                          record, points_per_block)
         ckpt = Checkpoint(checkpoint, fp)
     with torch.no_grad(), pyro.validation_enabled(False):
@@ -785,8 +785,8 @@ _COMMON_DOC = """
         compile: how the HMC kernels evaluate the densities (:mod:`pyro_mi.samplers.compile`):
             ``"none"`` (a Pyro trace per leapfrog step), ``"trace"`` (a graph recorded once
             and checked against the eager densities), ``"inductor"`` (that graph compiled by
-            ``torch.compile``; CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T >= 1000,
-            where its one-off cost (about 2 s) pays. The numbers are the same (bit for bit
+            ``torch.compile``; CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T x L >= 1500,
+            where its one-off cost (seconds) pays. The numbers are the same (bit for bit
             with ``"trace"``, to rounding with ``"inductor"``).
         points_per_block: the points are run in blocks of this many, each with random numbers
             of its own (:mod:`pyro_mi.distributed`); under ``torchrun`` the ranks share the

@@ -94,9 +94,7 @@ INFONCE_TEST_NEGATIVES = 4096
 
 #: default (val_fraction, test_fraction) of :func:`fit_dual_bound` by method (None: the others).
 #: InfoNCE's bound is at most log K, and K is at most the size of the test split, so InfoNCE holds
-#: out more for the test and less for validation: on the bmi benchmark's 6.46-nat task its bound
-#: rose from 5.75 (K = 2000, splits 0.2 / 0.2) to 5.87 (K = 4000, 0.1 / 0.4), and its mean
-#: absolute error over 12 tasks fell from 0.133 to 0.124 nats
+#: out more for the test and less for validation (chosen on the bmi benchmark, ``benchmarks/samples_bmi.py``)
 SPLITS = {None: (0.2, 0.2), "infonce": (0.1, 0.4)}
 
 #: the share of Ẑ carried by the top 1% of the negative terms above which a result warns of heavy tails
@@ -350,16 +348,11 @@ def default_critics(method: str, x_dim: int, z_dim: int, hidden_sizes=(256, 256)
     which :func:`fit_dual_bound` keeps the one with the higher validation bound. None: ``"auto"``
     for InfoNCE and ``"joint"`` for the others.
 
-    Chosen by measurement on 13 tasks of the bmi benchmark (``benchmarks/samples_bmi.py``,
-    10,000 samples; InfoNCE's mean absolute error over the 12 non-Cauchy tasks, bmi's own
-    InfoNCE 0.118 nats). Neither single critic wins everywhere: at splits 0.2 / 0.2 a ReLU
-    separable one (0.160) was better on the Student-t tasks (0.25 vs 0.15 of 0.29) and the spiral
-    (0.76 vs 0.52 of 1.02), a joint (16, 8) one (0.194) on the 25 x 25 multinormals (1.25 vs 1.16
-    of 1.29) and on additive noise (1.63 vs 1.51 of 1.71); their sum as one critic scored 0.173,
-    and a joint (64, 64) one was 5-20x slower. "auto", letting the validation split choose, scored
-    0.133; with InfoNCE's splits 0.1 / 0.4 (:data:`SPLITS`) 0.124, and with SiLU in place of ReLU
-    in f and g 0.107 (smooth units fit the quadratic log density ratios of Gaussians better: 5.96
-    vs 5.87 on the 6.46-nat task). MINE and NWJ use the joint critic.
+    Chosen by measurement on 13 tasks of the bmi benchmark (``benchmarks/samples_bmi.py``; the
+    tuning runs are on the docs' tuning page): neither single critic wins everywhere (separable on the
+    Student-t tasks and the spiral, joint on the dense multinormals and additive noise), so
+    ``"auto"`` lets the validation split choose; SiLU units in f and g fit the quadratic log
+    density ratios of Gaussians better than ReLU. MINE and NWJ use the joint critic.
 
     Raises:
         ValueError: an unknown ``kind``.

@@ -251,13 +251,8 @@ def giwae_bounds(
     The reported bound is evaluated with K = ``num_particles`` on the given
     (x, z), independent of training.
 
-    The defaults were chosen by measurement (``estimate_mi`` at N = 1024, seed 0, one thread):
-    1000 steps of 256 pairs with K = 16, a (64, 64) critic and cosine-decayed rates 1e-2 / 1e-3
-    gave 22.55 / 13.59 / 12.32 nats on linear-vae / digits-vae / digits-gan in 16 s each,
-    where the earlier 2000 steps of 64 pairs with K = 100, a (256, 256) critic and constant
-    rates 1e-3 / 1e-4 gave 22.22 / 13.51 on the first two in 58 / 101 s (BA 22.16 / 12.97).
-    A (32, 32) critic gave 12.30 on digits-gan at N = 512, where (64, 64) gives 12.73; more
-    capacity and steps help such posteriors (``hidden_sizes=(256, 256), max_steps=2000``).
+    The defaults were chosen by measurement on the built-in examples (the docs' tuning page); more
+    capacity and steps help hard posteriors (``hidden_sizes=(256, 256), max_steps=2000``).
 
     Args:
         density: the model's :class:`~pyro_mi.density.ModelDensity`.

@@ -58,7 +58,7 @@ def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Te
     return log_prior + log_lik - log_q, log_lik, log_q - log_prior
 
 
-def _evals_per_chunk(density: ModelDensity) -> int:
+def evals_per_chunk(density: ModelDensity) -> int:
     """(particle, data point) log-weight evaluations per chunk: at most 2^20, and at most
     CHUNK_NUMBERS latent and observed numbers."""
     return min(1 << 20, CHUNK_NUMBERS // (density.latent_dim + density.obs_dim))
@@ -69,7 +69,7 @@ def default_points_per_block(density: ModelDensity, num_particles: int) -> int:
     POINTS_PER_BLOCK. Each block costs a few model runs of fixed (Python) cost, so a small model
     with few particles runs in few large blocks (1024-point blocks made 15,000 points with K = 30
     1.8 times as slow); a block stays large enough to share out under torchrun."""
-    return max(POINTS_PER_BLOCK, _evals_per_chunk(density) // num_particles)
+    return max(POINTS_PER_BLOCK, evals_per_chunk(density) // num_particles)
 
 
 def _per_block(density, proposal, x, z, points_per_block, num_particles, differentiable, terms, progress: bool,
@@ -109,7 +109,7 @@ def _stream(density, proposal, x, num_particles, bar):
     ``log_weights`` where it has one: the prior's need one model run, not three); ``bar`` counts
     the (particle, point) evaluations."""
     N = next(iter(density.check_data(x).values())).shape[0]
-    chunk = max(1, min(num_particles, _evals_per_chunk(density) // max(N, 1)))
+    chunk = max(1, min(num_particles, evals_per_chunk(density) // max(N, 1)))
     log_weights = getattr(proposal, "log_weights", None)
     done = 0
     while done < num_particles:

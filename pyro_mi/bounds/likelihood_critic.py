@@ -72,7 +72,7 @@ class LikelihoodCritic(nn.Module):
             return out  # log p(z) - log q(z|x) = 0
         mu, sigma = q.loc_scale(x_flat)
         xf = x_flat.reshape(-1, *x_flat.shape[-2:])[0]  # (N, obs_dim): the same x along the leading dims
-        return out + density.log_prior(z, density.unflatten_data(xf)) - GaussianEncoder._log_prob(z, mu, sigma)
+        return out + density.log_prior(z, density.unflatten_data(xf)) - GaussianEncoder.normal_log_prob(z, mu, sigma)
 
 
 def fit_likelihood_critic(

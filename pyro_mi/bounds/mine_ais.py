@@ -61,7 +61,7 @@ from ..result import MIResult, require_finite
 from ..samplers import StepSizeAdapter, hmc
 from ..training import train
 from ..distributed import POINTS_PER_BLOCK, broadcast_module, check_points_per_block
-from .ais import (DEFAULTS, _proposal_identity, ais_settings, anneal_log_normalizer, check_options, default_chunk)
+from .ais import (DEFAULTS, proposal_identity, ais_settings, anneal_log_normalizer, check_options, default_chunk)
 from .giwae import default_giwae_critic, giwae_terms
 from .likelihood_critic import LikelihoodCritic, fit_likelihood_critic
 
@@ -69,9 +69,8 @@ from .likelihood_critic import LikelihoodCritic, fit_likelihood_critic
 NEGATIVE_TARGET_ACCEPT = 0.8
 #: particles of the GIWAE bound reported beside the IBAL (a bound without Prop. M.1's condition)
 GIWAE_PARTICLES = 100
-#: the default steps of the likelihood critic's maximum-likelihood fit (:func:`mine_ais_bounds`): on
-#: linear-vae (N = 512) 1000, 2000 and 4000 steps gave 22.96, 22.99 and 23.00 nats (true 23.10) in
-#: 15, 21 and 33 s; on digits-gan 2000 steps gave 16.30 nats in 20 s (GIWAE: 12.73 in 18 s)
+#: the default steps of the likelihood critic's maximum-likelihood fit (:func:`mine_ais_bounds`), chosen
+#: by measurement on linear-vae and digits-gan (the docs' tuning page)
 LIKELIHOOD_STEPS = 2000
 #: a warning when the reverse log Z estimate is below the forward one by more than this many stderrs
 CROSSING_SE = 3.0
@@ -113,7 +112,7 @@ class IBALPath:
 
     def log_q(self, z: torch.Tensor) -> torch.Tensor:
         if self.gaussian:
-            return GaussianEncoder._log_prob(z, self.mu, self.sigma)
+            return GaussianEncoder.normal_log_prob(z, self.mu, self.sigma)
         return self.q.log_prob(z, self.x)
 
     def components(self, u: torch.Tensor):
@@ -283,7 +282,7 @@ def ibal_bounds(
                             pilot_steps, compile)
     ckpt = None
     if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint, fingerprint("ibal", settings, seed, x, z, _proposal_identity(proposal), critic,
+        ckpt = Checkpoint(checkpoint, fingerprint("ibal", settings, seed, x, z, proposal_identity(proposal), critic,
                                                   density.model, density.model_args, density.model_kwargs,
                                                   ais["record"], ais["points_per_block"]))
     with finishing(ckpt):
@@ -475,7 +474,7 @@ def mine_ais_bounds(
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint, fingerprint(
             "mine-ais", settings, seed, lr, proposal_lr, eval_every, patience, hidden_sizes, x, z,
-            _proposal_identity(proposal), critic, density.model, density.model_args, density.model_kwargs,
+            proposal_identity(proposal), critic, density.model, density.model_args, density.model_kwargs,
             ais["record"], ais["points_per_block"]))
     adapter = StepSizeAdapter("scaling", factor=2.0, target_accept=NEGATIVE_TARGET_ACCEPT)
     stats = {"accept": []}

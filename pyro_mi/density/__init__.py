@@ -34,6 +34,5 @@ them), :mod:`.model` (:class:`ModelDensity`). The guide side is in
 from .model import Data, ModelDensity
 from .normal import site_log_prob
 from .packing import LatentSite
-from .plates import _sample_sites  # noqa: F401 - used by pyro_mi.proposal
 
 __all__ = ["Data", "LatentSite", "ModelDensity", "site_log_prob"]

@@ -21,7 +21,7 @@ from ..resources import is_out_of_memory
 from . import enumeration, packing
 from .arguments import ModelArguments, locate_observed, slot_name
 from .normal import site_log_prob
-from .plates import _CHAINS, _DATA, BatchingError, _sample_sites, common_frame, plate_layout, undeclared_batch_dims
+from .plates import CHAINS_PLATE, DATA_PLATE, BatchingError, sample_sites, common_frame, plate_layout, undeclared_batch_dims
 from .pointwise import VECTORIZE, PointwiseModel
 
 Data = Mapping[str, torch.Tensor]
@@ -316,7 +316,7 @@ class ModelDensity:
         density does not move the RNG: a seed gives the same simulated data
         whichever way the model is written."""
         trace = self._bare_trace()
-        sites = {s["name"]: s for s in _sample_sites(trace)}
+        sites = {s["name"]: s for s in sample_sites(trace)}
         if self.reparam == "auto":
             decentred_sites = self._decentre(sites)
             if decentred_sites:
@@ -326,7 +326,7 @@ class ModelDensity:
                     f"sampled as {[k + '_decentered' for k in decentred_sites]}: a bijection of the latents, so the MI and "
                     "each point's log p(x) are unchanged")
                 trace = self._bare_trace()
-                sites = {s["name"]: s for s in _sample_sites(trace)}
+                sites = {s["name"]: s for s in sample_sites(trace)}
         missing = [o for o in self.obs_sites if o not in sites]
         if missing:
             raise ValueError(
@@ -707,7 +707,7 @@ class ModelDensity:
             self._check_sites(values, "a simulation")
             return values, self._points.fns, lambda: self.site_log_probs(values, {}, C, N, self._no_density)
         trace = self._trace(C, N, cond, sample_obs=True)
-        sites = _sample_sites(trace)
+        sites = sample_sites(trace)
         values = self.site_values(trace, C, N)
         self._check_sites(values, "a simulation")
         if self.enumerated:
@@ -743,8 +743,8 @@ class ModelDensity:
         C, N = num_chains, num_data
         if not self.enumerated:
             return {s["name"]: self._plates.per_point(_scaled_log_prob(s), C, N)
-                    for s in _sample_sites(trace) if s["name"] not in skip}
-        keep = [_CHAINS, _DATA] if not self.has_data_plate else [_CHAINS, self._data_frame_name(trace)]
+                    for s in sample_sites(trace) if s["name"] not in skip}
+        keep = [CHAINS_PLATE, DATA_PLATE] if not self.has_data_plate else [CHAINS_PLATE, self._data_frame_name(trace)]
         with_observed = not (set(self.obs_sites) <= set(skip))
         out = enumeration.contract(trace, self.obs_sites, keep, with_observed)
         rank = -(self._plates.data_dim if self._plates.folded else self._plates.chains_dim)
@@ -795,12 +795,12 @@ class ModelDensity:
         """``{site: value (C, 1.., N, *shape)}`` of the sample sites (but ``pyro.factor`` ones) of a
         :meth:`trace_program` trace."""
         return {s["name"]: self._plates.unfold(s["value"], num_chains, num_data)
-                for s in _sample_sites(trace) if not isinstance(s["fn"], dist.Unit)}
+                for s in sample_sites(trace) if not isinstance(s["fn"], dist.Unit)}
 
     def per_point_log_prob(self, trace, sites: Sequence[str], num_chains: int, num_data: int) -> torch.Tensor:
         """Sums the log densities of the named sites of a :meth:`trace_program` trace to (C, N)."""
         total = 0.0
-        for s in _sample_sites(trace):
+        for s in sample_sites(trace):
             if s["name"] in sites:
                 total = total + self._plates.per_point(_scaled_log_prob(s), num_chains, num_data)
         return total
@@ -1063,7 +1063,7 @@ class ModelDensity:
         K, R, obs, pos = num_samples, self.template_rows, self.obs_sites[0], self._plates.pos
         with pyro.validation_enabled(False):  # a draw where p(x|z) = 0 scores -inf, not an error (as in IWAE)
             trace = self._trace(K, R, {}, sample_obs=True)
-        site = next(s for s in _sample_sites(trace) if s["name"] == obs)
+        site = next(s for s in sample_sites(trace) if s["name"] == obs)
         z = self.pack({k: v for k, v in self.site_values(trace, K, R).items() if k in self._latent_names})
 
         def log_lik(x: Data) -> torch.Tensor:
@@ -1103,7 +1103,7 @@ class ModelDensity:
         cond.update({o: self._obs_layout(v) for o, v in x.items()})
         trace = self._trace(K, N, cond, sample_obs=False)
         return {s["name"]: self._plates.per_point(_scaled_log_prob(s), K, N)
-                for s in _sample_sites(trace) if s["name"] in wanted}
+                for s in sample_sites(trace) if s["name"] in wanted}
 
     def log_terms(self, x: Data, z: torch.Tensor, likelihood: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(log p(z), log p(x|z))`` for packed z of shape (*S, N, D), each (*S, N).

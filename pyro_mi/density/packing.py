@@ -23,7 +23,7 @@ import torch
 from pyro.distributions.transforms import biject_to
 from torch.distributions import constraints
 
-from .plates import _per_point
+from .plates import sum_per_point
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def unpack(sites: Sequence[LatentSite], z: torch.Tensor, pos: int, with_log_jaco
         v = t(u)
         values[site.name] = v
         if with_log_jacobian:
-            ldj = ldj + _per_point(t.log_abs_det_jacobian(u, v), C, N, pos)
+            ldj = ldj + sum_per_point(t.log_abs_det_jacobian(u, v), C, N, pos)
     return (values, ldj) if with_log_jacobian else values
 
 

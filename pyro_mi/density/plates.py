@@ -22,15 +22,15 @@ from pyro.poutine.util import site_is_subsample
 
 from ..resources import is_out_of_memory
 
-_CHAINS = "_pyro_mi_chains"
-_DATA = "_pyro_mi_data"
+CHAINS_PLATE = "_pyro_mi_chains"
+DATA_PLATE = "_pyro_mi_data"
 
 
 class BatchingError(ValueError):
     """A program that fails, or computes something else, when run batched over pyro_mi's plates."""
 
 
-def _sample_sites(trace) -> list[dict]:
+def sample_sites(trace) -> list[dict]:
     """The sample sites of a trace, without subsample and ``pyro.deterministic`` sites."""
     return [
         s
@@ -39,7 +39,7 @@ def _sample_sites(trace) -> list[dict]:
     ]
 
 
-def _per_point(t: torch.Tensor, num_chains: int, num_data: int, data_pos: int) -> torch.Tensor:
+def sum_per_point(t: torch.Tensor, num_chains: int, num_data: int, data_pos: int) -> torch.Tensor:
     """Sums a (num_chains, *batch) tensor to (num_chains, num_data), keeping the data dim."""
     if t.shape == (num_chains, num_data):  # already per point (the usual case)
         return t
@@ -92,16 +92,16 @@ class PlateLayout:
                 if self.folded:
                     fn(C)
                 else:
-                    with pyro.plate(_CHAINS, C, dim=self.chains_dim):
+                    with pyro.plate(CHAINS_PLATE, C, dim=self.chains_dim):
                         if self.has_data_plate:
                             fn(1)
                         else:
-                            with pyro.plate(_DATA, N, dim=self.data_dim):
+                            with pyro.plate(DATA_PLATE, N, dim=self.data_dim):
                                 fn(1)
         except (RuntimeError, ValueError, IndexError) as e:
             if is_out_of_memory(e):
                 raise
-            done = [s["name"] for s in _sample_sites(tracer.trace)]
+            done = [s["name"] for s in sample_sites(tracer.trace)]
             where = f"after site {done[-1]!r}" if done else "before its first sample site"
             raise BatchingError(
                 f"the {what} failed {where} when pyro_mi ran it batched over {C} chains x "
@@ -123,7 +123,7 @@ class PlateLayout:
 
     def per_point(self, t: torch.Tensor, num_chains: int, num_data: int) -> torch.Tensor:
         """A site's log density (num_chains, *batch) summed to (num_chains, num_data)."""
-        return _per_point(self.unfold(t, num_chains, num_data), num_chains, num_data, self.pos)
+        return sum_per_point(self.unfold(t, num_chains, num_data), num_chains, num_data, self.pos)
 
     def point(self, value: torch.Tensor, chain: int, index: int) -> torch.Tensor:
         """The value of one (chain, data point) of a traced site, keeping every dim:

@@ -46,7 +46,7 @@ from pyro.poutine.messenger import Messenger
 
 from ..resources import is_out_of_memory
 from . import enumeration
-from .plates import _sample_sites
+from .plates import sample_sites
 
 #: the ways of running a model over pyro_mi's batch, in the order ``"auto"`` tries them
 VECTORIZE = ("plate", "vmap", "loop")
@@ -179,7 +179,7 @@ class PointwiseModel:
         program = poutine.condition(self.call, data=self._fixed(values))
         if self.enum is None:
             trace = poutine.trace(program).get_trace()
-            return {s["name"]: site_log_prob(s).sum() for s in _sample_sites(trace) if s["name"] not in skip}
+            return {s["name"]: site_log_prob(s).sum() for s in sample_sites(trace) if s["name"] not in skip}
         rank, obs = self.enum
         trace = poutine.trace(_ShapeOnlyEnum(first_available_dim=-rank - 1)(program)).get_trace()
         out = enumeration.contract(trace, obs, (), with_observed=not set(obs) <= skip)
@@ -250,7 +250,7 @@ class PointwiseModel:
         program = poutine.condition(poutine.uncondition(self.call), data=self._fixed(point))
         trace = poutine.trace(program).get_trace()
         return {s["name"]: s["value"].reshape(self.layout_shapes[s["name"]])
-                for s in _sample_sites(trace) if s["name"] in self.layout_shapes}
+                for s in sample_sites(trace) if s["name"] in self.layout_shapes}
 
     def _draw_by_vmap(self, B: int, fixed: dict) -> dict:
         """B points drawn by vmapped passes of the model, site by site where vmap cannot draw
@@ -269,7 +269,7 @@ class PointwiseModel:
                 else:
                     params = {}
             drawn = {s["name"]: s["value"].reshape(self.layout_shapes[s["name"]])
-                     for s in _sample_sites(tracer.trace) if s["name"] in self.layout_shapes}
+                     for s in sample_sites(tracer.trace) if s["name"] in self.layout_shapes}
             return drawn, params
 
         while True:

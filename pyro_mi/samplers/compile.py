@@ -3,15 +3,16 @@
 Every leapfrog step needs ``(log pi0(z), log gamma(z))`` and both gradients. Computed
 eagerly, that is one Pyro trace of the model (poutine handlers, plates, distribution
 objects, packing) plus two backward passes, and at small batches the Python of those
-layers costs more than the arithmetic (issue 13: 1.96 ms of a 3.2 ms transition at
-K·N = 16). The model's structure does not change along a run, so :class:`Compiled`
+layers costs more than the arithmetic. The model's structure does not change along a run, so :class:`Compiled`
 records the aten operations of one eager run with
 :func:`torch.fx.experimental.proxy_tensor.make_fx` and then replays that graph: tensors in,
 tensors out, no poutine and none of the model's Python. Two graphs are recorded:
 
 * a whole HMC transition (:func:`hmc.transition`: L leapfrog steps, each evaluating the
   components and both gradients, and the Metropolis test), given its random numbers,
-  which :func:`hmc.step` draws from the chain's generator outside the graph;
+  which :func:`hmc.step` draws from the chain's generator outside the graph (runs of at
+  least :data:`WHOLE_TRANSITION_STEPS` steps; shorter ones on CPU run the leapfrog in Python
+  around the next graph, recording L times less);
 * one evaluation (:meth:`Compiled.evaluate`), for the step-size search, recorded at a
   shape's fourth use (``hmc.init`` evaluates once per chunk).
 
@@ -28,11 +29,10 @@ Modes (``benchmarks/ais_throughput.py`` and ``benchmarks/ais_gpu_scale.py`` meas
 
 * ``"none"``: eager, a Pyro trace per evaluation (no start-up cost);
 * ``"trace"``: the recorded graphs, replayed op by op: the same numbers bit for bit. The
-  first trace in a process imports ``torch._dynamo`` (about 2 s), so it pays for long runs;
+  first trace in a process imports ``torch._dynamo`` (seconds), so it pays for long runs;
 * ``"inductor"``: the recorded graphs compiled by ``torch.compile`` into fused kernels
   (equal to rounding), on CUDA replayed as CUDA graphs. Compiling takes tens of seconds
-  per shape (on CPU it needs a C++ compiler). On an H100 (z in R^100, K·N = 3,136) a
-  transition took 0.57 ms against 8.6 ms eager.
+  per shape (on CPU it needs a C++ compiler), so it pays on a GPU and for long runs.
 
 A components function whose values depend on state that changes between calls (a critic
 being trained) must not be compiled: the graph keeps the tensors it saw.
@@ -47,10 +47,14 @@ import torch
 from . import hmc
 
 COMPILE_MODES = ("none", "trace", "inductor")
-#: ``"auto"`` traces a run of at least this many annealing steps: the first trace in a process
-#: costs about 2 s (importing torch._dynamo, recording, checking) and a traced transition saves
-#: 1-10 ms on one CPU thread (linear-vae and digits-vae, K x N = 16 to 8,192, L = 2)
-AUTO_TRACE_STEPS = 1000
+#: ``"auto"`` traces a run of at least this many leapfrog steps per chain (T x L): the first trace in a
+#: process costs seconds (importing torch._dynamo, recording, checking), which the traced evaluations'
+#: saving repays only over a long run (``benchmarks/ais_equal_work.py``)
+AUTO_TRACE_EVALUATIONS = 1500
+#: a traced run of at least this many annealing steps records whole transitions (L leapfrog steps in
+#: one graph: the least Python per step, for L times the recording); a shorter one on CPU records one
+#: graph per evaluation and runs the leapfrog around it
+WHOLE_TRANSITION_STEPS = 1000
 
 
 class Compiled:
@@ -60,6 +64,9 @@ class Compiled:
         components: ``z (C, N, D) -> (log pi0(z), log gamma(z))``, each (C, N), nats,
             differentiable in z and free of randomness.
         mode: ``"trace"`` or ``"inductor"`` (see the module docstring).
+        whole_transitions: record whole transitions (True), or, with ``"trace"`` on CPU, one graph
+            per evaluation with the leapfrog run around it (False: a cheaper recording for short
+            runs). The numbers are the same either way.
 
     Calling it evaluates ``components`` eagerly (for callers that need the graph of
     autograd); :meth:`evaluate` runs the traced graph. :func:`hmc.evaluate` uses
@@ -72,11 +79,12 @@ class Compiled:
         ValueError: an unknown mode.
     """
 
-    def __init__(self, components: Callable, mode: str = "trace"):
+    def __init__(self, components: Callable, mode: str = "trace", whole_transitions: bool = True):
         if mode not in COMPILE_MODES[1:]:
             raise ValueError(f"mode must be one of {COMPILE_MODES[1:]}, got {mode!r}")
         self.components = components
         self.mode = mode
+        self.whole_transitions = whole_transitions
         self.notices: list[str] = []
         self._graphs: dict = {}
         self._seen: dict = {}
@@ -108,6 +116,8 @@ class Compiled:
             return (*st, *info)
 
         inputs = (*state, momentum, uniform, beta, step_size)
+        if not self.whole_transitions and self.mode == "trace" and state.z.device.type == "cpu":
+            return hmc.transition(self, state, momentum, uniform, beta, step_size, num_leapfrog, max_energy_error)
         graph = self._graph(("transition", num_leapfrog, max_energy_error), transition, inputs, (inputs,))
         if graph is None:  # the leapfrog then evaluates through this object (a graph per evaluation)
             return hmc.transition(self, state, momentum, uniform, beta, step_size, num_leapfrog, max_energy_error)
@@ -249,20 +259,25 @@ def _mismatch(eager, traced) -> str | None:
     return None
 
 
-def resolve_mode(mode: str, num_steps: int) -> str:
-    """``mode``, with ``"auto"`` read as ``"trace"`` for runs of at least :data:`AUTO_TRACE_STEPS`
-    annealing steps, else ``"none"``."""
+def resolve_mode(mode: str, num_steps: int, num_leapfrog: int = 1) -> str:
+    """``mode``, with ``"auto"`` read as ``"trace"`` for runs of at least
+    :data:`AUTO_TRACE_EVALUATIONS` leapfrog steps per chain (``num_steps * num_leapfrog``), else
+    ``"none"``."""
     if mode != "auto":
         return mode
-    return "trace" if num_steps >= AUTO_TRACE_STEPS else "none"
+    return "trace" if num_steps * num_leapfrog >= AUTO_TRACE_EVALUATIONS else "none"
 
 
-def compile_components(components: Callable, mode: str = "trace") -> Callable:
-    """``components`` to run under ``mode``: itself for ``"none"``, else a :class:`Compiled`.
+def compile_components(components: Callable, mode: str = "trace", num_steps: int | None = None) -> Callable:
+    """``components`` to run under ``mode``: itself for ``"none"``, else a :class:`Compiled` that
+    records whole transitions unless ``num_steps`` (the run's T) is below
+    :data:`WHOLE_TRANSITION_STEPS`.
 
     Raises:
         ValueError: an unknown mode.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
-    return components if mode == "none" else Compiled(components, mode)
+    if mode == "none":
+        return components
+    return Compiled(components, mode, whole_transitions=num_steps is None or num_steps >= WHOLE_TRANSITION_STEPS)
