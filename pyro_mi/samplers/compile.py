@@ -3,8 +3,8 @@
 Every leapfrog step needs ``(log pi0(z), log gamma(z))`` and both gradients. Computed
 eagerly, that is one Pyro trace of the model (poutine handlers, plates, distribution
 objects, packing) plus two backward passes, and at small batches the Python of those
-layers costs more than the arithmetic. The model's structure does not change along a run, so :class:`Compiled`
-records the aten operations of one eager run with
+layers costs more than the arithmetic. The model's structure does not change along a run,
+so :class:`Compiled` records the aten operations of one eager run with
 :func:`torch.fx.experimental.proxy_tensor.make_fx` and then replays that graph: tensors in,
 tensors out, no poutine and none of the model's Python. Two graphs are recorded:
 
@@ -116,9 +116,9 @@ class Compiled:
             return (*st, *info)
 
         inputs = (*state, momentum, uniform, beta, step_size)
-        if not self.whole_transitions and self.mode == "trace" and state.z.device.type == "cpu":
-            return hmc.transition(self, state, momentum, uniform, beta, step_size, num_leapfrog, max_energy_error)
-        graph = self._graph(("transition", num_leapfrog, max_energy_error), transition, inputs, (inputs,))
+        whole = self.whole_transitions or self.mode != "trace" or state.z.device.type != "cpu"
+        graph = self._graph(("transition", num_leapfrog, max_energy_error), transition, inputs, (inputs,)) \
+            if whole else None
         if graph is None:  # the leapfrog then evaluates through this object (a graph per evaluation)
             return hmc.transition(self, state, momentum, uniform, beta, step_size, num_leapfrog, max_energy_error)
         out = graph(*inputs)
