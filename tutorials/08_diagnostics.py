@@ -18,7 +18,7 @@
 # the questions are *where* (a few points or all of them), *why* (chains that diverged, got
 # stuck, or disagree about the posterior) and *would more T help* (the sandwich against T,
 # the plot of Grosse et al. 2015 and Brekelmans et al. 2022, Fig. 7). This tutorial answers
-# them on a well-behaved model (the built-in linear VAE, a 5-dimensional Gaussian latent) and
+# them on a well-behaved model (the built-in linear VAE, a 10-dimensional Gaussian latent) and
 # on a hard one (eight schools from Pyro's `examples/eight_schools/mcmc.py`, in the zoo: a
 # half-Cauchy scale whose simulated values reach the thousands).
 #
