@@ -18,8 +18,7 @@ sys.path.insert(0, str(ROOT))
 project = "pyro_mi"
 author = "the pyro_mi developers"
 copyright = "2026, the pyro_mi developers"
-extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax",
-              "sphinx.ext.intersphinx"]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "tutorials/output/*.md"]
 myst_enable_extensions = ["dollarmath"]
@@ -30,11 +29,8 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # a named tuple's Attributes: section, not a second entry per field
-intersphinx_mapping = {}
 html_theme = "alabaster"
 html_static_path: list[str] = []
-suppress_warnings = ["myst.xref_missing"]  # links to repository files outside the docs tree
-nitpicky = False
 
 
 _LITERAL = re.compile(r"(``.*?``|`[^`]*`)")

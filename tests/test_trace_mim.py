@@ -465,3 +465,29 @@ def test_symmetric_mim_on_a_bernoulli_likelihood_has_the_enumerated_gradient(mon
         (m1, v1), (m2, v2) = stats("pathwise only", name), stats("hand", name)
         off.append(((m1 - m2) / (v1 + v2).sqrt()).abs().max())
     assert max(off) > 6, off
+
+
+def test_mi_losses_take_deterministic_sites_and_a_subsampled_plate_as_trace_elbo_does():
+    """pyro.deterministic and plate subsampling are sample sites of a trace that no loss may
+    treat as data or latents (both losses refused such a model before)."""
+    from pyro_mi.critics import JointCritic
+
+    pyro.set_rng_seed(0)
+    data, enc = torch.randn(64, 3), torch.nn.Linear(3, 4)
+
+    def model(x):
+        with pyro.plate("data", 64, subsample_size=16) as i:
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.deterministic("doubled", 2 * z)
+            pyro.sample("x", dist.Normal(torch.cat([z, z[..., :1]], -1), 1.0).to_event(1), obs=x[i])
+
+    def guide(x):
+        pyro.module("enc", enc)
+        with pyro.plate("data", 64, subsample_size=16) as i:
+            h = enc(x[i])
+            pyro.sample("z", dist.Normal(h[..., :2], h[..., 2:].exp()).to_event(1))
+
+    for loss in (pyro_mi.TraceMI_ELBO(JointCritic(3, 2)), pyro_mi.Trace_MIM()):
+        pyro.clear_param_store()
+        value = SVI(model, guide, Adam({"lr": 1e-3}), loss).step(data)
+        assert math.isfinite(value)

@@ -559,7 +559,7 @@ def fit_dual_bound(
 
     def objective(step: int) -> torch.Tensor:
         # minibatches of a random order of the training part, a new one each epoch (one permutation
-        # per epoch, not per step: of 3 million training rows a permutation took 78 ms, about ten training steps)
+        # per epoch, not per step: permuting millions of rows costs several training steps)
         epoch, k = divmod(step - 1, steps_per_epoch)
         if epoch not in order:
             order.clear()

@@ -28,6 +28,7 @@ from pyro.util import warn_if_nan
 from torch import nn
 
 from ..bounds import dual
+from ..density.plates import sample_sites
 
 __all__ = ["TraceMI_ELBO", "xi_bound"]
 
@@ -183,7 +184,7 @@ class TraceMI_ELBO(Trace_ELBO):
     # ----------------------------------------------------------------- pieces
     def _pairs(self, model_trace):
         """(x (..., B, x_dim), z (..., B, z_dim), N) from a model trace replayed on the guide."""
-        sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
+        sites = sample_sites(model_trace)
         observed = [s for s in sites if s["is_observed"]]
         latent = [s for s in sites if not s["is_observed"]]
         if not observed:
@@ -210,8 +211,8 @@ class TraceMI_ELBO(Trace_ELBO):
     def _check_reparam(self, guide_trace):
         if self.mi_weight == 0:
             return
-        for s in guide_trace.nodes.values():
-            if s["type"] == "sample" and not s["fn"].has_rsample:
+        for s in sample_sites(guide_trace):
+            if not s["fn"].has_rsample:
                 raise ValueError(
                     f"TraceMI_ELBO: guide site {s['name']!r} ({type(s['fn']).__name__}) is not "
                     "reparameterisable; the encoder's MI gradient flows through the reparameterised z"

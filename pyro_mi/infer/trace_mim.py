@@ -41,6 +41,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import warn_if_nan
 
 from ..density.arguments import ModelArguments, locate_observed
+from ..density.plates import sample_sites
 from ..weights import log_mean_exp
 
 __all__ = ["Trace_MIM"]
@@ -68,10 +69,6 @@ class _MIMTraces(NamedTuple):
 
     encoding: _Half
     decoding: tuple
-
-
-def _sample_sites(trace):
-    return [s for s in trace.nodes.values() if s["type"] == "sample"]
 
 
 def _check_int(name, value, minimum):
@@ -241,7 +238,7 @@ class Trace_MIM(ELBO):
         # (x, z) ~ p(x|z) P(z): the model with its observed sites sampled (reparameterised).
         model_trace = poutine.trace(poutine.uncondition(model), graph_type="flat").get_trace(*args, **kwargs)
         model_trace = prune_subsample_sites(model_trace)
-        for site in _sample_sites(model_trace):
+        for site in sample_sites(model_trace):
             # an observed site without rsample (Bernoulli pixels) gets a score-function term
             if not site["fn"].has_rsample and not site["infer"].get("was_observed"):
                 raise ValueError(
@@ -270,7 +267,7 @@ class Trace_MIM(ELBO):
         observed value in ``site["infer"]["obs"]``)."""
         arguments = ModelArguments(args, kwargs)
         values: dict = {}
-        for site in _sample_sites(model_trace):
+        for site in sample_sites(model_trace):
             if not site["infer"].get("was_observed"):
                 continue
             name, obs, value = site["name"], site["infer"]["obs"], site["value"]
@@ -323,7 +320,7 @@ class Trace_MIM(ELBO):
 
     @staticmethod
     def _check_traces(model_trace, guide_trace):
-        model_sites = _sample_sites(model_trace)
+        model_sites = sample_sites(model_trace)
         observed = [s["name"] for s in model_sites if s["is_observed"]]
         if not observed:
             raise ValueError(
@@ -331,7 +328,7 @@ class Trace_MIM(ELBO):
                 "observed with pyro.sample(name, dist, obs=x)"
             )
         latents = [s["name"] for s in model_sites if not s["is_observed"]]
-        guide_names = [s["name"] for s in _sample_sites(guide_trace)]
+        guide_names = [s["name"] for s in sample_sites(guide_trace)]
         for name in latents:
             if name not in guide_names:
                 raise ValueError(f"Trace_MIM: the guide does not sample latent site {name!r} of the model")
@@ -341,7 +338,7 @@ class Trace_MIM(ELBO):
                     f"Trace_MIM: the guide samples site {name!r}, which is not a latent site of the model "
                     f"(latent sites: {latents}, observed: {observed})"
                 )
-        for site in _sample_sites(guide_trace):
+        for site in sample_sites(guide_trace):
             if not site["fn"].has_rsample:
                 raise ValueError(
                     f"Trace_MIM: guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
@@ -351,7 +348,7 @@ class Trace_MIM(ELBO):
     # --------------------------------------------------------------- estimators
     def _log_marginal(self, model_trace, guide_trace) -> torch.Tensor:
         """Σ over data of log q̂(x) = log (1/K) Σ_k p(x, z'_k) / q(z'_k|x) (Alg. 2), a scalar."""
-        model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+        model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
         if self.marginal_particles == 1:
             return sum(s["log_prob_sum"] for s in model_sites) - sum(s["log_prob_sum"] for s in guide_sites)
         ndim = self.max_plate_nesting + 1
@@ -379,11 +376,11 @@ class Trace_MIM(ELBO):
     def _half_loss(self, half: _Half) -> torch.Tensor:
         """-[½ (log q(z|x) + log q̂(x)) + β log p(x, z)], summed over the batch (nats), plus a
         score-function term of zero value where the half sampled x without reparameterisation."""
-        log_q = sum(s["log_prob_sum"] for s in _sample_sites(half.guide_trace))
-        log_p = sum(s["log_prob_sum"] for s in _sample_sites(half.model_trace))
+        log_q = sum(s["log_prob_sum"] for s in sample_sites(half.guide_trace))
+        log_p = sum(s["log_prob_sum"] for s in sample_sites(half.model_trace))
         log_qx = self._log_marginal(half.marginal_model_trace, half.marginal_guide_trace)
         loss = -(0.5 * (log_q + log_qx) + self.warmup_weight * log_p)
-        scored = [s for s in _sample_sites(half.model_trace)
+        scored = [s for s in sample_sites(half.model_trace)
                   if s["infer"].get("was_observed") and not s["is_observed"] and not s["fn"].has_rsample]
         return loss + self._score_term(half, scored) if scored else loss
 
@@ -393,7 +390,7 @@ class Trace_MIM(ELBO):
         drawn from (REINFORCE, Livne et al. 2019, App. D.2, for discrete x). c_n is data point n's
         share of the half's loss (each x̃_n enters its own terms only: q̂(x) factorises over the data
         plate), b_n the mean of the others' (a baseline that keeps the estimate unbiased)."""
-        sites = [s for t in half for s in _sample_sites(t)]
+        sites = [s for t in half for s in sample_sites(t)]
         frames = [{f for f in s["cond_indep_stack"] if f.vectorized and f.name != _MARGINAL_PLATE} for s in sites]
         common = set.intersection(*frames)
         if len(common) != 1:
@@ -410,7 +407,7 @@ class Trace_MIM(ELBO):
 
         def per_datum(trace, sign=1.0):  # Σ of the sites' log_prob over all dims but the data's (and K's)
             return sum(sign * _sum_except(s["log_prob"], keep, max(s["log_prob"].dim(), ndim))
-                       for s in _sample_sites(trace))
+                       for s in sample_sites(trace))
 
         log_w = per_datum(half.marginal_model_trace) + per_datum(half.marginal_guide_trace, -1.0)
         log_qx = log_mean_exp(log_w, marginal) if marginal is not None and torch.is_tensor(log_w) \
@@ -486,8 +483,8 @@ def _model_alone(model, args, kwargs):
 def _check_event_shapes(model_trace, guide_trace, cause: Exception | None = None) -> None:
     """Raises ValueError naming the first latent site whose guide value's event shape differs from
     the model's distribution at that site (``from cause`` where the model failed on it)."""
-    guide = {s["name"]: s for s in _sample_sites(guide_trace)}
-    for site in _sample_sites(model_trace):
+    guide = {s["name"]: s for s in sample_sites(guide_trace)}
+    for site in sample_sites(model_trace):
         g = guide.get(site["name"])
         if site["is_observed"] or g is None:
             continue
