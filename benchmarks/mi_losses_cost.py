@@ -27,7 +27,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 from pyro_mi import Trace_MIM, TraceMI_ELBO
-from pyro_mi.infer.mi_elbo import xi_bound
+from pyro_mi.infer.mi_elbo import DEFAULT_CRITIC_HIDDEN, xi_bound
 from pyro_mi.critics import JointCritic, SeparableCritic
 from pyro_mi.examples.digits_vae import load_digits_28
 from pyro_mi.examples.zoo import VAE
@@ -67,10 +67,14 @@ def accuracy(data, base, seconds: float, batch: int) -> None:
           f"of {batch}, all pairs\n")
     print("| critic | num_negatives | steps | I_xi bound (nats) |")
     print("|---|---|---|---|")
-    for critic_cls in (JointCritic, SeparableCritic):
-        for k in (4, 16, 64, None):
+    settings = [(f"JointCritic(784, 10, {DEFAULT_CRITIC_HIDDEN}) (TraceMI_ELBO's default)",
+                 lambda: JointCritic(784, 10, DEFAULT_CRITIC_HIDDEN), (4,))]
+    settings += [(f"{cls.__name__}(784, 10)", lambda cls=cls: cls(784, 10), (4, 16, 64, None))
+                 for cls in (JointCritic, SeparableCritic)]
+    for label, make, ks in settings:
+        for k in ks:
             torch.manual_seed(3)
-            critic = critic_cls(784, 10)
+            critic = make()
             opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
             steps, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
@@ -82,7 +86,7 @@ def accuracy(data, base, seconds: float, batch: int) -> None:
                 steps += 1
             with torch.no_grad():
                 mi = sum(float(xi_bound(critic, x, z)) for x, z in held) / len(held)
-            print(f"| {critic_cls.__name__}(784, 10) | {k} | {steps} | {mi:.3f} |", flush=True)
+            print(f"| {label} | {k} | {steps} | {mi:.3f} |", flush=True)
 
 
 def main() -> None:
@@ -100,8 +104,9 @@ def main() -> None:
         "Trace_ELBO": lambda: Trace_ELBO(),
         "Trace_MIM(asymmetric=True)": lambda: Trace_MIM(asymmetric=True),
         "Trace_MIM()": lambda: Trace_MIM(),
+        "TraceMI_ELBO() (default critic)": lambda: TraceMI_ELBO(),
+        "TraceMI_ELBO(mi_weight=0)": lambda: TraceMI_ELBO(mi_weight=0.0),
         "TraceMI_ELBO(JointCritic(784, 10), mi_weight=1)": lambda: TraceMI_ELBO(JointCritic(784, 10), mi_weight=1.0),
-        "TraceMI_ELBO(JointCritic(784, 10), mi_weight=0)": lambda: TraceMI_ELBO(JointCritic(784, 10), mi_weight=0.0),
         **{f"TraceMI_ELBO(JointCritic(784, 10), num_negatives={k})":
            (lambda k=k: TraceMI_ELBO(JointCritic(784, 10), mi_weight=1.0, num_negatives=k)) for k in (16, None)},
         "TraceMI_ELBO(SeparableCritic(784, 10), num_negatives=None)":

@@ -16,6 +16,7 @@ from models import param_vae_guide, param_vae_model
 from pyro_mi import TraceMI_ELBO
 from pyro_mi.critics import JointCritic
 from pyro_mi.infer import xi_bound
+from pyro_mi.infer.mi_elbo import DEFAULT_CRITIC_HIDDEN
 
 D, d = 3, 2
 GUIDE_PARAMS = ("A", "c", "q_scale")
@@ -194,6 +195,28 @@ def test_svi_trains_the_critic_and_the_bound_rises():
     assert after > before + 0.5, (before, after)
 
 
+def test_default_critic_is_built_at_the_first_step_and_trained():
+    """TraceMI_ELBO() builds a JointCritic(x_dim, z_dim, DEFAULT_CRITIC_HIDDEN) at its first
+    evaluation, registered in Pyro's param store, and SVI raises its bound."""
+    init_params()
+    torch.manual_seed(0)
+    x = torch.randn(64, d) @ torch.randn(D, d).T + 0.3 * torch.randn(64, D)
+    mi = TraceMI_ELBO()
+    with pytest.raises(ValueError, match="no critic yet"):
+        mi.mi_bound(model, guide, x)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), loss=mi)
+    svi.step(x)
+    assert isinstance(mi.critic, JointCritic) and (mi.critic.x_dim, mi.critic.z_dim) == (D, d)
+    assert mi.critic.net[0].out_features == DEFAULT_CRITIC_HIDDEN[0]
+    torch.manual_seed(1)
+    before = mi.mi_bound(model, guide, x)
+    for _ in range(120):
+        svi.step(x)
+    assert "mi_critic$$$net.0.weight" in pyro.get_param_store().keys()
+    torch.manual_seed(1)
+    assert mi.mi_bound(model, guide, x) > before + 0.5
+
+
 def test_errors():
     init_params()
     x = data()
@@ -226,15 +249,18 @@ def test_errors():
 
 
 def test_xi_bound_with_fewer_negatives_uses_the_shifted_pairs():
-    """With k negatives the mismatched pairs are (x_i, z_{i+r mod B}), r = 1..k; k >= B - 1 is all pairs."""
+    """With k negatives the mismatched pairs are (x_i, z_{i+r mod B}) for k distinct shifts r drawn from
+    1..B-1 at each call; k >= B - 1 is all pairs."""
     torch.manual_seed(0)
     x, z = torch.randn(6, 2), torch.randn(6, 3)
     critic = lambda xx, zz: (xx.sum(-1) * zz.sum(-1)).tanh()  # noqa: E731
     B, k = 6, 2
     joint = critic(x, z)
-    neg = torch.stack([critic(x[i], z[(i + r) % B]) for i in range(B) for r in range(1, k + 1)])
+    shifts = (torch.randperm(B - 1, generator=torch.Generator().manual_seed(5))[:k] + 1).tolist()
+    neg = torch.stack([critic(x[i], z[(i + r) % B]) for i in range(B) for r in shifts])
     expect = joint.mean() - neg.exp().mean() + 1.0
-    assert xi_bound(critic, x, z, 1.0, num_negatives=k).item() == pytest.approx(expect.item(), rel=1e-6)
+    value = xi_bound(critic, x, z, 1.0, num_negatives=k, generator=torch.Generator().manual_seed(5))
+    assert value.item() == pytest.approx(expect.item(), rel=1e-5)
     assert xi_bound(critic, x, z, 1.0, num_negatives=5).item() == pytest.approx(xi_bound(critic, x, z).item(), rel=1e-6)
 
 

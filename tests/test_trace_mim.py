@@ -58,7 +58,8 @@ def data(n=5, seed=0):
 # ----------------------------------------------------------------- by hand
 def hand_loss(p, x, asymmetric=False, K=1, beta=0.5):
     """Eq. 8 / 12 with Alg. 2's estimate of log q(x), drawing the same random numbers in
-    the same order as Trace_MIM: enc z, enc z'; prior z̃, x̃, dec z̃'."""
+    the same order as Trace_MIM: enc z (K = 1: z estimates log q(x) too, as in Alg. 2; K > 1:
+    enc z'_1..K); prior z̃, x̃, dec z̃'."""
     W, b, sigma, A, c, s = (p[k] for k in ("W", "b", "sigma", "A", "c", "q_scale"))
     prior = Normal(torch.zeros(x.shape[0], d), 1.0)
 
@@ -68,16 +69,16 @@ def hand_loss(p, x, asymmetric=False, K=1, beta=0.5):
     def q(x):
         return Normal(x @ A.T + c, s)
 
-    def log_qx(x):  # log (1/K) Σ_k p(x, z'_k) / q(z'_k|x), z'_k a fresh draw
-        zp = q(x).rsample((K,)) if K > 1 else q(x).rsample()
+    def log_qx(x, zp=None):  # log (1/K) Σ_k p(x, z'_k) / q(z'_k|x), z'_k a fresh draw unless given
+        zp = (q(x).rsample((K,)) if K > 1 else q(x).rsample()) if zp is None else zp
         lw = log_p(x, zp) - q(x).log_prob(zp).sum(-1)
         return torch.logsumexp(lw, 0) - math.log(K) if K > 1 else lw
 
-    def half(x, z):
-        return -(0.5 * (q(x).log_prob(z).sum(-1) + log_qx(x)) + beta * log_p(x, z)).sum()
+    def half(x, z, zp=None):
+        return -(0.5 * (q(x).log_prob(z).sum(-1) + log_qx(x, zp)) + beta * log_p(x, z)).sum()
 
     z = q(x).rsample()
-    enc = half(x, z)
+    enc = half(x, z, z if K == 1 else None)
     if asymmetric:
         return enc
     z0 = prior.rsample()

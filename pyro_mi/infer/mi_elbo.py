@@ -28,6 +28,7 @@ from pyro.util import warn_if_nan
 from torch import nn
 
 from ..bounds import dual
+from ..critics import JointCritic
 from ..density.plates import sample_sites
 
 __all__ = ["TraceMI_ELBO", "xi_bound"]
@@ -36,16 +37,20 @@ _PARTICLES = "num_particles_vectorized"
 #: mismatched pairs per data point in the training bound (see :func:`xi_bound`): fewer negatives make
 #: noisier steps but more of them in the same time (``benchmarks/mi_losses_cost.py --accuracy-seconds``)
 NUM_NEGATIVES = 4
+#: hidden layers of the critic built when none is given (a :class:`~pyro_mi.critics.JointCritic`)
+DEFAULT_CRITIC_HIDDEN = (128, 128)
 
 
-def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0, num_negatives: int | None = None) -> torch.Tensor:
+def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0, num_negatives: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """The ξ-bound on I(x; z) from B paired samples (appendix eq. 2), in nats.
 
     E_{q(x,z)}[f] is the mean of f(x_i, z_i); E_{q(x)q(z)}[e^f] is the mean of
     e^{f(x_i, z_j)} over the B(B-1) mismatched pairs i ≠ j of the batch, or, with
-    ``num_negatives`` k < B - 1, over the B k pairs (x_i, z_{(i + r) mod B}), r = 1..k: each
-    a draw of q(x) q(z) too (the batch is in random order), so the estimate of the
-    expectation stays unbiased and costs B k critic evaluations instead of B(B - 1).
+    ``num_negatives`` k < B - 1, over the B k pairs (x_i, z_{(i + r) mod B}) for k distinct shifts
+    r drawn uniformly from 1..B-1 at each call: each pair is a uniform draw of the mismatched pairs,
+    so the estimate of the expectation stays unbiased, also on a batch in a fixed order (the whole
+    data set at every step), and costs B k critic evaluations instead of B(B - 1).
 
     Args:
         critic: callable ``critic(x, z)`` broadcasting over leading dims, e.g.
@@ -55,6 +60,7 @@ def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0, num_nega
             broadcastable).
         xi: ξ > 0.
         num_negatives: k, mismatched pairs per sample (None: all B - 1).
+        generator: draws the shifts (None: torch's global RNG).
 
     Returns:
         A scalar tensor: the bound averaged over the leading dims (nats).
@@ -67,14 +73,18 @@ def xi_bound(critic, x: torch.Tensor, z: torch.Tensor, xi: float = 1.0, num_nega
         raise ValueError(f"x and z must have the same batch size, got {B} and {z.shape[-2]}")
     if B < 2:
         raise ValueError(f"the ξ-bound needs a batch of at least 2 data points, got {B}")
-    joint = critic(x, z)  # (..., B)
+    # One critic call scores each x_i against its own z_i and its negatives, so that a critic
+    # which computes features of x apart (JointCritic's first layer) computes them once.
     if num_negatives is None or num_negatives >= B - 1:
         pairs = critic(x.unsqueeze(-2), z.unsqueeze(-3))  # (..., B, B), [i, j] = f(x_i, z_j)
-        negatives = pairs[..., ~torch.eye(B, dtype=torch.bool, device=pairs.device)]
+        eye = torch.eye(B, dtype=torch.bool, device=pairs.device)
+        joint, negatives = pairs[..., eye], pairs[..., ~eye]
     else:
-        shift = torch.arange(1, num_negatives + 1, device=z.device)
-        index = (torch.arange(B, device=z.device).unsqueeze(1) + shift) % B  # (B, k)
-        negatives = critic(x.unsqueeze(-2), z[..., index, :]).flatten(-2)  # (..., B k)
+        drawn = torch.randperm(B - 1, generator=generator, device=generator.device if generator else "cpu")
+        shift = torch.cat([drawn.new_zeros(1), drawn[:num_negatives] + 1]).to(z.device)
+        index = (torch.arange(B, device=z.device).unsqueeze(1) + shift) % B  # (B, 1 + k), [i, 0] = i
+        scores = critic(x.unsqueeze(-2), z[..., index, :])  # (..., B, 1 + k)
+        joint, negatives = scores[..., 0], scores[..., 1:].flatten(-2)  # (..., B), (..., B k)
     # every leading index has B joint and as many mismatched pairs as the others, so the mean
     # over the leading dims of the per-index bound is the bound on all scores pooled
     return dual.xi_bound(joint, negatives, math.log(xi))
@@ -111,13 +121,15 @@ class TraceMI_ELBO(Trace_ELBO):
     The critic is registered with ``pyro.module(critic_name, critic)`` during each
     loss evaluation, so :class:`~pyro.infer.SVI` optimises it with the model and
     guide. With :meth:`differentiable_loss` in your own loop, give the optimiser
-    ``critic.parameters()`` too.
+    ``critic.parameters()`` too (a default critic exists after the first evaluation).
 
     Args:
         critic: a ``torch.nn.Module`` f_ψ(x, z) on per-data-point flattened x
             (all observed sites concatenated) and z (all latent sites, constrained
             values, concatenated), broadcasting over leading dims
-            (:class:`pyro_mi.critics.JointCritic` or ``SeparableCritic``).
+            (:class:`pyro_mi.critics.JointCritic` or ``SeparableCritic``); None (default): a
+            ``JointCritic(x_dim, z_dim, DEFAULT_CRITIC_HIDDEN)`` built at the first evaluation
+            with λ > 0 from the sizes of x and z there, on their dtype and device.
         mi_weight: λ ≥ 0; with λ = 0 the loss, its gradients and its cost are Trace_ELBO's.
         xi: ξ > 0 of eq. 2 (ξ = 1: the bound E[f] - E[e^f] + 1).
         critic_name: its name in Pyro's parameter store.
@@ -133,7 +145,7 @@ class TraceMI_ELBO(Trace_ELBO):
     The errors below are raised at the first loss evaluation, not at construction.
 
     Raises:
-        TypeError: ``critic`` is not an ``nn.Module``.
+        TypeError: ``critic`` is neither None nor an ``nn.Module``.
         ValueError: λ < 0, ξ ≤ 0, ``num_negatives`` not a positive integer or None; the model
             has no observed sites; no plate holds every site (the data plate) or more than one
             does; a guide site is not reparameterisable while λ > 0 (named); a batch of fewer
@@ -142,7 +154,7 @@ class TraceMI_ELBO(Trace_ELBO):
 
     def __init__(
         self,
-        critic: nn.Module,
+        critic: nn.Module | None = None,
         mi_weight: float = 1.0,
         xi: float = 1.0,
         critic_name: str = "mi_critic",
@@ -154,8 +166,8 @@ class TraceMI_ELBO(Trace_ELBO):
         ignore_jit_warnings: bool = False,
         retain_graph: Optional[bool] = None,
     ):
-        if not isinstance(critic, nn.Module):
-            raise TypeError(f"critic must be a torch.nn.Module, got {type(critic).__name__}")
+        if critic is not None and not isinstance(critic, nn.Module):
+            raise TypeError(f"critic must be None or a torch.nn.Module, got {type(critic).__name__}")
         for name, value in (("mi_weight", mi_weight), ("xi", xi)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -224,8 +236,11 @@ class TraceMI_ELBO(Trace_ELBO):
         if self.mi_weight == 0:  # Trace_ELBO itself, at its cost
             return elbo_loss, surrogate
         self._check_reparam(guide_trace)
-        critic = pyro.module(self.critic_name, self.critic)
         x, z, n = self._pairs(model_trace)
+        if self.critic is None:
+            self.critic = JointCritic(x.shape[-1], z.shape[-1], DEFAULT_CRITIC_HIDDEN).to(dtype=z.dtype,
+                                                                                           device=z.device)
+        critic = pyro.module(self.critic_name, self.critic)
         # One critic pass serves both gradients: the critic ascends the bound at the current
         # encoder (weight N), and the encoder ascends it through z only, the critic frozen (weight
         # λN; eq. 5-10). z_l equals z, its gradient scaled by λ; the ψ-gradient is that of z held.
@@ -248,7 +263,14 @@ class TraceMI_ELBO(Trace_ELBO):
 
     def mi_bound(self, model, guide, *args, **kwargs) -> float:
         """The critic's ξ-bound on the encoder's I(x; z) at one draw of the guide, with all B - 1
-        mismatched pairs per data point (nats per data point)."""
+        mismatched pairs per data point (nats per data point).
+
+        Raises:
+            ValueError: the critic is the default one and no loss evaluation has built it yet.
+        """
+        if self.critic is None:
+            raise ValueError("TraceMI_ELBO.mi_bound: no critic yet; the default critic is built at the first "
+                             "loss evaluation with mi_weight > 0")
         bounds = []
         with torch.no_grad():
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):

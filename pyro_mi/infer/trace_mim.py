@@ -17,10 +17,12 @@ with p_θ(z) = P(z) and q_θ(x) = E_{p_θ(z')}[p_θ(x|z')] the decoder's margina
 
     log q_θ(x) ≈ log (1/K) Σ_k p_θ(x|z'_k) p_θ(z'_k) / q_θ(z'_k|x),   z'_k ~ q_θ(z'|x).
 
-The z' draws are separate from the z of the (x, z) sample: were the same
-reparameterised z reused, log q_θ(z|x) + log q_θ(x) would collapse to
-log p_θ(x, z) and the encoder's entropy term, which is what drives MIM's
-high mutual information (eq. 11, R_H), would vanish.
+In the encoding half (x from the data, z ~ q_θ(z|x)) the (x, z) sample's own z serves as
+the draw (K = 1), as Alg. 2 line 3 collects the terms: log q_θ(z|x) + log q̂_θ(x) is then
+log p_θ(x, z) in value. A separate z' ~ q_θ(z'|x) would give the same expectation and the
+same expected gradient (both draws have the law q_θ(z|x)), with more variance and at the cost
+of one more encoder and decoder pass. In the decoding half z̃ comes from the prior, so the
+z' of q̂(x̃) is a fresh draw from q_θ(z'|x̃) (Alg. 2 line 4); with K > 1, all K are fresh.
 
 A-MIM (eq. 12-13, ``asymmetric=True``) samples from the encoding distribution
 M_S^q = q_θ(z|x) P(x) only.
@@ -53,9 +55,9 @@ class _Half(NamedTuple):
     """The traces of one half of the MIM mixture (encoding or decoding samples).
 
     ``model_trace``/``guide_trace`` hold log p_θ(x, z) and log q_θ(z|x) at the (x, z)
-    sample; ``marginal_model_trace``/``marginal_guide_trace`` hold the separate
-    z' ~ q_θ(z'|x) draws (K of them in a plate when ``marginal_particles > 1``)
-    of the importance-sampled log q_θ(x).
+    sample; ``marginal_model_trace``/``marginal_guide_trace`` hold the z' ~ q_θ(z'|x)
+    draws (K of them in a plate when ``marginal_particles > 1``) of the importance-sampled
+    log q_θ(x): the same traces in the encoding half with K = 1.
     """
 
     model_trace: poutine.Trace
@@ -97,8 +99,10 @@ class Trace_MIM(ELBO):
         loss  = L_enc                  (A-MIM, eq. 12: encoding samples only)
 
     where log q̂(x) is the K-sample importance estimate of the decoder marginal
-    log q_θ(x) with fresh z' ~ q(z'|x) (Alg. 2; a lower bound on log q_θ(x) in
-    expectation, so the loss is an upper bound on eq. 8), and β is the warm-up
+    log q_θ(x) with z' ~ q(z'|x) (Alg. 2; a lower bound on log q_θ(x) in
+    expectation, so the loss is an upper bound on eq. 8): in the encoding half with K = 1
+    the sample's own z_n (Alg. 2 line 3; then L_enc = -(½ + β) Σ_n log p(x_n, z_n)),
+    else fresh draws; and β is the warm-up
     weight. Decoding samples come from the model run under
     :func:`pyro.poutine.uncondition`; the guide then scores the prior's z̃ at x̃
     (log q(z̃|x̃), Alg. 2 line 5) and draws the z' of q̂(x̃). Every half uses the
@@ -231,6 +235,8 @@ class Trace_MIM(ELBO):
         self._check_traces(model_trace, guide_trace)
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
+        if self.marginal_particles == 1:  # Alg. 2: the encoding sample's own z estimates log q(x)
+            return _Half(model_trace, guide_trace, model_trace, guide_trace)
         marginal = self._marginal_traces(model, guide, args, kwargs)
         return _Half(model_trace, guide_trace, *marginal)
 
