@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -170,7 +171,7 @@ def _check_order(density: ModelDensity) -> None:
 
 def eig(
     model: Callable,
-    design: torch.Tensor,
+    design: torch.Tensor | Sequence[torch.Tensor],
     observation_labels: str | Sequence[str],
     target_labels: str | Sequence[str] | None = None,
     *,
@@ -208,7 +209,9 @@ def eig(
         model: a Pyro model called as ``model(design)`` for one design (``model(design[b])``
             for each design of a batch), with no data plate: one call is one experiment;
             called on a batch of designs too when its plates declare the batch.
-        design: a tensor; its leading ``batch_dims`` dims index designs.
+        design: a tensor; its leading ``batch_dims`` dims index designs. Or a list of single
+            designs, of any shapes: those of one shape run as one design batch (as a tensor of
+            them would), and the result has batch shape ``(len(design),)`` in the list's order.
         batch_dims: how many leading dims of ``design`` form the design batch; default:
             those the model declares as its leftmost plates (see :func:`design_batch_shape`).
         observation_labels: the observation site(s) y.
@@ -254,8 +257,15 @@ def eig(
             run point by point or folded, an observation site that is not the last sample
             site), and every input error of :func:`pyro_mi.estimate_mi`.
     """
+    if isinstance(design, (list, tuple)):
+        if batch_dims is not None:
+            raise ValueError("batch_dims applies to a tensor of designs; a list holds single designs")
+        return _eig_of_list(list(design), lambda d: eig(
+            model, d, observation_labels, target_labels, method=method, proposal=proposal, batch_dims=1,
+            num_data=num_data, num_nuisance=num_nuisance, seed=seed, fit_steps=fit_steps, differentiable=differentiable,
+            share_particles=share_particles, vectorize=vectorize, progress=progress, **options))
     if not isinstance(design, torch.Tensor):
-        raise TypeError(f"design must be a tensor, got {type(design).__name__}")
+        raise TypeError(f"design must be a tensor or a list of tensors, got {type(design).__name__}")
     if design.numel() == 0:
         raise ValueError(f"design is empty (shape {tuple(design.shape)}): give at least one design")
     if design.is_floating_point() and not bool(torch.isfinite(design).all()):
@@ -285,14 +295,16 @@ def eig(
     why = _one_by_one_reason(method, proposal, vectorize) if batch_shape else None
     if batch_shape and why is None:
         try:
-            results = _bound(lambda: _designs_density(model, designs, obs), len(designs), target_labels,
+            results = _bound(lambda: _probed(model, ("together", obs, *_layout(designs)), dict(covariates={"design": designs}),
+                                             lambda: _designs_density(model, designs, obs)), len(designs), target_labels,
                              num_nuisance, method, proposal, num_data, fit_steps, differentiable, share_particles,
                              progress, seed, options)
             together = True
         except _NotTogether as e:
             why = str(e)
     if not together:
-        results = [_bound(lambda: ModelDensity(model, obs, model_args=(d,), vectorize=vectorize), 1,
+        results = [_bound(lambda: _probed(model, ("one", obs, vectorize, *_layout(d)), dict(model_args=(d,)),
+                                          lambda: ModelDensity(model, obs, model_args=(d,), vectorize=vectorize)), 1,
                           target_labels, num_nuisance, method, proposal, num_data, fit_steps, differentiable,
                           share_particles, progress, seed, options)[0] for d in designs]
     for r in results:
@@ -315,6 +327,35 @@ def _one_by_one_reason(method: str, proposal: str, vectorize: str) -> str | None
     if vectorize not in ("auto", "plate"):
         return f"vectorize={vectorize!r} runs one design point by point"
     return None
+
+
+#: the densities earlier calls probed, per model and design layout: a design optimisation calls eig hundreds
+#: of times on one model, and what the probe learnt (sites, layout, the way of running a batch, its checks)
+#: holds for every design of one shape (:meth:`ModelDensity.with_values` traces the model once to check)
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: layouts kept per model
+_PROBED_PER_MODEL = 8
+
+
+def _layout(design: torch.Tensor) -> tuple:
+    return tuple(design.shape), design.dtype, design.device
+
+
+def _probed(model: Callable, key: tuple, values: dict, build: Callable[[], ModelDensity]) -> ModelDensity:
+    """The density of ``model`` at ``key`` probed by an earlier call, given the new ``values``
+    (:meth:`ModelDensity.with_values`), or ``build()`` when there is none or its sites differ."""
+    try:
+        cache = _PROBED.setdefault(model, {})
+    except TypeError:  # a model that takes no weak reference: probe every time
+        return build()
+    density = cache[key].with_values(**values) if key in cache else None
+    if density is None:
+        density = build()
+        cache.pop(key, None)
+        while len(cache) >= _PROBED_PER_MODEL:
+            cache.pop(next(iter(cache)))
+        cache[key] = density
+    return density
 
 
 class _NotTogether(Exception):
@@ -519,6 +560,23 @@ def _shared_iwae(density: ModelDensity, num_designs: int, num_data: int, num_par
         r.upper_stderr = math.sqrt(r.upper_stderr**2 + float(draws_var["upper"][b]))
         results.append(r)
     return results
+
+
+def _eig_of_list(designs: list, run: Callable[[torch.Tensor], EIGResult]) -> EIGResult:
+    """:func:`eig` of a list of single designs: those of one shape, dtype and device stacked into a
+    design batch and bounded by ``run(batch)``; results in the list's order."""
+    if not designs or not all(isinstance(d, torch.Tensor) for d in designs):
+        raise TypeError("design must be a tensor or a non-empty list of tensors (one design each)")
+    start = time.perf_counter()
+    groups: dict = {}
+    for i, d in enumerate(designs):
+        groups.setdefault(_layout(d), []).append(i)
+    results: list = [None] * len(designs)
+    for members in groups.values():
+        batch = run(torch.stack([designs[i] for i in members]))
+        for i, r in zip(members, batch.results):
+            results[i] = r
+    return _collect(results, torch.Size([len(designs)]), time.perf_counter() - start)
 
 
 def _collect(results: list[MIResult], batch_shape: torch.Size, seconds: float) -> EIGResult:

@@ -319,3 +319,58 @@ def test_pyro_oed_tutorial_model_runs_unchanged():
         p = torch.sigmoid(theta - l).clamp(1e-300, 1 - 1e-16)
         truth = float(entropy((weight * p).sum()) - (weight * entropy(p)).sum())
         assert float(r.lower[b] - 3 * r.lower_stderr[b]) <= truth <= float(r.upper[b] + 3 * r.upper_stderr[b])
+
+
+def test_a_probed_model_is_not_probed_again_and_gives_the_same_numbers(monkeypatch):
+    """A second call on the same model with designs of the same shape reuses the first call's probe
+    (ModelDensity.with_values) and gives what a fresh probe gives, bit for bit; a model whose sites
+    change with the design's values is probed anew."""
+    from pyro_mi import oed
+    from pyro_mi.density import ModelDensity
+
+    model, first, second = linear_model(), designs(seed=0), designs(seed=1)
+    for d in (first, first[0]):  # a design batch (run together), and one design
+        oed._PROBED.clear()
+        pyro_mi.eig(model, d, "y", num_data=64, num_particles=20)
+        probes = []
+        monkeypatch.setattr(ModelDensity, "_probe", lambda self, v, real=ModelDensity._probe: probes.append(1)
+                            or real(self, v))
+        cached = pyro_mi.eig(model, second if d.dim() == 3 else second[0], "y", num_data=64, num_particles=20)
+        assert probes == []
+        monkeypatch.undo()
+        oed._PROBED.clear()
+        fresh = pyro_mi.eig(model, second if d.dim() == 3 else second[0], "y", num_data=64, num_particles=20)
+        assert torch.equal(cached.lower, fresh.lower) and torch.equal(cached.upper, fresh.upper)
+
+    def switching(design):  # a site that only a positive design has
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        if design.sum() > 0:
+            theta = theta + pyro.sample("extra", dist.Normal(0.0, 0.1))
+        return pyro.sample("y", dist.Normal(theta * design, 1.0).to_event(1))
+
+    oed._PROBED.clear()
+    pyro_mi.eig(switching, -torch.ones(3), "y", "theta", num_data=64, num_particles=20)
+    after = pyro_mi.eig(switching, torch.ones(3), "y", "theta", num_data=64, num_particles=20, num_nuisance=10)
+    oed._PROBED.clear()
+    alone = pyro_mi.eig(switching, torch.ones(3), "y", "theta", num_data=64, num_particles=20, num_nuisance=10)
+    assert any("nuisance" in n for n in after.results[0].notes)  # "extra" is marginalised
+    assert torch.equal(after.lower, alone.lower) and torch.equal(after.upper, alone.upper)
+
+
+def test_a_list_of_designs_of_different_shapes_runs_in_one_call():
+    """A list of single designs: each shape runs as one batch, and design i's bounds are what a call
+    on a batch of the designs of its shape gives, in the list's order."""
+    model = linear_model()
+    short, long = designs(batch=2, n=4, seed=0), designs(batch=2, n=8, seed=1)
+    mixed = [short[0], long[0], short[1], long[1]]
+    r = pyro_mi.eig(model, mixed, "y", num_data=64, num_particles=20)
+    assert r.batch_shape == (4,) and r.lower.shape == (4,)
+    by_shape = {4: pyro_mi.eig(model, short, "y", num_data=64, num_particles=20),
+                8: pyro_mi.eig(model, long, "y", num_data=64, num_particles=20)}
+    for i, d in enumerate(mixed):
+        batch = by_shape[d.shape[0]]
+        assert r.lower[i] == batch.lower[i // 2] and r.upper[i] == batch.upper[i // 2]
+    with pytest.raises(TypeError, match="list of tensors"):
+        pyro_mi.eig(model, [short[0], "x"], "y")
+    with pytest.raises(ValueError, match="batch_dims"):
+        pyro_mi.eig(model, mixed, "y", batch_dims=1)

@@ -849,6 +849,36 @@ class ModelDensity:
         shifted._start = start
         return shifted
 
+    def with_values(self, model_args: tuple | None = None,
+                    covariates: Mapping[str, torch.Tensor] | None = None) -> "ModelDensity | None":
+        """This density with new values of its positional arguments and covariates, of the same
+        shapes, dtypes and devices, keeping what the probe learnt (sites, layout, the way of running
+        a batch and its checks) so that a caller evaluating many designs or inputs of one model pays
+        the probe once. The model is traced once on the new values; if its sites differ from the
+        probe's (names, distribution types, batch and event shapes), or a value differs in shape,
+        dtype or device, the result is None and the caller builds a new density."""
+        args = self.model_args if model_args is None else tuple(model_args)
+        new_cov = dict(covariates or {})
+        old = [*zip(self.model_args, args), *((self.arguments.kwargs[k], v) for k, v in new_cov.items()
+                                              if k in self._covariates)]
+        if len(args) != len(self.model_args) or set(new_cov) - set(self._covariates) or not all(
+                _same_layout(a, b) for a, b in old):
+            return None
+        new = copy.copy(self)
+        new.model_args = args
+        new.arguments = copy.copy(self.arguments)
+        new.arguments.args = args
+        new.arguments.kwargs = {**self.arguments.kwargs, **new_cov}
+        new.notices, new.warnings = list(self.notices), []
+        sites = {s["name"]: s for s in sample_sites(new._bare_trace())}
+        if _structure(sites) != _structure(self.site_fns):
+            return None
+        new.site_fns = {k: s["fn"] for k, s in sites.items()}
+        if not self.has_data_plate:  # the point-by-point runners call the new density's model
+            new._alone = new._pointwise(sites, "loop")
+            new._points = None if self.vectorize in _DATA_PLATE_WAYS else new._pointwise(sites, self.vectorize)
+        return new
+
     def for_points(self, index: torch.Tensor) -> "ModelDensity":
         """This density for the data points ``index`` (of its own numbering), numbered 0, 1, ...:
         point k gets the rows of point ``index[k]``. ``self`` for a model without a data plate."""
@@ -1215,3 +1245,21 @@ class ModelDensity:
     def obs_dim(self) -> int:
         """Length of the flattened observed vector of one data point."""
         return sum(max(1, math.prod(s)) for s in self.obs_shapes.values())
+
+
+def _same_layout(a, b) -> bool:
+    """Whether two argument values can stand for each other in a probed density: tensors of one
+    shape, dtype and device, or equal non-tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device)
+    try:
+        return a is b or bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # e.g. an array's elementwise comparison
+        return False
+
+
+def _structure(sites: Mapping) -> dict:
+    """``{site: (distribution type, batch shape, event shape)}`` of ``{site: fn or trace site}``."""
+    fns = {k: s["fn"] if isinstance(s, dict) else s for k, s in sites.items()}
+    return {k: (type(fn), tuple(fn.batch_shape), tuple(fn.event_shape)) for k, fn in fns.items()}
