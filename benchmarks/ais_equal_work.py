@@ -9,15 +9,25 @@ chose (taken from pyro_mi's result), so both run the same kernels and their boun
 in distribution. pyro_mi's time includes its pilot (8 chains on T/5 steps) and everything
 ``ais_bounds`` does; the loop's does not. ``refine=0``: rerunning the points the pilot finds
 far from their target with 10 T steps is more work than the loop does. CPU seconds (``time.process_time``), best of
-``--repeats``, interleaved. Usage::
+``--repeats``, interleaved.
+
+``--processes`` compares whole processes instead, start-up included (wall seconds, best of
+``--repeats``): the command ``pyro-mi estimate --example linear-vae --method ais --proposal prior``
+with the same K, N, T, L, against a process that imports torch alone and runs the loop on data and
+step sizes saved by this script. Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/ais_equal_work.py [--repeats 5] [--modes auto none trace] [--steps 300]
+        [--processes]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
+import subprocess
+import sys
+import tempfile
 import time
 
 import pyro
@@ -28,11 +38,11 @@ from pyro_mi.density import ModelDensity
 from pyro_mi.examples import get_example
 from pyro_mi.proposal import PriorProposal
 from pyro_mi.samplers import get_schedule
-from pyro_mi.weights import log_mean_exp
 
 
-def hand_loop(W, b, x, z_post, K, T, L, step_sizes, generator):
-    """IM-AIS log p(x) bounds (N,) from K forward chains and one reverse chain, written out."""
+def hand_loop(W, b, x, z_post, K, T, L, step_sizes, generator, betas=None):
+    """IM-AIS log p(x) bounds (N,) from K forward chains and one reverse chain, written out (the
+    sigmoid schedule unless ``betas`` are given)."""
     N, D = z_post.shape
     c = 0.5 * math.log(2 * math.pi)
 
@@ -45,7 +55,8 @@ def hand_loop(W, b, x, z_post, K, T, L, step_sizes, generator):
             gp, gl = torch.autograd.grad(lp.sum(), z, retain_graph=True)[0], torch.autograd.grad(ll.sum(), z)[0]
         return lp.detach(), ll.detach(), gp, gl
 
-    betas, step_sizes = get_schedule("sigmoid", T).to(x.dtype), step_sizes.to(x.dtype)
+    betas = (get_schedule("sigmoid", T) if betas is None else betas).to(x.dtype)
+    step_sizes = step_sizes.to(x.dtype)
     z = torch.cat([torch.randn(K, N, D, generator=generator), z_post.unsqueeze(0)])
     rev = torch.tensor([False] * K + [True]).unsqueeze(1)  # (K + 1, 1)
     lp, ll, gp, gl = parts(z)
@@ -69,7 +80,50 @@ def hand_loop(W, b, x, z_post, K, T, L, step_sizes, generator):
         a3 = acc.unsqueeze(-1)
         z, lp, ll = torch.where(a3, zn, z), torch.where(acc, lpn, lp), torch.where(acc, lln, ll)
         gp, gl = torch.where(a3, gpn, gp), torch.where(a3, gln, gl)
-    return log_mean_exp(logw[:K], 0), log_mean_exp(torch.cat([logw[K:], logw[: K - 1]]), 0)
+    def lme(t):
+        return torch.logsumexp(t, 0) - math.log(t.shape[0])
+
+    return lme(logw[:K]), lme(torch.cat([logw[K:], logw[: K - 1]]))
+
+
+#: the loop's process after :func:`hand_loop`'s source: torch alone, the data and step sizes from the file given
+LOOP_PROCESS = """
+torch.set_num_threads(1)
+s = torch.load(sys.argv[1])
+hand_loop(s["W"], s["b"], s["x"], s["z"], s["K"], s["T"], s["L"], s["step_sizes"], torch.Generator().manual_seed(0),
+          s["betas"])
+"""
+
+
+def processes(args, K, N, T, L, d, ex, x, z, table) -> None:
+    """Whole processes, start-up included: pyro-mi's command against torch and the loop."""
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "loop.pt"
+        torch.save(dict(W=ex.params["W"], b=ex.params["b"], x=x["x"], z=z, K=K, T=T, L=L, step_sizes=table,
+                        betas=get_schedule("sigmoid", T)), saved)
+        script = Path(tmp) / "loop.py"
+        script.write_text("import math\nimport sys\n\nimport torch\n\n\n" + inspect.getsource(hand_loop) + LOOP_PROCESS)
+        commands = {
+            "pyro-mi estimate (whole process)": [sys.executable, "-m", "pyro_mi.cli", "estimate", "--example",
+                                                 "linear-vae", "--method", "ais", "--proposal", "prior",
+                                                 "--num-data", str(N), "--num-chains", str(K), "--num-steps", str(T),
+                                                 "--num-leapfrog", str(L), "--refine", "0", "--no-progress"],
+            "torch + hand-written loop (whole process)": [sys.executable, str(script), str(saved)],
+        }
+        best = {}
+        for _ in range(args.repeats):
+            for name, cmd in commands.items():
+                t = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True)
+                best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+    ref = best["torch + hand-written loop (whole process)"]
+    print(f"linear-vae, prior as pi0, K={K} forward + 1 reverse, N={N}, T={T}, L={L}; wall seconds of whole "
+          f"processes, best of {args.repeats}, 1 thread; torch {torch.__version__}")
+    print("| process | wall s | ÷ loop process |\n|---|---|---|")
+    for name, s in best.items():
+        print(f"| {name} | {s:.2f} | {s / ref:.2f} |")
 
 
 def main():
@@ -78,6 +132,7 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["auto", "none", "trace"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=300, help="T (the issue's comparison: 300)")
+    ap.add_argument("--processes", action="store_true", help="time whole processes, start-up included")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     K, N, T, L = 16, 32, args.steps, 10
@@ -88,6 +143,11 @@ def main():
     W, b = ex.params["W"], ex.params["b"]
     with torch.no_grad():
         log_lik = d.log_likelihood(x, z)
+    if args.processes:
+        r = ais_bounds(d, PriorProposal(d), x, z, num_chains=K, num_steps=T, num_leapfrog=L,
+                       generator=torch.Generator().manual_seed(0), progress=False, refine=0.0)
+        processes(args, K, N, T, L, d, ex, x, z, r.diagnostics["step_sizes"])
+        return
     best: dict = {}
     gaps: dict = {}
 

@@ -59,7 +59,7 @@ PAGES: dict[str, tuple[str, str, list[str]]] = {
     "mi_losses": (
         "The cost of the MI-aware SVI losses",
         "Milliseconds per SVI step on Pyro's VAE, against `Trace_ELBO` in the same process.",
-        ["python benchmarks/mi_losses_cost.py"]),
+        ["python benchmarks/mi_losses_cost.py --accuracy-steps 1500"]),
     "distributed": (
         "Scaling out with torchrun",
         "One process against threads and against two `torchrun` processes, the same bounds each way.",
