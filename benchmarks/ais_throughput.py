@@ -264,7 +264,7 @@ def main():
         ok_h = "n/a" if KN < 1024 else ("met" if h >= 0.6 else "NOT met")
         print(f"  {name:10} K·N = {KN:>6,}: {e:.2f}x expressions ({ok_e}), {h:.2f}x hand ({ok_h})")
     if not args.no_e2e:
-        print("\nend to end, fresh processes, OMP_NUM_THREADS=1, best of 3 (goal: README command < 4 s)")
+        print("\nend to end, fresh processes, OMP_NUM_THREADS=1, best of 3 (goal: README command < 3 s on a quiet machine)")
         for label, s in end_to_end().items():
             print(f"  {s:6.2f} s  {label}")
 

@@ -44,9 +44,11 @@ PAGES: dict[str, tuple[str, str, list[str]]] = {
         ["python benchmarks/ais_exact_cost.py --repeats 2 --steps 100 300"]),
     "equal_work": (
         "AIS against a hand-written loop doing the same work",
-        "CPU seconds of pyro_mi's whole `ais_bounds` against a plain torch AIS loop on the same kernels.",
+        "CPU seconds of pyro_mi's whole `ais_bounds` against a plain torch AIS loop on the same kernels, and "
+        "wall seconds of whole processes, start-up included.",
         ["python benchmarks/ais_equal_work.py --repeats 3 --steps 300",
-         "python benchmarks/ais_equal_work.py --repeats 1 --steps 3000"]),
+         "python benchmarks/ais_equal_work.py --repeats 1 --steps 3000",
+         "python benchmarks/ais_equal_work.py --repeats 3 --steps 300 --processes"]),
     "throughput": (
         "AIS throughput",
         "Chain-steps per second of pyro_mi against hand-written vectorised AIS loops making the same moves, "

@@ -992,13 +992,15 @@ class ModelDensity:
             moved = self._boundary(values, fns, 1, num_data)
             x = {o: self._to_data(values[o]) for o in self.obs_sites}
             z = self.pack({k: values[k] for k in self._latent_names})[0]
-            # the draw's own log densities are those at (x, z) where z unpacks to the drawn values
-            exact = not moved and all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
-            log_probs = score() if exact else None
+            # the draw's own log densities: those at (x, z) where z unpacks to the drawn values bit for bit,
+            # and, for the finiteness check, where it unpacks to them within rounding (a constrained site's
+            # round trip through its unconstrained value); a value moved off its support's boundary is scored anew
+            log_probs = score() if not moved else None
+            exact = log_probs is not None and all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
         with torch.no_grad(), pyro.validation_enabled(False):
             ok, why = self.finite_points(x, z, log_probs)
         log_lik = None
-        if log_probs is not None and not self._no_density:
+        if exact and not self._no_density:
             log_lik = sum(v for k, v in log_probs.items() if k in self.obs_sites or k == enumeration.OBSERVED)[0]
         if bool(ok.all()):
             return x, z, log_lik
