@@ -35,7 +35,7 @@ __all__ = ["TraceMI_ELBO", "xi_bound"]
 
 _PARTICLES = "num_particles_vectorized"
 #: mismatched pairs per data point in the training bound (see :func:`xi_bound`): fewer negatives make
-#: noisier steps but more of them in the same time (``benchmarks/mi_losses_cost.py --accuracy-seconds``)
+#: noisier steps but cheaper ones (``benchmarks/mi_losses_cost.py --accuracy-steps``)
 NUM_NEGATIVES = 4
 #: hidden layers of the critic built when none is given (a :class:`~pyro_mi.critics.JointCritic`)
 DEFAULT_CRITIC_HIDDEN = (128, 128)
