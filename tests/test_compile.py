@@ -53,7 +53,7 @@ def test_ais_bounds_identical_with_trace(name):
     assert torch.equal(a.lower_per_point, b.lower_per_point)
     assert torch.equal(a.upper_per_point, b.upper_per_point)
     assert torch.equal(a.diagnostics["step_sizes"], b.diagnostics["step_sizes"])  # the pilot ran traced too
-    assert b.notes == [] and b.settings["compile"] == "trace"
+    assert not [n for n in b.notes if "eager" in n] and b.settings["compile"] == "trace"  # no fallback notice
 
 
 def _branching_model(x=None):
