@@ -80,7 +80,8 @@ def hand_loop(W, b, x, z_post, K, T, L, step_sizes, generator, betas=None):
         a3 = acc.unsqueeze(-1)
         z, lp, ll = torch.where(a3, zn, z), torch.where(acc, lpn, lp), torch.where(acc, lln, ll)
         gp, gl = torch.where(a3, gpn, gp), torch.where(a3, gln, gl)
-    def lme(t):
+
+    def lme(t):  # log-mean-exp written out: the loop's own process imports torch alone
         return torch.logsumexp(t, 0) - math.log(t.shape[0])
 
     return lme(logw[:K]), lme(torch.cat([logw[K:], logw[: K - 1]]))
@@ -95,7 +96,16 @@ hand_loop(s["W"], s["b"], s["x"], s["z"], s["K"], s["T"], s["L"], s["step_sizes"
 """
 
 
-def processes(args, K, N, T, L, d, ex, x, z, table) -> None:
+def table_of(rows: dict, unit: str, reference: str, extra: dict | None = None) -> None:
+    """Prints ``rows`` {name: seconds} as a table with each row's ratio to ``reference`` (and a gap column)."""
+    ref = rows[reference]
+    print(f"| implementation | {unit} | ÷ {reference} |" + (" gap (nats) |" if extra else "")
+          + "\n|---|---|---|" + ("---|" if extra else ""))
+    for name, s in rows.items():
+        print(f"| {name} | {s:.2f} | {s / ref:.2f} |" + (f" {extra[name]:.3f} |" if extra else ""))
+
+
+def processes(args, K, N, T, L, ex, x, z, table) -> None:
     """Whole processes, start-up included: pyro-mi's command against torch and the loop."""
     from pathlib import Path
 
@@ -118,12 +128,9 @@ def processes(args, K, N, T, L, d, ex, x, z, table) -> None:
                 t = time.perf_counter()
                 subprocess.run(cmd, check=True, capture_output=True)
                 best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
-    ref = best["torch + hand-written loop (whole process)"]
     print(f"linear-vae, prior as pi0, K={K} forward + 1 reverse, N={N}, T={T}, L={L}; wall seconds of whole "
           f"processes, best of {args.repeats}, 1 thread; torch {torch.__version__}")
-    print("| process | wall s | ÷ loop process |\n|---|---|---|")
-    for name, s in best.items():
-        print(f"| {name} | {s:.2f} | {s / ref:.2f} |")
+    table_of(best, "wall s", "torch + hand-written loop (whole process)")
 
 
 def main():
@@ -146,7 +153,7 @@ def main():
     if args.processes:
         r = ais_bounds(d, PriorProposal(d), x, z, num_chains=K, num_steps=T, num_leapfrog=L,
                        generator=torch.Generator().manual_seed(0), progress=False, refine=0.0)
-        processes(args, K, N, T, L, d, ex, x, z, r.diagnostics["step_sizes"])
+        processes(args, K, N, T, L, ex, x, z, r.diagnostics["step_sizes"])
         return
     best: dict = {}
     gaps: dict = {}
@@ -173,12 +180,9 @@ def main():
             elbo, eubo = hand_loop(W, b, x["x"], z, K, T, L, table, torch.Generator().manual_seed(0))
             return float(((log_lik - elbo) - (log_lik - eubo)).mean())
         timed("hand-written loop (autograd)", loop)
-    ref = best["hand-written loop (autograd)"]
     print(f"linear-vae, prior as pi0, K={K} forward + 1 reverse, N={N}, T={T}, L={L}; CPU seconds, best of "
           f"{args.repeats}, {args.threads} thread(s); torch {torch.__version__}")
-    print("| implementation | CPU s | ÷ hand loop | gap (nats) |\n|---|---|---|---|")
-    for name, s in best.items():
-        print(f"| {name} | {s:.2f} | {s / ref:.2f} | {gaps[name]:.3f} |")
+    table_of(best, "CPU s", "hand-written loop (autograd)", gaps)
 
 
 if __name__ == "__main__":
