@@ -36,7 +36,6 @@ Options: ``--seeds``, ``--num-data``, ``--models``, ``--methods``, ``--steps``,
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 import time
@@ -53,7 +52,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from models import EXACT_MODELS  # noqa: E402
-from pyro_mi.bounds import METHODS  # noqa: E402
+from pyro_mi.bounds import METHODS, bound_class  # noqa: E402
 from pyro_mi.density import ModelDensity  # noqa: E402
 from pyro_mi.proposal import GaussianEncoder, PriorProposal, fit_guide  # noqa: E402
 
@@ -107,8 +106,8 @@ def simulate(model_name: str, proposal: str, seed: int, num_data: int):
 
 def adapt_default(method: str):
     """The default ``adapt`` of a method (None for methods without one)."""
-    p = inspect.signature(METHODS[method]).parameters.get("adapt")
-    return None if p is None or p.default is inspect.Parameter.empty else p.default
+    f = bound_class(method).option_fields().get("adapt")
+    return None if f is None else f.default
 
 
 def choose_modes(requested: list[str] | None) -> list[str]:

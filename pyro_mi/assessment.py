@@ -4,7 +4,7 @@ A bound can be valid and useless: thousands of nats wide because a few simulated
 where the proposal has no mass, below zero, or above what the observations can carry. Each
 check below adds a warning that says what is wrong, how much, and what to change; the
 points concerned are named by index in ``diagnostics``. Run on every result of
-:func:`pyro_mi.estimate_mi` (and of :func:`pyro_mi.eig`'s runs) after its bound.
+:func:`pyro_mi.estimate_mi` after its bound, and on each design's result of :func:`pyro_mi.eig`.
 
 * **dominated**: at most 5% of the points carry half of the sandwich's total width;
 * **noisy side**: a side's standard error is as large as a gap wider than 1 nat (a few points'

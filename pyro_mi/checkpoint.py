@@ -162,7 +162,7 @@ STATE_TYPES = (
     "pyro_mi.samplers.ais:AISState",
     "pyro_mi.samplers.hmc:HMCState",
     "pyro_mi.training:TrainingLog",
-    "pyro_mi.bounds.ais:_MeanLogStepSize",
+    "pyro_mi.samplers.step_size:OnlineAdapter",
 )
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import importlib
 import importlib.util
@@ -42,40 +43,30 @@ from typing import Any, Callable
 import torch
 
 from . import distributed
+from .bounds import BOUNDS, METHODS, bound_class
 from .checkpoint import check_output_path
-from .estimate import METHODS, estimate_mi
+from .estimate import estimate_mi
 from .result import json_safe
+from .runtime import Runtime
 
-#: the method flags of the ``estimate`` command: (flag, argparse kwargs). A flag applies to
-#: the methods whose bound function has the keyword parameter of the same name (``--max-steps``:
-#: ``max_steps``); the help lists them and their defaults, read from the signatures.
-ESTIMATE_OPTIONS: list[tuple[str, dict]] = [
-    ("--num-particles", dict(type=int, help="K, importance samples or negatives per data point")),
-    ("--num-chains", dict(type=int, help="K, AIS chains per data point")),
-    ("--num-steps", dict(type=int, help="T, annealing steps (T=1 is IWAE)")),
-    ("--num-leapfrog", dict(type=int, help="L, leapfrog steps per HMC transition")),
-    ("--step-size", dict(type=float, help="initial HMC step size")),
-    ("--schedule", dict(choices=("linear", "sigmoid"), help="annealing schedule")),
-    ("--adapt", dict(choices=("pilot", "online", "none"),
-                     help="step-size adaptation: pilot (exact bounds), online (approximate) or none")),
-    ("--compile", dict(choices=("auto", "none", "trace", "inductor"),
-                       help="how HMC evaluates the model: none (a Pyro trace per leapfrog step), trace (one "
-                            "recorded graph, same numbers), inductor (torch.compile; CUDA graphs on GPU), auto "
-                            "(trace when --num-steps x --num-leapfrog >= 1500)")),
-    ("--checkpoint", dict(metavar="FILE", help="save progress (AIS chains, MINE-AIS training) to FILE; rerunning "
-                                             "the command resumes it")),
-    ("--save-chains", dict(metavar="FILE.nc", help="write the AIS chains as ArviZ InferenceData (netCDF)")),
-    ("--max-steps", dict(type=int, help="critic training steps")),
-    ("--batch-size", dict(type=int, help="simulated pairs per training step")),
-    ("--num-negative-steps", dict(type=int, help="M, HMC transitions per MINE-AIS negative sample")),
-    ("--likelihood-steps", dict(type=int, help="> 0: MINE-AIS's critic is a Gaussian surrogate likelihood, fitted "
-                                               "by maximum likelihood on simulated pairs for at most this many steps")),
-    ("--lr", dict(type=float, help="critic/encoder Adam learning rate")),
-    ("--points-per-block", dict(type=int, help="data points per block: the unit that torchrun's processes share "
-                                               "out, each with random numbers of its own")),
-    ("--refine", dict(type=float, help="the most points (a fraction) whose pilot ended far from their target that are "
-                                       "rerun with 10x the annealing steps")),
-]
+def _declared_flags() -> list[tuple[str, dict]]:
+    """The method flags of the ``estimate`` command, from the declarations: every field of a bound
+    (:data:`~pyro_mi.bounds.BOUNDS`) or of :class:`~pyro_mi.runtime.Runtime` with command-line metadata,
+    once, in the order declared."""
+    flags: dict[str, dict] = {}
+    for cls in [bound_class(m) for m in BOUNDS] + [Runtime]:
+        fields = cls.option_fields() if cls is not Runtime else {f.name: f for f in dataclasses.fields(Runtime)}
+        for name, f in fields.items():
+            if "cli" in f.metadata:
+                flags.setdefault("--" + name.replace("_", "-"), dict(f.metadata["cli"]))
+    return list(flags.items())
+
+
+#: the method flags of the ``estimate`` command: (flag, argparse kwargs), built from the declarations'
+#: fields (:func:`_declared_flags`). A flag applies to the methods whose declaration has the option of the
+#: same name (``--max-steps``: ``max_steps``) or that use the runtime setting; the help lists them and their
+#: defaults, read from the declarations.
+ESTIMATE_OPTIONS: list[tuple[str, dict]] = _declared_flags()
 
 #: the default N of ``--num-data``: estimate_mi's, so that the two front ends agree
 NUM_DATA = inspect.signature(estimate_mi).parameters["num_data"].default
@@ -195,44 +186,42 @@ def _flag_key(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def method_options(method: str) -> dict[str, inspect.Parameter]:
-    """The CLI options of ``method``: {option name: its parameter} for each flag of
-    :data:`ESTIMATE_OPTIONS` whose name is a keyword parameter of ``METHODS[method]``.
-
-    Raises:
-        TypeError: the method's function takes ``**kwargs`` (its options must be declared).
-    """
-    params = inspect.signature(METHODS[method]).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        raise TypeError(f"the bound function of method {method!r} takes **kwargs; it must declare its options")
+def method_options(method: str) -> dict[str, dataclasses.Field]:
+    """The CLI options of ``method``: {option name: its declared field} for each flag of
+    :data:`ESTIMATE_OPTIONS` that is an option of the method's declaration or a runtime setting it uses."""
+    cls = bound_class(method)
+    fields = {**{k: f for k, f in cls.option_fields().items()},
+              **{f.name: f for f in dataclasses.fields(Runtime) if f.name in cls.RUNTIME}}
     keys = (_flag_key(flag) for flag, _ in ESTIMATE_OPTIONS)
-    return {k: params[k] for k in keys if k in params}
+    return {k: fields[k] for k in keys if k in fields}
 
 
 def _flag_help(flag: str, text: str) -> str:
-    """``text`` plus the methods that take ``flag`` and their defaults (from the signatures)."""
+    """``text`` plus the methods that take ``flag`` and their defaults (from the declarations)."""
     key = _flag_key(flag)
     by_default: dict[str, list[str]] = {}
     for method in METHODS:
-        param = method_options(method).get(key)
-        if param is not None:
-            default = "" if param.default in (None, inspect.Parameter.empty) else f": default {param.default}"
+        f = method_options(method).get(key)
+        if f is not None:
+            default = "" if f.default in (None, dataclasses.MISSING) else f": default {f.default}"
             by_default.setdefault(default, []).append(method)
     uses = "; ".join(f"{', '.join(ms)}{d}" for d, ms in by_default.items())
     return f"{text} [{uses}]".replace("%", "%%")
 
 
-def _method_options(method: str, args: argparse.Namespace) -> dict:
-    """The method flags given on the command line as keyword arguments of ``method``.
+def given_options(method: str, args: argparse.Namespace, flags, takes) -> dict:
+    """The option flags given on the command line, by option name, for both subcommands.
+
+    Args:
+        flags: the subcommand's option flags (``--max-steps``); ``takes``: the option names ``method`` takes.
 
     Raises:
         CLIError: a given flag that ``method`` does not take, naming the flags it does take.
     """
-    takes = method_options(method)
-    given = {_flag_key(flag): flag for flag, _ in ESTIMATE_OPTIONS if getattr(args, _flag_key(flag)) is not None}
+    given = {_flag_key(flag): flag for flag in flags if getattr(args, _flag_key(flag)) is not None}
     wrong = [flag for key, flag in given.items() if key not in takes]
     if wrong:
-        applies = ", ".join(f"--{k.replace('_', '-')}" for k in takes) or "none"
+        applies = ", ".join(f for f in flags if _flag_key(f) in takes) or "none"
         verb = "does" if len(wrong) == 1 else "do"
         raise CLIError(f"{', '.join(wrong)} {verb} not apply to --method {method}; its flags are: {applies}")
     return {key: getattr(args, key) for key in given}
@@ -241,7 +230,7 @@ def _method_options(method: str, args: argparse.Namespace) -> dict:
 def _estimate(args: argparse.Namespace):
     from .examples import get_example, shipped_encoder
 
-    options = _method_options(args.method, args)
+    options = given_options(args.method, args, [flag for flag, _ in ESTIMATE_OPTIONS], method_options(args.method))
     if args.timeout is not None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise CLIError("--timeout applies only under torchrun (several processes)")
     if args.timeout is not None and args.timeout <= 0:
@@ -253,7 +242,7 @@ def _estimate(args: argparse.Namespace):
     for path, flag in ((args.per_point, "--per-point"), (args.plot, "--plot")):
         if path is not None:
             check_output_path(path, flag)
-    if args.plot and "record" in inspect.signature(METHODS[args.method]).parameters:
+    if args.plot and "record" in bound_class(args.method).RUNTIME:
         options["record"] = True  # the annealing panel draws the recorded chains
     true_mi = None
     if args.example:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from typing import Callable, Sequence
 
 import torch
 
-from .bounds import METHODS
+from .bounds import Bound, bound_class, declare
 from .checkpoint import check_output_path, rank_path
 from .density import Data, ModelDensity
 from .distributed import broadcast, broadcast_module, manual_seed, world
@@ -67,6 +66,7 @@ def estimate_mi(
     model: Callable,
     obs_sites: str | Sequence[str],
     *,
+    bound: Bound | None = None,
     method: str = "iwae",
     guide: Callable | None = None,
     proposal: "str | Callable" = "guide",
@@ -96,7 +96,11 @@ def estimate_mi(
         model: a one-data-point Pyro model, or a data-plate model with ``data``
             given (see :class:`~pyro_mi.density.ModelDensity`).
         obs_sites: the observed site name(s) x; the other sample sites are z.
-        method: a key of :data:`METHODS` (``"ba"``, ``"iwae"``, ...).
+        bound: the bound, declared (:mod:`pyro_mi.bounds`: ``IWAE(num_particles=1000)``,
+            ``AIS(num_chains=8, num_steps=1000)``, ``MineAIS(ais=AIS(...))`` ...); with it, ``method``,
+            ``preset`` and method options are not given (runtime settings still are).
+        method: the shorthand: a key of :data:`METHODS` (``"ba"``, ``"iwae"``, ...), its options
+            in ``**options``.
         guide: optional Pyro guide q(z|x) used as the proposal.
         proposal: ``"guide"`` (the guide, or a fitted default encoder), ``"prior"``, or a
             function ``density -> proposal`` (see :func:`make_proposal`).
@@ -117,7 +121,9 @@ def estimate_mi(
             :data:`PRESETS` (options given explicitly override them); ``"tight"`` is what a paper
             would report, ``"fast"`` a first look.
         progress: show progress bars.
-        **options: method options, e.g. ``num_particles=1000``; ``differentiable=True``
+        **options: method options, e.g. ``num_particles=1000`` (the fields of the method's
+            declaration), and the :class:`~pyro_mi.runtime.Runtime` settings it uses
+            (``checkpoint``, ``points_per_block``, ``compile`` ...); ``differentiable=True``
             (``ba``, ``iwae``) simulates by ``rsample`` and keeps the graph, so that
             ``result.lower_per_point.mean()`` is differentiable in the model's parameters.
 
@@ -126,7 +132,8 @@ def estimate_mi(
         simulated points it bounds.
 
     Raises:
-        ValueError: unknown method, an option the method does not take, N < 2, an
+        ValueError: unknown method, an option the method does not take, ``bound`` with ``method``,
+            ``preset`` or a method option, N < 2, an
             unwritable ``checkpoint`` / ``save_chains`` path (checked before any work),
             ``seed=None`` under torch.distributed, and every input error of the density layer
             and the bound.
@@ -135,6 +142,8 @@ def estimate_mi(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if bound is not None:
+        method, options = flatten_bound(bound, method, options, preset)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
     if fit_steps is not None and (isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0):
@@ -158,6 +167,24 @@ def estimate_mi(
     return result
 
 
+def flatten_bound(bound: Bound, method: str, options: dict, preset: str = "default") -> tuple[str, dict]:
+    """A declared ``bound`` as the method name and flat options of the shorthand (``options`` holding
+    runtime settings only).
+
+    Raises:
+        TypeError: ``bound`` is not a declaration.
+        ValueError: ``method`` (other than the default), a ``preset`` or a method option given with it.
+    """
+    if not isinstance(bound, Bound):
+        raise TypeError(f"bound must be a bound declaration such as IWAE(...) or AIS(...), got {bound!r}")
+    own = [k for k in options if k in bound.option_fields()]
+    if method != "iwae" or preset != "default" or own:
+        given = "method" if method != "iwae" else "preset" if preset != "default" else own[0]
+        raise ValueError(f"give the bound declared ({type(bound).__name__}(...)) or by method and options, not both "
+                         f"({given!r} given with bound)")
+    return bound.name, {**bound.options(), **options}
+
+
 #: the method options of each preset, by method family (options given explicitly override them); "tight"
 #: runs AIS long for every point, so without ``refine`` (a rerun at 10 T would take minutes)
 PRESETS = {
@@ -171,19 +198,16 @@ _FAMILY = {"im-ais": "ais", "cr-ais": "ais", "bdmc": "ais"}
 
 
 def check_method_options(method: str, num_data: int, options: dict) -> None:
-    """Refuses an unknown method, an option it does not take, N < 2 and unwritable output paths.
+    """Refuses an unknown method, an option it does not take or a bad one (by declaring it,
+    :func:`~pyro_mi.bounds.declare`), N < 2 and unwritable output paths, before any work.
 
     Raises:
         ValueError: naming the method, option or path.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    bound_class(method)
     if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 2:
         raise ValueError(f"num_data must be an integer >= 2 (a standard error needs two points), got {num_data!r}")
-    params = inspect.signature(METHODS[method]).parameters
-    unknown = [k for k in options if k not in params]
-    if unknown:
-        raise ValueError(f"method {method!r} takes no option {unknown[0]!r}")
+    declare(method, options)
     for key in ("checkpoint", "save_chains"):
         if options.get(key) is not None:  # each rank checks the checkpoint file it will write
             check_output_path(rank_path(options[key], world()[0]) if key == "checkpoint" else options[key], key)
@@ -199,19 +223,21 @@ def seeded(seed: int | None, method: str, options: dict):
         return
     with torch.random.fork_rng():
         manual_seed(seed)
-        if "generator" in inspect.signature(METHODS[method]).parameters and options.get("generator") is None:
+        if "generator" in bound_class(method).RUNTIME and options.get("generator") is None:
             options["generator"] = torch.Generator().manual_seed(seed)
         yield
 
 
 def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide, num_data: int,
-                       fit_steps: int | None, progress: bool, options: dict) -> MIResult:
+                       fit_steps: int | None, progress: bool, options: dict, assessed: bool = True) -> MIResult:
     """Simulates ``num_data`` pairs from ``density``, builds the proposal and evaluates the bound
-    ``METHODS[method]`` on them (the body of :func:`estimate_mi`, on the caller's RNG).
+    ``method`` with ``options`` (:func:`~pyro_mi.bounds.declare`) on them (the body of
+    :func:`estimate_mi`, on the caller's RNG).
 
     Returns:
         the :class:`MIResult`, with ``x``/``z``, the density's notices, ``vectorize`` and the
-        proposal fit's diagnostics filled in.
+        proposal fit's diagnostics filled in, and assessed (:func:`~pyro_mi.assessment.assess`)
+        unless ``assessed`` is False.
     """
     seen = len(density.warnings)
     x, z = density.sample(num_data, differentiable=bool(options.get("differentiable")))
@@ -231,7 +257,7 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
     global_start = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
     # a rerun writes no files and records no chains unless asked to
     quiet = {k: v for k, v in (("checkpoint", None), ("save_chains", None), ("record", False))
-             if k in inspect.signature(METHODS[method]).parameters}
+             if k in bound_class(method).RUNTIME}
 
     def bound(parent: MIResult | None, changes: dict) -> MIResult:
         began = time.perf_counter()
@@ -243,7 +269,8 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
                 torch.set_rng_state(global_start[0])
                 if global_start[1] is not None:
                     torch.cuda.set_rng_state_all(global_start[1])
-            result = METHODS[method](density, q, x, z, progress=progress, **opts)
+            spec, runtime = declare(method, opts)
+            result = spec.run(density, q, x, z, runtime.replace(progress=progress))
         if result.x is None:
             result.x, result.z = x, z
         result.settings["vectorize"] = density.vectorize
@@ -254,7 +281,8 @@ def simulate_and_bound(density: ModelDensity, method: str, proposal: str, guide,
                                       proposal_fit_ba=fit.best_value, proposal_fit_stopped_early=fit.stopped_early)
             if isinstance(q, GaussianEncoder):
                 result.diagnostics["proposal_prior_weight"] = q.prior_weight
-        assess(result, density.mi_ceiling(), ADVICE.get(method, ""))
+        if assessed:  # else the caller assesses the results it makes of the points (eig: one per design)
+            assess(result, density.mi_ceiling(), ADVICE.get(method, ""))
         if parent is not None:
             result.settings = {**parent.settings, **result.settings}
             result.seconds = time.perf_counter() - began

@@ -31,7 +31,6 @@ design batch.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import weakref
@@ -44,12 +43,15 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from .bounds.importance import evals_per_chunk, ess_warnings, iwae_bounds
+from .bounds import Bound
+from .bounds.importance import IWAE, evals_per_chunk, ess_warnings
 from .density import ModelDensity
+from .design_density import DesignDensity
 from .density.plates import sample_sites
 from .density.plates import check_declared_batch_dims
-from .estimate import check_method_options, seeded, simulate_and_bound
-from .result import CROSSED, MIResult, require_finite
+from .assessment import assess
+from .estimate import ADVICE, check_method_options, flatten_bound, seeded, simulate_and_bound
+from .result import MIResult, require_finite
 from .distributed import world
 from .weights import leave_one_out_log_ratio_sums, log_mean_exp, log_weight_sums
 
@@ -175,6 +177,7 @@ def eig(
     observation_labels: str | Sequence[str],
     target_labels: str | Sequence[str] | None = None,
     *,
+    bound: Bound | None = None,
     method: str = "iwae",
     proposal: str = "prior",
     batch_dims: int | None = None,
@@ -219,7 +222,9 @@ def eig(
             latent site). The others are nuisance latents ψ, marginalised by
             :func:`nuisance_log_bounds` with ``num_nuisance`` draws per point; then ``method``
             must bound log p(y) per point (``iwae`` or an AIS method).
-        method: a key of :data:`pyro_mi.bounds.METHODS` (default ``"iwae"``).
+        bound: the bound, declared (``IWAE(num_particles=100)``, ``AIS(...)``; :mod:`pyro_mi.bounds`),
+            instead of ``method`` and its options.
+        method: a key of :data:`pyro_mi.bounds.METHODS` (default ``"iwae"``), its options in ``**options``.
         proposal: ``"prior"`` (default, as Pyro's ``nmc_eig``) or ``"guide"`` (a BA-fitted
             encoder per design, ``fit_steps`` steps).
         num_data: N >= 2 simulated experiments per design.
@@ -233,12 +238,10 @@ def eig(
         share_particles: ``iwae`` with the prior proposal only: draw a design's K particles
             once and share them by its N experiments, as ``nmc_eig`` shares its inner samples
             (:func:`_shared_iwae`). The model then runs on K·B draws rather than K·N·B, which is
-            faster where the model's own computation dominates (a linear or logistic model:
-            1.5-1.9 times at N = 3000, K = 100), and each side stays a bound in expectation; but
-            the variance over the shared draws does not fall with N, so at small K it is the
-            less accurate choice (the OED tutorial's model at N = 10^4, K = 10: 0.020 nats mean
-            error against 0.004). Each standard error adds the jackknife variance over the shared
-            draws.
+            faster where the model's own computation dominates, and each side stays a bound in
+            expectation; but the variance over the shared draws does not fall with N, so at small
+            K it is the less accurate choice (measurements: the docs' tuning page). Each standard
+            error adds the jackknife variance over the shared draws.
         vectorize: passed to :class:`~pyro_mi.density.ModelDensity`.
         progress: show progress bars.
         **options: method options (``num_particles``, ``num_steps``, ...).
@@ -261,9 +264,12 @@ def eig(
         if batch_dims is not None:
             raise ValueError("batch_dims applies to a tensor of designs; a list holds single designs")
         return _eig_of_list(list(design), lambda d: eig(
-            model, d, observation_labels, target_labels, method=method, proposal=proposal, batch_dims=1,
+            model, d, observation_labels, target_labels, bound=bound, method=method, proposal=proposal, batch_dims=1,
             num_data=num_data, num_nuisance=num_nuisance, seed=seed, fit_steps=fit_steps, differentiable=differentiable,
             share_particles=share_particles, vectorize=vectorize, progress=progress, **options))
+    if bound is not None:  # the declaration as the shorthand's method and options
+        method, options = flatten_bound(bound, method, options)
+        differentiable = bool(options.pop("differentiable", False)) or differentiable
     if not isinstance(design, torch.Tensor):
         raise TypeError(f"design must be a tensor or a list of tensors, got {type(design).__name__}")
     if design.numel() == 0:
@@ -304,7 +310,7 @@ def eig(
             why = str(e)
     if not together:
         results = [_bound(lambda: _probed(model, ("one", obs, vectorize, *_layout(d)), dict(model_args=(d,)),
-                                          lambda: ModelDensity(model, obs, model_args=(d,), vectorize=vectorize)), 1,
+                                          lambda: DesignDensity(model, obs, model_args=(d,), vectorize=vectorize)), 1,
                           target_labels, num_nuisance, method, proposal, num_data, fit_steps, differentiable,
                           share_particles, progress, seed, options)[0] for d in designs]
     for r in results:
@@ -331,7 +337,7 @@ def _one_by_one_reason(method: str, proposal: str, vectorize: str) -> str | None
 
 #: the densities earlier calls probed, per model and design layout: a design optimisation calls eig hundreds
 #: of times on one model, and what the probe learnt (sites, layout, the way of running a batch, its checks)
-#: holds for every design of one shape (:meth:`ModelDensity.with_values` traces the model once to check)
+#: holds for every design of one shape (:meth:`DesignDensity.with_values` traces the model once to check)
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: layouts kept per model
 _PROBED_PER_MODEL = 8
@@ -341,9 +347,9 @@ def _layout(design: torch.Tensor) -> tuple:
     return tuple(design.shape), design.dtype, design.device
 
 
-def _probed(model: Callable, key: tuple, values: dict, build: Callable[[], ModelDensity]) -> ModelDensity:
+def _probed(model: Callable, key: tuple, values: dict, build: Callable[[], DesignDensity]) -> DesignDensity:
     """The density of ``model`` at ``key`` probed by an earlier call, given the new ``values``
-    (:meth:`ModelDensity.with_values`), or ``build()`` when there is none or its sites differ."""
+    (:meth:`DesignDensity.with_values`), or ``build()`` when there is none or its sites differ."""
     try:
         cache = _PROBED.setdefault(model, {})
     except TypeError:  # a model that takes no weak reference: probe every time
@@ -362,7 +368,7 @@ class _NotTogether(Exception):
     """The design batch does not run as one data plate (the reason)."""
 
 
-def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str]) -> ModelDensity:
+def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str]) -> DesignDensity:
     """The density of B designs x N experiments as one data-plate model: the model run on a
     batch of designs (B, ...), whose design plate then acts as the data plate, with design
     ``i % B`` at data point i (a covariate, see :class:`~pyro_mi.density.ModelDensity`).
@@ -376,7 +382,7 @@ def _designs_density(model: Callable, designs: torch.Tensor, obs: Sequence[str])
         return poutine.condition(model, data=observed)(design)
 
     try:  # the data template: the observations of one run on the batch
-        density = ModelDensity(batched, obs, covariates={"design": designs})
+        density = DesignDensity(batched, obs, covariates={"design": designs})
     except ValueError as e:
         raise _NotTogether(f"the design batch does not run as one data plate ({str(e).splitlines()[0]})") from e
     if density.undeclared:
@@ -411,11 +417,14 @@ def _bound(make_density: Callable[[], ModelDensity], num_designs: int, target_la
                                    differentiable, progress)
         else:
             result = simulate_and_bound(density, method, proposal, None, num_data * num_designs, fit_steps, progress,
-                                        run_options)
+                                        run_options, assessed=False)
             if nuisance:
                 with torch.enable_grad() if differentiable else torch.no_grad():
                     result = _with_nuisance(density, result, targets, nuisance, num_nuisance)
-            results = _split(result, num_designs)
+            # design b's experiments are the points b, b + B, ...; each design's result is judged on its own
+            results = [result.select(slice(b, None, num_designs)) for b in range(num_designs)]
+        for r in results:
+            assess(r, density.mi_ceiling(), ADVICE.get(method, ""))
     for r in results:
         r.settings.update({"proposal": proposal, "seed": seed, "targets": list(targets),
                            "share_particles": share_particles})
@@ -424,11 +433,11 @@ def _bound(make_density: Callable[[], ModelDensity], num_designs: int, target_la
 
 #: the fewest particles shared by a design's experiments: the jackknife over them has K - 2 degrees of freedom
 _SHARED_MIN_PARTICLES = 10
-#: iwae_bounds' default K
-_IWAE_PARTICLES = inspect.signature(iwae_bounds).parameters["num_particles"].default
+#: IWAE's default K
+_IWAE_PARTICLES = IWAE().num_particles
 
 
-def _unshared_reason(density: ModelDensity, nuisance, options: dict) -> str | None:
+def _unshared_reason(density: DesignDensity, nuisance, options: dict) -> str | None:
     """Why IWAE's K particles cannot be shared by a design's experiments (:func:`_shared_iwae`);
     None when they can."""
     K = options.get("num_particles", _IWAE_PARTICLES)
@@ -442,28 +451,6 @@ def _unshared_reason(density: ModelDensity, nuisance, options: dict) -> str | No
     if world()[1] > 1:
         return "under torch.distributed the experiments are shared out in blocks"
     return density.shared_prior_reason()
-
-
-def _split(result: MIResult, num_designs: int) -> list[MIResult]:
-    """The per-design results of a run over B designs, whose data point i has design i % B:
-    per-point values, per-point diagnostics, x and z of each design's points (the joint run's
-    warnings, but a crossing of its sides, which each design checks for itself)."""
-    total = result.num_data
-
-    def rows(v, b):
-        return v[b::num_designs] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == total else v
-
-    return [MIResult(
-        result.method,
-        lower_per_point=rows(result.lower_per_point, b),
-        upper_per_point=rows(result.upper_per_point, b),
-        settings=dict(result.settings),
-        diagnostics={k: rows(v, b) for k, v in result.diagnostics.items()},
-        warnings=[w for w in result.warnings if not w.startswith(CROSSED)],
-        notes=[n for n in result.notes if not n.startswith(CROSSED)],
-        x={k: rows(v, b) for k, v in result.x.items()},
-        z=rows(result.z, b),
-    ) for b in range(num_designs)]
 
 
 def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -> MIResult:
@@ -480,8 +467,8 @@ def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -
         settings={**result.settings, "num_nuisance": num_nuisance, "nuisance": list(nuisance)},
         diagnostics={**result.diagnostics, "log_p_y_theta_lower": lo_yt, "log_p_y_theta_upper": up_yt,
                      "log_p_theta_lower": lo_t, "log_p_theta_upper": up_t},
-        warnings=list(result.warnings),
-        notes=list(result.notes) + [
+        warnings=result.carried()[0],
+        notes=result.carried()[1] + [
             f"nuisance latents {list(nuisance)} are marginalised: lower = importance lower bound on "
             f"log p(y, θ) - EUBO on log p(θ) - {result.method}'s upper bound on log p(y); upper = EUBO on "
             f"log p(y, θ) - importance lower bound on log p(θ) - its lower bound on log p(y), with "
@@ -492,7 +479,7 @@ def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -
     )
 
 
-def _shared_iwae(density: ModelDensity, num_designs: int, num_data: int, num_particles: int,
+def _shared_iwae(density: DesignDensity, num_designs: int, num_data: int, num_particles: int,
                  differentiable: bool, progress: bool) -> list[MIResult]:
     """IWAE's EIG bounds per design with the K prior draws θ_k of a design shared by its N
     simulated experiments (``nmc_eig``'s inner samples), one :class:`MIResult` per design.

@@ -23,12 +23,13 @@ import copy
 import math
 from typing import Callable, Iterable
 
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
 from torch.distributions import constraints
 
-from .density import Data, ModelDensity
+from .density import Data, ModelDensity, site_log_prob
 from .density.plates import sample_sites
 from .training import train
 
@@ -50,6 +51,14 @@ def proposal_for_points(proposal, index: torch.Tensor):
     return sub
 
 
+def log_prob_given(proposal, x: Data) -> Callable:
+    """log q(z|x) of ``proposal`` for a fixed x, as ``f(z (..., N, D), log_prior (..., N)) -> (..., N)``:
+    its ``log_prob_given(x)`` (which may reuse log p(z) or run a network once), else ``log_prob(z, x)``."""
+    if hasattr(proposal, "log_prob_given"):
+        return proposal.log_prob_given(x)
+    return lambda z, log_prior: proposal.log_prob(z, x)
+
+
 class PriorProposal:
     """The model's prior p(z) as a proposal (ignores x).
 
@@ -67,6 +76,10 @@ class PriorProposal:
     def log_prob(self, z: torch.Tensor, x: Data) -> torch.Tensor:
         """log p(z) for packed z (..., N, D) -> (..., N)."""
         return self.density.log_prior(z, x)
+
+    def log_prob_given(self, x: Data) -> Callable:
+        """log q(z|x) for the fixed x: ``f(z, log_prior) -> (..., N)`` (here log p(z) itself)."""
+        return lambda z, log_prior: log_prior
 
     def log_weights(self, x: Data, num_samples: int) -> torch.Tensor:
         """Importance log weights log p(x, z_k) - log p(z_k) = log p(x|z_k) of K fresh draws: (K, N)."""
@@ -221,6 +234,10 @@ class GuideDensity:
         lq = d.per_point_log_prob(trace, [s.name for s in d.latent_sites], zz.shape[0], N) + ldj
         return lq.reshape(lead + (N,))
 
+    def log_prob_given(self, x: Data) -> Callable:
+        """log q(z|x) for the fixed x: ``f(z, log_prior) -> (..., N)`` (a guide trace per call)."""
+        return lambda z, log_prior: self.log_prob(z, x)
+
     def parameters(self) -> list[torch.Tensor]:
         """The guide's Pyro parameters (unconstrained), for :func:`fit_guide`."""
         with torch.random.fork_rng(), torch.no_grad():
@@ -306,6 +323,14 @@ class GaussianEncoder(nn.Module):
         """log q(z|x) for z (..., N, D) -> (..., N), nats. ``log_prior``: log p(z) at z, if already
         computed (the mixture's prior component; one model run otherwise)."""
         return self.mix(self.normal_log_prob(z, *self(x)), z, x, log_prior)
+
+    def log_prob_given(self, x: Data) -> Callable:
+        """log q(z|x) for the fixed x: ``f(z, log_prior) -> (..., N)``, the network run once here (x does
+        not change along an annealing path) and the mixture's prior component read from ``log_prior``."""
+        with torch.no_grad():
+            mu, sigma = self(x)
+        q = dist.Normal(mu, sigma, validate_args=False).to_event(1)
+        return lambda z, log_prior: self.mix(site_log_prob(q, z), z, x, log_prior)
 
     def mix(self, log_gaussian: torch.Tensor, z: torch.Tensor, x: Data, log_prior=None) -> torch.Tensor:
         """The mixture's log density from its Gaussian component's, (..., N)."""

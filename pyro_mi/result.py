@@ -13,6 +13,8 @@ SANDWICH_WORDS = "bounds on the MI of these {n} simulated points"
 INTERVAL_WORDS = "95% interval for the model's MI"
 #: how the warning of crossed sides begins
 CROSSED = "the sides crossed"
+#: diagnostics that list point indices (renumbered by :meth:`MIResult.select`)
+POINT_INDEX_KEYS = ("refined_points", "dominant_points")
 
 
 def mean_and_stderr(values: torch.Tensor | None) -> tuple[float | None, float | None]:
@@ -88,7 +90,9 @@ class MIResult:
         lower_per_point, upper_per_point: per-data-point values, shape (N,).
         num_data: N, the number of data points (x, z) ~ p(x, z) averaged over.
         settings: the run's settings (num_particles, num_steps, ...).
-        diagnostics: method-specific statistics (chain statistics, fitted-guide losses, ...).
+        diagnostics: method-specific statistics (chain statistics, fitted-guide losses, ...); a
+            per-point one is a tensor whose last axis is the points (N), or a list of point indices
+            under a key of :data:`POINT_INDEX_KEYS`.
         warnings: reasons why a number may be loose or wrong (divergent chains, low ESS,
             crossed sides, approximate modes); empty when there are none.
         notes: conditions under which a side is a bound, where it is not one unconditionally
@@ -124,6 +128,9 @@ class MIResult:
     ceiling: float | None = None
     write_errors: list[str] = field(default_factory=list)
     rerun: Callable[..., "MIResult"] | None = field(default=None, repr=False, compare=False)
+    #: the warnings and notes this result derived from its own sides (a crossing), which a result of
+    #: some of its points (:meth:`select`) judges afresh
+    derived: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.lower, self.lower_stderr = mean_and_stderr(self.lower_per_point)
@@ -133,16 +140,60 @@ class MIResult:
         if self.gap is not None and self.gap < 0:
             se = mean_and_stderr(self.upper_per_point - self.lower_per_point)[1]
             if -self.gap <= 2 * se:
-                self.notes.append(
+                said = self.notes
+                said.append(
                     f"{CROSSED} by {-self.gap:.3g} nats, within 2 standard errors of their paired difference "
                     f"({se:.2g}): Monte-Carlo noise (each side is a bound in expectation over its own draws); the "
                     "sandwich has closed")
             else:
-                self.warnings.append(
+                said = self.warnings
+                said.append(
                     f"{CROSSED}: lower exceeds upper by {-self.gap:.3g} nats, more than 2 standard errors of their "
                     f"paired difference ({se:.2g}): a side is not a bound here (an approximate mode, or a proposal "
                     "that depends on the simulated latents)"
                 )
+            self.derived.append(said[-1])
+
+    def carried(self) -> tuple[list[str], list[str]]:
+        """The warnings and notes that a result built from this one's points carries over: all but
+        those this result derived from its own sides (:attr:`derived`), which a new result judges
+        for itself."""
+        return ([w for w in self.warnings if w not in self.derived], [n for n in self.notes if n not in self.derived])
+
+    def select(self, index: torch.Tensor | slice) -> "MIResult":
+        """The result of some of the points: ``index`` (a slice, or a LongTensor of point indices)
+        applied to the per-point values, x, z and every per-point diagnostic (by the contract of
+        :attr:`diagnostics`: a tensor whose last axis is the points, or a list of point indices under
+        a key of :data:`POINT_INDEX_KEYS`, renumbered); its means, standard errors and crossing are
+        its own, and it carries the other warnings and notes (:meth:`carried`).
+
+        Raises:
+            ValueError: a result without per-point values.
+        """
+        N = self.num_data
+        if not N:
+            raise ValueError(f"result of method {self.method!r} has no per-point values to select from")
+        rows = torch.arange(N)[index]
+
+        def take(v):
+            return v[..., index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[-1] == N else v
+
+        renumber = {int(i): j for j, i in enumerate(rows)}
+        diagnostics = {k: [renumber[i] for i in v if i in renumber] if k in POINT_INDEX_KEYS else take(v)
+                       for k, v in self.diagnostics.items()}
+        warnings, notes = self.carried()
+        return MIResult(
+            self.method,
+            lower_per_point=take(self.lower_per_point),
+            upper_per_point=take(self.upper_per_point),
+            settings=dict(self.settings),
+            diagnostics=diagnostics,
+            warnings=warnings,
+            notes=notes,
+            x=None if self.x is None else {k: v[index] for k, v in self.x.items()},
+            z=None if self.z is None else self.z[index],
+            true_mi=self.true_mi,
+        )
 
     @property
     def gap(self) -> float | None:

@@ -14,6 +14,7 @@ no part in training or early stopping.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bounds.dual import CRITICS, DUAL_METHODS, NEGATIVES, PREPROCESS, fit_dual_bound
+from .bounds.dual import DUAL_METHODS, DualBound
 from .result import MIResult
 
 __all__ = ["as_sample_tensors", "estimate_mi_samples", "load_npz"]
@@ -99,6 +100,7 @@ def estimate_mi_samples(
     z: Any,
     method: str = "mine",
     *,
+    bound: DualBound | None = None,
     seed: int | None = 0,
     progress: bool = True,
     **options,
@@ -111,10 +113,12 @@ def estimate_mi_samples(
         method: ``"mine"`` (Donsker–Varadhan with the moving-average gradient,
             Belghazi et al. 2018), ``"mine-f"``, ``"nwj"``, ``"infonce"`` or ``"xi"``
             (the ξ-bound, ξ fixed with ``xi=...`` or optimised).
+        bound: the bound declared (:class:`~pyro_mi.bounds.dual.DualBound`), instead of ``method``
+            and ``options``.
         seed: seeds torch for the split, the critic's initialisation and the
             minibatches (None leaves the RNG alone).
         progress: show a progress bar.
-        **options: passed to :func:`pyro_mi.bounds.dual.fit_dual_bound`:
+        **options: the fields of :class:`~pyro_mi.bounds.dual.DualBound`:
             ``max_steps`` (5000), ``batch_size`` (256), ``lr`` (1e-3),
             ``negatives`` ("shuffle" | "all"), ``xi``, ``critic`` (a module, "auto", "joint" or
             "separable"), ``hidden_sizes``, ``preprocess`` ("robust", "standardize",
@@ -134,13 +138,15 @@ def estimate_mi_samples(
             fewer than :data:`~pyro_mi.bounds.dual.MIN_TEST_SAMPLES` (100) test
             samples: with the default test fraction 0.2, n must be at least 500 (250 for InfoNCE).
     """
-    if method not in DUAL_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DUAL_METHODS)}")
+    if bound is None:
+        bound = DualBound(method, **options)
+    elif not isinstance(bound, DualBound) or method != "mine" or options:
+        raise ValueError("give the bound declared (bound=DualBound(...)) or by method and options, not both")
     start = time.perf_counter()
     xt, zt = as_sample_tensors(x, z)
     if seed is not None:
         torch.manual_seed(seed)
-    result = fit_dual_bound(xt, zt, method, progress=progress, **options)
+    result = bound.fit(xt, zt, progress=progress)
     result.settings["seed"] = seed
     result.seconds = time.perf_counter() - start
     return result
@@ -180,26 +186,10 @@ def load_npz(path: str | Path, x_key: str = "x", z_key: str = "z") -> tuple[np.n
 
 def _run_estimate_samples(args: argparse.Namespace) -> MIResult:
     x, z = load_npz(args.file, args.x_key, args.z_key)
-    options = {
-        k: v
-        for k, v in dict(
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            negatives=args.negatives,
-            xi=args.xi,
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            critic=args.critic,
-            preprocess=args.preprocess,
-            patience=args.patience,
-        ).items()
-        if v is not None
-    }
-    if args.xi is not None and args.method != "xi":
-        raise ValueError(f"--xi is only used with --method xi (got --method {args.method})")
-    if args.negatives is not None and args.method == "infonce":
-        raise ValueError("--negatives does not apply to --method infonce (it scores all pairs of its batch)")
+    from .cli import given_options
+
+    flags = ["--" + name.replace("_", "-") for name in _FLAGS]
+    options = given_options(args.method, args, flags, DualBound.options_of(args.method))
     result = estimate_mi_samples(
         x, z, args.method, seed=args.seed,
         progress=not args.json and not args.no_progress and sys.stderr.isatty(), **options,
@@ -254,6 +244,10 @@ class _SamplesResult:
         return "\n".join(rows)
 
 
+#: the flags of ``estimate-samples``: the fields of :class:`DualBound` with command-line metadata
+_FLAGS = {f.name: f for f in dataclasses.fields(DualBound) if "cli" in f.metadata}
+
+
 def add_estimate_samples_command(subparsers) -> None:
     """Registers ``pyro-mi estimate-samples FILE.npz ...`` (see :mod:`pyro_mi.cli`)."""
     p = subparsers.add_parser(
@@ -266,18 +260,8 @@ def add_estimate_samples_command(subparsers) -> None:
     p.add_argument("--x-key", default="x", help="name of the x array in the file (default x)")
     p.add_argument("--z-key", default="z", help="name of the z array in the file (default z)")
     p.add_argument("--method", default="mine", choices=DUAL_METHODS)
-    p.add_argument("--max-steps", type=int, help="maximum training steps (default 5000)")
-    p.add_argument("--batch-size", type=int, help="minibatch size B; InfoNCE's K (default 256)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--negatives", choices=NEGATIVES, help="negative pairs in training (default shuffle)")
-    p.add_argument("--xi", type=float, help="fixed xi for --method xi (default: optimised jointly)")
-    p.add_argument("--critic", choices=CRITICS, help="critic: an MLP on [x, z], f(x)ᵀg(z), or auto: both, the one with the "
-                   "higher validation bound kept (default: auto for infonce, joint for the others)")
-    p.add_argument("--preprocess", choices=PREPROCESS,
-                   help="strictly increasing per-coordinate map of x and z before training (default robust)")
-    p.add_argument("--patience", type=int, help="epochs without a better validation bound before stopping (default 20)")
-    p.add_argument("--val-fraction", type=float, help="fraction held out for early stopping (default 0.2; infonce 0.1)")
-    p.add_argument("--test-fraction", type=float, help="fraction held out for the reported bound (default 0.2; infonce 0.4)")
+    for name, f in _FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), **f.metadata["cli"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true")

@@ -166,39 +166,19 @@ def train(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max_steps)
     elif lr_schedule == "plateau" and validate is not None:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=max(1, patience // 3))
-    cuda = params[0].device if params[0].device.type == "cuda" else None
-
-    def rng_state():
-        return torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None
-
-    saved = checkpoint.payload if checkpoint is not None else None
-    state = {"bad_evals": 0, "pending": False, "best": None}
+    run = _Resumable(checkpoint, modules, opt, sched, params[0].device, checkpoint_every)
+    stopping = _EarlyStopping(modules, validate, patience, min_delta, eval_every)
     values: list[torch.Tensor] = []
+    saved = run.restore()
     if saved is not None:
-        for m, s in zip(modules, saved["modules"]):
-            m.load_state_dict(s)
-        # the random stream continues from where the saved run was, finished or not
-        torch.set_rng_state(saved["rng"][0])
-        if cuda is not None:
-            torch.cuda.set_rng_state(saved["rng"][1], cuda)
         if saved["done"]:
             return saved["log"]
-        opt.load_state_dict(saved["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(saved["scheduler"])
-        log, state, values = saved["log"], saved["state"], saved["values"]
-    elif validate is not None:
-        state["best"] = [copy.deepcopy(m.state_dict()) for m in modules]
-        log.best_value = _evaluate(modules, validate)
-        log.validation.append((0, log.best_value))
+        log, stopping.state, values = saved["log"], saved["state"], saved["values"]
+    else:
+        stopping.start(log)
 
     def save(done: bool, rng=None) -> None:
-        if checkpoint is not None:
-            checkpoint.save({
-                "done": done, "log": log, "modules": [m.state_dict() for m in modules], "state": state,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-                "values": values, "rng": rng or rng_state(),
-            })
+        run.save({"done": done, "log": log, "state": stopping.state, "values": values}, rng)
 
     def evaluate(step: int) -> bool:
         """The checks after an evaluation step; True when early stopping ends the run."""
@@ -207,31 +187,16 @@ def train(
             raise ValueError(
                 f"{desc}: the training objective became non-finite near step {step}; try a smaller lr or a smaller critic"
             )
-        if validate is None:
-            return False
-        score = _evaluate(modules, validate)
-        log.validation.append((step, score))
-        bar.set_postfix(val=f"{score:.3f}", best=f"{log.best_value:.3f}")
-        if math.isfinite(score) and (not math.isfinite(log.best_value) or score > log.best_value):
-            # any gain keeps the parameters; only a gain above min_delta renews the patience
-            gain = score - log.best_value if math.isfinite(log.best_value) else math.inf
-            state["bad_evals"] = 0 if gain > min_delta else state["bad_evals"] + 1
-            log.best_value, log.best_step = score, step
-            state["best"] = [copy.deepcopy(m.state_dict()) for m in modules]
-        else:
-            state["bad_evals"] += 1
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        stop = stopping.update(step, log, bar)
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and validate is not None:
+            score = log.validation[-1][1]
             sched.step(score if math.isfinite(score) else -math.inf)
-        if state["bad_evals"] >= patience:
-            better = f"better by over {min_delta:g}" if min_delta else "better"
-            log.stop_reason = (f"patience: no {better} validation score in {patience} evaluations "
-                               f"({patience * eval_every} steps) after step {log.best_step}")
-            return True
-        return False
+        return stop
 
     bar = tqdm(range(log.steps + 1, max_steps + 1), desc=desc, disable=not progress, leave=False,
                initial=log.steps, total=max_steps)
-    last_save, phase, step_rng = time.monotonic(), "done", None
+    phase, step_rng = "done", None
+    state = stopping.state
     try:
         # A resumed run first finishes the evaluation that the interruption cut short.
         stop = state["pending"] and evaluate(log.steps)
@@ -240,7 +205,7 @@ def train(
         for step in ([] if stop else bar):
             # phases, so that an interruption saves a consistent state: before the update, the state
             # of the step's start; after it, the state of its end (with its evaluation pending)
-            phase, step_rng = "draw", rng_state()
+            phase, step_rng = "draw", run.rng_state()
             value = objective(step)
             opt.zero_grad(set_to_none=True)
             (-value).backward()
@@ -260,9 +225,8 @@ def train(
                 if stop:
                     log.stopped_early = True
                     break
-            if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+            if run.due():
                 save(False)
-                last_save = time.monotonic()
     except KeyboardInterrupt:
         if phase == "draw":
             save(False, step_rng)
@@ -280,6 +244,95 @@ def train(
         log.best_step = log.steps
     save(True)
     return log
+
+
+class _EarlyStopping:
+    """Early stopping on a validation score to maximise: keeps the parameters of the best score (any
+    gain), counts the evaluations without a gain above ``min_delta``, and stops after ``patience`` of
+    them. Its :attr:`state` (``bad_evals``, ``pending``: an evaluation cut short, ``best``: the kept
+    state_dicts) is what a checkpoint saves."""
+
+    def __init__(self, modules, validate, patience: int, min_delta: float, eval_every: int):
+        self.modules, self.validate, self.patience, self.min_delta = modules, validate, patience, min_delta
+        self.eval_every = eval_every
+        self.state = {"bad_evals": 0, "pending": False, "best": None}
+
+    def start(self, log: TrainingLog) -> None:
+        """Scores the initial parameters (kept unless training improves on them)."""
+        if self.validate is not None:
+            self.state["best"] = [copy.deepcopy(m.state_dict()) for m in self.modules]
+            log.best_value = _evaluate(self.modules, self.validate)
+            log.validation.append((0, log.best_value))
+
+    def update(self, step: int, log: TrainingLog, bar) -> bool:
+        """Scores the parameters after ``step``; True when training should stop."""
+        if self.validate is None:
+            return False
+        state = self.state
+        score = _evaluate(self.modules, self.validate)
+        log.validation.append((step, score))
+        bar.set_postfix(val=f"{score:.3f}", best=f"{log.best_value:.3f}")
+        if math.isfinite(score) and (not math.isfinite(log.best_value) or score > log.best_value):
+            # any gain keeps the parameters; only a gain above min_delta renews the patience
+            gain = score - log.best_value if math.isfinite(log.best_value) else math.inf
+            state["bad_evals"] = 0 if gain > self.min_delta else state["bad_evals"] + 1
+            log.best_value, log.best_step = score, step
+            state["best"] = [copy.deepcopy(m.state_dict()) for m in self.modules]
+        else:
+            state["bad_evals"] += 1
+        if state["bad_evals"] >= self.patience:
+            better = f"better by over {self.min_delta:g}" if self.min_delta else "better"
+            log.stop_reason = (f"patience: no {better} validation score in {self.patience} evaluations "
+                               f"({self.patience * self.eval_every} steps) after step {log.best_step}")
+            return True
+        return False
+
+
+class _Resumable:
+    """What a training run saves to its checkpoint and restores from it: the parameters, the optimiser
+    and scheduler, the caller's part (log, early-stopping state, objective values) and torch's RNG state,
+    so that a resumed run gives the result of an uninterrupted one."""
+
+    def __init__(self, checkpoint, modules, opt, sched, device: torch.device, every: float):
+        self.checkpoint, self.modules, self.opt, self.sched, self.every = checkpoint, modules, opt, sched, every
+        self.cuda = device if device.type == "cuda" else None
+        self.last = time.monotonic()
+
+    def rng_state(self):
+        """torch's global RNG state (and the parameters' CUDA device's)."""
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
+
+    def restore(self) -> dict | None:
+        """Loads a saved run into the modules, the RNG and (unless it finished) the optimiser and scheduler;
+        returns its payload, or None when there is none."""
+        saved = self.checkpoint.payload if self.checkpoint is not None else None
+        if saved is None:
+            return None
+        for m, s in zip(self.modules, saved["modules"]):
+            m.load_state_dict(s)
+        # the random stream continues from where the saved run was, finished or not
+        torch.set_rng_state(saved["rng"][0])
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(saved["rng"][1], self.cuda)
+        if not saved["done"]:
+            self.opt.load_state_dict(saved["optimizer"])
+            if self.sched is not None:
+                self.sched.load_state_dict(saved["scheduler"])
+        return saved
+
+    def due(self) -> bool:
+        """Whether ``checkpoint_every`` seconds have passed since the last save (False without a checkpoint)."""
+        return self.checkpoint is not None and time.monotonic() - self.last >= self.every
+
+    def save(self, part: dict, rng=None) -> None:
+        """Saves the run with the caller's ``part`` (and ``rng``, else the RNG state now)."""
+        if self.checkpoint is None:
+            return
+        self.checkpoint.save({
+            **part, "modules": [m.state_dict() for m in self.modules], "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None, "rng": rng or self.rng_state(),
+        })
+        self.last = time.monotonic()
 
 
 def _evaluate(modules: Sequence[nn.Module], validate: Callable[[], float]) -> float:

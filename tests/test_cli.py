@@ -123,7 +123,7 @@ def test_a_flag_that_does_not_apply_is_an_error(capsys, model_file, method, flag
     assert err.strip().endswith(f"its flags are: {takes}")
 
 
-def test_method_options_come_from_the_signatures():
+def test_method_options_come_from_the_declarations():
     assert set(method_options("iwae")) == {"num_particles", "points_per_block"}
     assert {"num_particles", "max_steps", "batch_size", "lr"} <= set(method_options("infonce"))
     assert {"num_chains", "num_steps", "adapt", "checkpoint", "save_chains"} <= set(method_options("ais"))

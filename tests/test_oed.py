@@ -14,6 +14,7 @@ from pyro.contrib.oed import glmm
 
 import pyro_mi
 from pyro_mi.oed import design_batch_shape
+from pyro_mi.design_density import DesignDensity
 
 COEF_SD = torch.tensor([1.0, 0.5])
 
@@ -92,7 +93,7 @@ def test_shared_prior_draws_score_every_experiment():
     at each (y_i, θ_k), for a design batch (row i % B) and for one design."""
     X = designs()
     batch = pyro_mi.oed._designs_density(linear_model(), X, ("y",))
-    one = pyro_mi.density.ModelDensity(linear_model(), "y", model_args=(X[1],))
+    one = DesignDensity(linear_model(), "y", model_args=(X[1],))
     for density, rows in ((batch, X), (one, X[1:2])):
         x, _ = density.sample(12)
         log_lik, z = density.shared_prior_likelihood(7)
@@ -109,7 +110,7 @@ def test_shared_prior_draws_score_every_experiment():
         pyro.sample("y2", dist.Normal(linear_model()(design).sum(-1), 1.0))
 
     for model, obs in ((late, "y"), (two, ("y", "y2"))):
-        density = pyro_mi.density.ModelDensity(model, obs, model_args=(X[0],))
+        density = DesignDensity(model, obs, model_args=(X[0],))
         assert "one observed site, sampled after every other site" in density.shared_prior_reason()
         with pytest.raises(ValueError, match="cannot be shared"):
             density.shared_prior_likelihood(3)
@@ -323,7 +324,7 @@ def test_pyro_oed_tutorial_model_runs_unchanged():
 
 def test_a_probed_model_is_not_probed_again_and_gives_the_same_numbers(monkeypatch):
     """A second call on the same model with designs of the same shape reuses the first call's probe
-    (ModelDensity.with_values) and gives what a fresh probe gives, bit for bit; a model whose sites
+    (DesignDensity.with_values) and gives what a fresh probe gives, bit for bit; a model whose sites
     change with the design's values is probed anew."""
     from pyro_mi import oed
     from pyro_mi.density import ModelDensity
@@ -374,3 +375,32 @@ def test_a_list_of_designs_of_different_shapes_runs_in_one_call():
         pyro_mi.eig(model, [short[0], "x"], "y")
     with pytest.raises(ValueError, match="batch_dims"):
         pyro_mi.eig(model, mixed, "y", batch_dims=1)
+
+
+def test_each_design_result_holds_its_own_points_and_is_judged_alone():
+    """A design batch runs as one bound over B·N points; each design's result is made of its own
+    points (MIResult.select): its per-point diagnostics (point axis last) and point indices are its
+    own, and its warnings are judged on its points (assess per design)."""
+    X = designs()
+    r = pyro_mi.eig(linear_model(), X, "y", method="ais", num_data=16, num_chains=2, num_steps=10)
+    for b, res in enumerate(r.results):
+        assert res.num_data == 16 and res.z.shape[0] == 16
+        assert res.diagnostics["log_weights_forward"].shape[-1] == 16
+        assert res.diagnostics["step_sizes"].shape[-1] == 16
+        assert all(0 <= i < 16 for i in res.diagnostics.get("refined_points", []))
+        assert res.ceiling is None and float(res.lower_per_point.mean()) == pytest.approx(float(r.lower[b]))
+
+
+def test_select_renumbers_points_and_judges_a_crossing_afresh():
+    lower = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 0.5])
+    upper = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5])
+    whole = pyro_mi.MIResult("iwae", lower_per_point=lower, upper_per_point=upper, warnings=["kept"],
+                             diagnostics={"ess_per_point": torch.arange(6.0), "log_w": torch.zeros(3, 6),
+                                          "dominant_points": [1, 2], "ess": 2.0})
+    assert whole.gap == 0 and not whole.derived
+    odd = whole.select(torch.tensor([1, 3, 5]))  # lower 1 > upper 0 at points 1 and 3: a crossing of their own
+    assert torch.equal(odd.diagnostics["ess_per_point"], torch.tensor([1.0, 3.0, 5.0]))
+    assert odd.diagnostics["log_w"].shape == (3, 3) and odd.diagnostics["dominant_points"] == [0]
+    assert odd.warnings[0] == "kept" and odd.derived and odd.derived[0] in odd.notes + odd.warnings
+    again = odd.select(torch.tensor([1, 2]))  # points 3 and 5 of the whole: a crossing is not carried
+    assert not any(d in again.warnings + again.notes for d in odd.derived)

@@ -90,7 +90,7 @@ def test_cli_keys_table_and_xi(files, capsys):
         ("short", [], "too few samples"),
         ("keys", [], "has no array 'x'"),
         ("gauss", ["--z-key", "codes"], "its arrays are: x, z"),
-        ("gauss", ["--method", "mine", "--xi", "0.5"], "--xi is only used with --method xi"),
+        ("gauss", ["--method", "mine", "--xi", "0.5"], "--xi does not apply to --method mine"),
     ],
 )
 def test_cli_bad_input_messages(files, capsys, name, args, message):

@@ -31,7 +31,6 @@ a loose bound's violation is many se negative.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import NamedTuple
 
@@ -40,7 +39,7 @@ import pytest
 import torch
 
 from models import EXACT_MODELS
-from pyro_mi.bounds import METHODS
+from pyro_mi.bounds import METHODS, bound_class
 from pyro_mi.density import ModelDensity
 from pyro_mi.proposal import GaussianEncoder, PriorProposal, fit_guide
 
@@ -86,11 +85,9 @@ def simulated(model_name: str, proposal: str):
 
 
 def _default_num_steps(method: str):
-    """The default T of an AIS method, read from its signature (None if it has none)."""
-    param = inspect.signature(METHODS[method]).parameters.get("num_steps")
-    if param is None or param.default is inspect.Parameter.empty:
-        return None
-    return param.default
+    """The default T of an AIS method, read from its declaration (None if it has none)."""
+    f = bound_class(method).option_fields().get("num_steps")
+    return None if f is None else f.default
 
 
 class Run(NamedTuple):

@@ -36,28 +36,24 @@ bounds are approximate and the result says so.
 from __future__ import annotations
 
 import math
-import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import pyro
-import pyro.distributions as dist
 import torch
 
 from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
-from ..density import Data, ModelDensity, site_log_prob
-from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng
-from ..proposal import GaussianEncoder, GuideDensity, PriorProposal, proposal_for_points, proposal_from_point
+from ..density import Data, ModelDensity
+from ..distributed import POINTS_PER_BLOCK, block_seed, map_blocks
+from ..proposal import GuideDensity, PriorProposal, log_prob_given, proposal_for_points, proposal_from_point
 from ..recording import ChainRecorder, ChainSummary, ProgressBar
 from ..result import MIResult, finite_side, require_finite
-from ..samplers import StepSizeAdapter, anneal, freeze, get_schedule, hmc, pilot_step_sizes
-from ..samplers.compile import COMPILE_MODES, compile_components, resolve_mode
+from ..runtime import RUNTIME_FIELDS, ChainRunner, Runtime, cli
+from ..samplers import OnlineAdapter, get_schedule, pilot_step_sizes
+from ..samplers.compile import compile_components, resolve_mode
 from ..weights import importance_ess, log_mean_exp
+from .declaration import Bound, check_positive_int
 
-#: default settings of the AIS methods. K is small because the interval for the model's MI is
-#: set mostly by the number of data points, not by the gap: at equal seconds, N = 1024 points with
-#: K = 4 gave a 95% interval 0.42 / 0.53 nats wide on linear-vae / digits-vae, N = 256 with K = 16
-#: 0.82 / 0.77 (README, "Choosing N, K and T")
-DEFAULTS = dict(num_chains=4, num_steps=100, num_leapfrog=2, step_size=0.05, schedule="sigmoid")
 ADAPT_MODES = ("pilot", "online", "none")
 #: default chunk size: at most this many (chain, data point, dim) elements per chunk
 CHUNK_ELEMENTS = 1 << 24
@@ -77,39 +73,19 @@ ESS_WARNING = 1.5
 def components_fn(density: ModelDensity, proposal, x: Data) -> Callable:
     """``z (C, N, D) -> (log pi0(z), log p(x, z))``, each (C, N), for the AIS path.
 
-    pi0 is the prior p(z) for a :class:`~pyro_mi.proposal.PriorProposal` (one model
-    trace per call), else the proposal's ``log_prob(z, x)`` (for a
-    :class:`~pyro_mi.proposal.GaussianEncoder` its network runs once here, since x is
-    fixed along the path, and its mixture's prior component reads log p(z) from the same
-    model trace). Pyro's argument validation is switched off inside, so that
-    a chain stepping into a region of zero density gets -inf (and is rejected)
-    instead of raising.
+    pi0 is the proposal at the fixed x (:func:`~pyro_mi.proposal.log_prob_given`: the prior reads
+    log p(z) from the model trace that gives log p(x, z); a
+    :class:`~pyro_mi.proposal.GaussianEncoder` runs its network once here, since x is fixed along
+    the path). Pyro's argument validation is switched off inside, so that a chain stepping into a
+    region of zero density gets -inf (and is rejected) instead of raising.
     """
     x = density.check_data(x)
-    if isinstance(proposal, PriorProposal):
+    log_q = log_prob_given(proposal, x)
 
-        def components(z):
-            with pyro.validation_enabled(False):
-                lp, ll = density.log_terms(x, z)
-            return lp, lp + ll
-
-    elif type(proposal) is GaussianEncoder:
-        with torch.no_grad():
-            mu, sigma = proposal(x)
-        q = dist.Normal(mu, sigma, validate_args=False).to_event(1)
-
-        def components(z):
-            with pyro.validation_enabled(False):
-                lp, ll = density.log_terms(x, z)
-            return proposal.mix(site_log_prob(q, z), z, x, lp), lp + ll
-
-    else:
-
-        def components(z):
-            with pyro.validation_enabled(False):
-                lp, ll = density.log_terms(x, z)
-                lq = proposal.log_prob(z, x)
-            return lq, lp + ll
+    def components(z):
+        with pyro.validation_enabled(False):
+            lp, ll = density.log_terms(x, z)
+            return log_q(z, lp), lp + ll
 
     return components
 
@@ -144,38 +120,16 @@ def bdmc_log_px(forward: torch.Tensor, reverse: torch.Tensor) -> tuple[torch.Ten
 
 
 # --------------------------------------------------------------------- runner
-class _MeanLogStepSize:
-    """Online mode: sum over forward chains of the log step size used at each transition."""
-
-    def __init__(self):
-        self.data: dict = {}
-
-    def __call__(self, key, state, info) -> None:
-        if info.hmc is None:
-            return
-        d = self.data.setdefault(key, {})
-        d[state.step] = d.get(state.step, 0) + info.step_size.log().sum(0)
-
-    def table(self, num_betas: int, num_chains: int) -> torch.Tensor:
-        T = num_betas - 1
-        sums = [sum(d[j] for d in self.data.values()) / num_chains for j in range(1, T)]
-        return freeze(torch.arange(1, T), torch.stack(sums), num_betas)
-
-
 def run_chains(
     components: Callable,
     draw_pi0: Callable[[int], torch.Tensor],
     z: torch.Tensor,
     betas: torch.Tensor,
+    ais: "AIS",
     *,
     num_forward: int,
     num_reverse: int,
     num_reverse_from_forward: int = 0,
-    num_leapfrog: int,
-    step_size: float,
-    adapt: str = "pilot",
-    pilot_chains: int = 8,
-    pilot_steps: int | None = None,
     seed: int = 0,
     max_chains_per_chunk: int,
     checkpoint: Checkpoint | None = None,
@@ -189,14 +143,11 @@ def run_chains(
     Forward chains start at draws of pi0 (``draw_pi0(n) -> (n, N, D)``), reverse chains
     at the simulated z (N, D) (the posterior sample); ``num_reverse_from_forward``
     further reverse chains start at the final state of the first forward chain (CR-AIS
-    ELBO, eq. 16). Step sizes come from ``adapt`` (see the module docstring). Chains
-    run in sequential chunks of at most ``max_chains_per_chunk``; each chunk's random
-    numbers come from its own generator seeded from (``seed``, job, chunk), so a run is
-    reproducible and a resumed run equals the uninterrupted one. Every step is passed to
-    the ``observers`` (``observer(key, state, info)``, ``key = (job, chunk, block)``); with
-    ``checkpoint`` (a part of the run's file), progress (and the observers' ``data`` of this
-    ``block``) is saved every ``checkpoint_every`` seconds, on KeyboardInterrupt and at the
-    end, and a run with the same checkpoint resumes it or returns the saved outputs.
+    ELBO, eq. 16). ``ais`` gives L, the step size and its adaptation (``adapt``, see the module
+    docstring; its K, T and schedule are the caller's, in the counts and ``betas``). The chains
+    run on a :class:`~pyro_mi.runtime.ChainRunner` (chunks of at most ``max_chains_per_chunk``,
+    random numbers from ``seed``, ``observers``, the ``checkpoint`` part it saves to and resumes
+    from), which also keeps the frozen step sizes.
 
     Returns:
         dict with ``forward`` (num_forward, N), ``reverse`` (num_reverse, N) and
@@ -205,121 +156,33 @@ def run_chains(
         chains used), ``keys`` (the chunks of the bound-bearing chains) and ``posterior``
         (``{key: draws}`` of the chunks with forward chains, with ``posterior_draws``).
     """
-    N, D = z.shape
+    N = z.shape[0]
     T = betas.numel() - 1
-    payload = (checkpoint.payload if checkpoint is not None else None) or {"completed": {}, "current": None}
-    observers = tuple(observers)
-    for i, obs in enumerate(observers):
-        if hasattr(obs, "data") and "observers" in payload:
-            obs.data.update(payload["observers"][i] or {})
-    last = {"save": time.monotonic()}
-
-    def save() -> None:
-        payload["observers"] = [{k: v for k, v in o.data.items() if k[-1] == block} if hasattr(o, "data") else None
-                                for o in observers]
-        current = payload["current"]
-        payload["progress"] = (bool(payload.get("done")), len(payload["completed"]),
-                               current[1].step if current is not None else -1)
-        checkpoint.save(payload)
-        last["save"] = time.monotonic()
-
-    def run_job(name: str, inits: list, step_sizes, adapter=None, extra=()) -> list:
-        """inits: [(kind, start z (N, D) or None, count)]; returns the chunks' outputs."""
-        flat = [(kind, start) for kind, start, count in inits for _ in range(count)]
-        outs = []
-        for c, lo in enumerate(range(0, len(flat), max_chains_per_chunk)):
-            key = (name, c, block)
-            if key in payload["completed"]:
-                outs.append(payload["completed"][key])
-                continue
-            part = flat[lo : lo + max_chains_per_chunk]
-            reverse = torch.tensor([kind == "rev" for kind, _ in part], device=z.device)
-            gen = torch.Generator(device=z.device)
-            current = payload["current"]
-            if current is not None and current[0] == key:
-                state, z_init = current[1], current[1].hmc.z
-                gen.set_state(current[2])
-            else:
-                state = None
-                gen.manual_seed(block_seed(seed, name, c))
-                n_fwd = int((~reverse).sum())
-                with torch.no_grad(), seeded_global_rng(block_seed(seed, name, c, "pi0"), z.device):
-                    z_f = draw_pi0(n_fwd) if n_fwd else z.new_zeros(0, N, D)
-                z_r = [start.unsqueeze(0) for kind, start in part if kind == "rev"]
-                z_init = torch.cat([z_f] + z_r, 0)  # ``flat`` lists a job's forward chains first
-
-            def on_step(st, info, key=key, gen=gen):
-                payload["current"] = (key, st, gen.get_state())
-                for obs in extra + observers:
-                    obs(key, st, info)
-                if checkpoint is not None and time.monotonic() - last["save"] >= checkpoint_every:
-                    save()
-
-            with torch.no_grad():
-                final = anneal(components, z_init, reverse, betas, step_sizes, num_leapfrog, gen,
-                               adapter=adapter, state=state, on_step=on_step)
-            fwd_idx = (~reverse).nonzero()
-            out = {
-                "log_weights": final.log_weights,
-                "reverse": reverse,
-                "first_forward": final.hmc.z[int(fwd_idx[0])] if fwd_idx.numel() else None,
-            }
-            if posterior_draws and fwd_idx.numel():
-                out["posterior"] = posterior_draws_of(components, final, ~reverse, posterior_draws, num_leapfrog, gen)
-            payload["completed"][key] = out
-            payload["current"] = None
-            outs.append(out)
-        return outs
-
-    try:
+    runner = ChainRunner(components, draw_pi0, z, betas, ais.num_leapfrog, seed=seed,
+                         max_chains_per_chunk=max_chains_per_chunk, checkpoint=checkpoint,
+                         checkpoint_every=checkpoint_every, observers=observers, block=block,
+                         posterior_draws=posterior_draws)
+    payload = runner.payload
+    with runner:
         table = payload.get("step_sizes")
-        if adapt == "pilot" and table is None:
-            gen = torch.Generator(device=z.device).manual_seed(block_seed(seed, "pilot"))
-            with torch.no_grad(), seeded_global_rng(block_seed(seed, "pilot", "pi0"), z.device):
-                z_p = draw_pi0(pilot_chains)
-            bars = [o for o in observers if isinstance(o, ProgressBar)]  # the pilot is shown, not recorded
-
-            def pilot_step(st, info):
-                for bar in bars:
-                    bar(("pilot", 0, block), st, info)
-
-            table, pilot_weights = pilot_step_sizes(components, z_p, betas, step_size, num_leapfrog, gen,
-                                                    num_pilot_steps=pilot_steps, on_step=pilot_step,
-                                                    return_weights=True)
-            # how far the pilot ended from each point's target: the Jensen gap of its log weights
-            gap = log_mean_exp(pilot_weights, 0) - pilot_weights.mean(0)
-            payload["pilot_gap"] = torch.nan_to_num(gap, nan=math.inf)
-        elif adapt == "none":
-            table = z.new_full((T + 1, N), float(step_size))
+        if ais.adapt == "pilot" and table is None:
+            table, payload["pilot_gap"] = _pilot(runner, ais)
+        elif ais.adapt == "none":
+            table = z.new_full((T + 1, N), float(ais.step_size))
         payload["step_sizes"] = table
-        if adapt == "online":
-            mean_eps = payload.setdefault("mean_log_step_size", _MeanLogStepSize())
-            adapter = StepSizeAdapter("multiplicative", 1.02)
-            main = run_job("main", [("fwd", None, num_forward)], step_size, adapter, extra=(mean_eps,))
-            table = payload["step_sizes"] = mean_eps.table(T + 1, num_forward) if T > 1 else z.new_full(
-                (T + 1, N), float(step_size))
-            main += run_job("rev", [("rev", z, num_reverse)], table)
+        if ais.adapt == "online":
+            online = payload.setdefault("mean_log_step_size", OnlineAdapter())
+            main = runner.job("main", [("fwd", None, num_forward)], online.init(ais.step_size), online.rule,
+                              extra=(online,))
+            table = payload["step_sizes"] = online.final(T + 1, num_forward) if T > 1 else z.new_full(
+                (T + 1, N), float(ais.step_size))
+            main += runner.job("rev", [("rev", z, num_reverse)], table)
         else:
-            main = run_job("main", [("fwd", None, num_forward), ("rev", z, num_reverse)], table)
+            main = runner.job("main", [("fwd", None, num_forward), ("rev", z, num_reverse)], table)
         cr = []
         if num_reverse_from_forward > 0:
             start = next(o["first_forward"] for o in main if o["first_forward"] is not None)
-            cr = run_job("cr", [("rev", start, num_reverse_from_forward)], table)
-    except KeyboardInterrupt:
-        if checkpoint is not None:
-            save()
-            checkpoint.release()
-        raise
-    except BaseException:
-        if checkpoint is not None:
-            checkpoint.release()
-        raise
-    if checkpoint is not None:
-        payload["done"] = True
-        try:
-            save()
-        except ValueError:  # the disk filled at the end: the results are in hand, the file keeps its last save
-            pass
+            cr = runner.job("cr", [("rev", start, num_reverse_from_forward)], table)
 
     def split(outs):
         lw = torch.cat([o["log_weights"] for o in outs], 0)
@@ -335,54 +198,34 @@ def run_chains(
             "posterior": {k: payload["completed"][k]["posterior"] for k in keys if "posterior" in payload["completed"][k]}}
 
 
-def posterior_draws_of(components: Callable, final, forward: torch.Tensor, num_draws: int, num_leapfrog: int,
-                       generator: torch.Generator) -> dict:
-    """``num_draws`` HMC transitions at beta = 1 of the ``forward`` chains of a finished chunk (``final``,
-    an AISState), at the step size each used last: ``{"z": (M, C_fwd, N, D), "accept_prob", "diverging",
-    "step_size": (M, C_fwd, N)}``. The chains' weights are final; the draws serve diagnostics only."""
-    state = hmc.HMCState(*(t[forward] for t in final.hmc))
-    eps = final.step_size[forward]
-    zs, accept, diverging = [], [], []
-    with torch.no_grad():
-        for _ in range(num_draws):
-            state, info = hmc.step(state, components, 1.0, eps, num_leapfrog, generator)
-            zs.append(state.z)
-            accept.append(info.accept_prob)
-            diverging.append(info.diverging)
-    return {"z": torch.stack(zs), "accept_prob": torch.stack(accept), "diverging": torch.stack(diverging),
-            "step_size": eps.expand(num_draws, *eps.shape).clone()}
+def _pilot(runner: ChainRunner, ais: "AIS") -> tuple[torch.Tensor, torch.Tensor]:
+    """The pilot of ``adapt="pilot"`` (:func:`~pyro_mi.samplers.pilot_step_sizes`) on the runner's
+    points: the frozen step sizes (T + 1, N) and how far the pilot ended from each point's target,
+    the Jensen gap of its log weights (N,) (inf where they are not finite)."""
+    gen = runner.generator("pilot")
+    z_p = runner.draw(ais.num_pilot_chains, "pilot")
+    bars = [o for o in runner.observers if isinstance(o, ProgressBar)]  # the pilot is shown, not recorded
+
+    def pilot_step(st, info):
+        for bar in bars:
+            bar(("pilot", 0, runner.block), st, info)
+
+    table, weights = pilot_step_sizes(runner.components, z_p, runner.betas, ais.step_size, ais.num_leapfrog, gen,
+                                      num_pilot_steps=ais.pilot_steps, on_step=pilot_step, return_weights=True)
+    gap = log_mean_exp(weights, 0) - weights.mean(0)
+    return table, torch.nan_to_num(gap, nan=math.inf)
 
 
 # --------------------------------------------------------------------- bounds
 #: method -> (chain plan for K chains, estimator)
 _PLANS = {
-    "im-ais": (lambda K: dict(num_forward=K, num_reverse=1), lambda r: im_ais_log_px(r["forward"], r["reverse"])),
-    "cr-ais": (
+    "im": (lambda K: dict(num_forward=K, num_reverse=1), lambda r: im_ais_log_px(r["forward"], r["reverse"])),
+    "cr": (
         lambda K: dict(num_forward=1, num_reverse=K, num_reverse_from_forward=K - 1),
         lambda r: cr_ais_log_px(r["forward"], r["reverse"], r["reverse_from_forward"]),
     ),
     "bdmc": (lambda K: dict(num_forward=K, num_reverse=K), lambda r: bdmc_log_px(r["forward"], r["reverse"])),
 }
-_KIND = {"ais": "im-ais", "im-ais": "im-ais", "cr-ais": "cr-ais", "bdmc": "bdmc"}
-
-
-def check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
-                  compile="auto") -> int:
-    """Validates the options; returns the number of pilot chains (default 8)."""
-    if compile not in ("auto",) + COMPILE_MODES:
-        raise ValueError(f"compile must be 'auto' or one of {COMPILE_MODES}, got {compile!r}")
-    if adapt not in ADAPT_MODES:
-        raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
-    if adapt != "pilot" and (pilot_chains is not None or pilot_steps is not None):
-        raise ValueError(f"pilot_chains and pilot_steps apply only to adapt='pilot', not adapt={adapt!r}")
-    pilot_chains = 8 if pilot_chains is None else pilot_chains
-    for name, v in (("num_chains", num_chains), ("num_steps", num_steps), ("num_leapfrog", num_leapfrog),
-                    ("pilot_chains", pilot_chains), ("pilot_steps", 1 if pilot_steps is None else pilot_steps)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf"):
-        raise ValueError(f"step_size must be a positive number, got {step_size!r}")
-    return pilot_chains
 
 
 def proposal_identity(proposal):
@@ -399,7 +242,7 @@ def _chains(constrained: Callable, recorder: ChainRecorder, keys: list, reverse_
     """The recorded chains of the bound-bearing chunks, for :mod:`pyro_mi.diagnostics`: a block's
     chunks side by side on the chain axis, the blocks on the data axis; and the forward chains'
     draws at beta = 1 after the annealing (``posterior``: ``{key: draws}``, see
-    :func:`posterior_draws_of`), joined the same way."""
+    :func:`~pyro_mi.runtime.posterior_draws`), joined the same way."""
     keys = [k for k in keys if k in recorder.data]
     blocks = sorted({k[-1] for k in keys})
     recs = [[recorder.data[k] for k in keys if k[-1] == b] for b in blocks]
@@ -426,44 +269,29 @@ def _chains(constrained: Callable, recorder: ChainRecorder, keys: list, reverse_
 def anneal_log_normalizer(
     path_of: Callable[[int, int], tuple[Callable, Callable]],
     z: torch.Tensor,
+    ais: "AIS",
+    runtime: Runtime,
     *,
-    kind: str,
-    num_chains: int,
-    num_steps: int,
-    num_leapfrog: int,
-    step_size: float,
-    schedule,
-    adapt: str,
-    pilot_chains: int,
-    pilot_steps: int | None,
     seed: int,
     checkpoint,
-    checkpoint_every: float,
-    record: bool,
-    max_chains_per_chunk: int,
-    callback: Callable | None,
-    progress: bool,
     constrained: Callable,
-    compile: str = "auto",
-    points_per_block: int = POINTS_PER_BLOCK,
     gather: bool = True,
 ) -> dict:
     """Multi-sample AIS bounds on log Z(x) = log ∫ gamma(z) dz for every data point.
 
-    The shared engine of the AIS front ends: it runs the chains of estimator ``kind``
-    (``"im-ais"``, ``"cr-ais"`` or ``"bdmc"``, see :data:`_PLANS`) from pi0 to gamma, and
+    The shared engine of the AIS front ends: it runs the chains of ``ais`` (its estimator's,
+    see :data:`_PLANS`) from pi0 to gamma, and
     checks and summarises them. The N points run in blocks of ``points_per_block``
     (:mod:`pyro_mi.distributed`: under ``torch.distributed`` each rank runs its blocks and
     every rank gets all of them; a block's random numbers come from (``seed``, block), so
     the numbers do not depend on the number of processes). ``path_of(lo, hi)`` gives the
     path of the points lo..hi-1: ``(components, draw_pi0)`` with ``components(z) ->
     (log pi0, log gamma)`` and forward chains from ``draw_pi0(n)``; reverse chains start at
-    z (N, D). Other arguments as in :func:`ais_bounds`; ``checkpoint`` is a
-    :class:`~pyro_mi.checkpoint.Checkpoint` (or a part of one) that holds a part per block
-    (the caller finishes it); ``constrained`` maps packed z to constrained sites (for the
-    chain record); ``compile`` says how the kernels evaluate ``components``
-    (:mod:`pyro_mi.samplers.compile`; ``"auto"`` traces long runs); ``gather=False`` runs
-    every block in this process.
+    z (N, D). ``runtime`` is used as it is (its ``max_chains_per_chunk`` and
+    ``points_per_block`` resolved, ``record`` meaning what is kept; the caller writes
+    ``save_chains``); ``checkpoint`` is a :class:`~pyro_mi.checkpoint.Checkpoint` (or a part of
+    one) that holds a part per block (the caller finishes it); ``constrained`` maps packed z to
+    constrained sites (for the chain record); ``gather=False`` runs every block in this process.
 
     Returns:
         dict with ``lower`` and ``upper`` (N,) bounds on log Z(x) (nats; the upper one
@@ -473,37 +301,37 @@ def anneal_log_normalizer(
         the approximate online mode) and ``notes`` (a trace that fell back to eager).
     """
     N, D = z.shape
-    betas = get_schedule(schedule, num_steps)
-    plan, estimator = _PLANS[kind]
+    num_steps, chunk, block_size = ais.num_steps, runtime.max_chains_per_chunk, runtime.points_per_block
+    betas = get_schedule(ais.schedule, num_steps)
+    plan, estimator = _PLANS[ais.estimator]
     summary = ChainSummary()
-    recorder = ChainRecorder(num_steps) if record else None
-    jobs = plan(num_chains)
-    chains = ([jobs["num_forward"], jobs["num_reverse"]] if adapt == "online"
+    recorder = ChainRecorder(num_steps) if runtime.record else None
+    jobs = plan(ais.num_chains)
+    chains = ([jobs["num_forward"], jobs["num_reverse"]] if ais.adapt == "online"
               else [jobs["num_forward"] + jobs["num_reverse"]]) + [jobs.get("num_reverse_from_forward", 0)]
-    steps = sum(-(-c // max_chains_per_chunk) for c in chains if c) * (betas.numel() - 1)
-    bar = ProgressBar(steps * len(range(0, N, points_per_block)), progress)
-    observers = tuple(o for o in (summary, recorder, bar, callback) if o is not None)
+    steps = sum(-(-c // chunk) for c in chains if c) * (betas.numel() - 1)
+    bar = ProgressBar(steps * len(range(0, N, block_size)), runtime.progress)
+    observers = tuple(o for o in (summary, recorder, bar, runtime.callback) if o is not None)
     kept = [o for o in (summary, recorder) if o is not None]  # observers whose records are gathered
-    mode = resolve_mode(compile, num_steps, num_leapfrog)
+    mode = resolve_mode(runtime.compile, num_steps, ais.num_leapfrog)
 
     def run_block(b: int, lo: int, hi: int) -> dict:
         components, draw_pi0 = path_of(lo, hi)
         components = compile_components(components, mode, num_steps)
         with pyro.validation_enabled(False):
             run = run_chains(
-                components, draw_pi0, z[lo:hi], betas, **plan(num_chains), num_leapfrog=num_leapfrog,
-                step_size=step_size, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
-                seed=block_seed(seed, "block", b), max_chains_per_chunk=max_chains_per_chunk,
+                components, draw_pi0, z[lo:hi], betas, ais, **jobs, seed=block_seed(seed, "block", b),
+                max_chains_per_chunk=chunk,
                 checkpoint=checkpoint.section(f"block:{b}") if checkpoint is not None else None,
-                checkpoint_every=checkpoint_every, observers=observers, block=b,
-                posterior_draws=POSTERIOR_DRAWS if record else 0,
+                checkpoint_every=runtime.checkpoint_every, observers=observers, block=b,
+                posterior_draws=POSTERIOR_DRAWS if runtime.record else 0,
             )
         run["records"] = [{k: v for k, v in o.data.items() if k[-1] == b} for o in kept]
         run["notes"] = list(getattr(components, "notices", []))
         return run
 
     try:
-        blocks = map_blocks(run_block, N, points_per_block, device=z.device, gather=gather)
+        blocks = map_blocks(run_block, N, block_size, device=z.device, gather=gather)
     finally:
         bar.close()
     for block in blocks:  # the records of other ranks' blocks
@@ -531,7 +359,7 @@ def anneal_log_normalizer(
     if "pilot_gap" in run:
         diagnostics["pilot_gap"] = run["pilot_gap"]
     warnings = []
-    if adapt == "online":
+    if ais.adapt == "online":
         warnings.append("adapt='online' adapts step sizes along each chain's own path, which biases the AIS "
                         "weights: these bounds are approximate, not guaranteed (adapt='pilot' is exact)")
     for name, what, advice in (
@@ -561,52 +389,20 @@ def anneal_log_normalizer(
             "notes": notes}
 
 
-def _bounds(
-    method: str,
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    *,
-    num_chains: int,
-    num_steps: int,
-    num_leapfrog: int,
-    step_size: float,
-    schedule,
-    adapt: str,
-    pilot_chains: int | None,
-    pilot_steps: int | None,
-    generator: torch.Generator | None,
-    checkpoint,
-    checkpoint_every: float,
-    save_chains,
-    record: bool,
-    max_chains_per_chunk,
-    callback,
-    progress: bool,
-    compile: str,
-    points_per_block: int,
-    refine: float,
-) -> MIResult:
-    check_points_per_block(points_per_block)
-    if isinstance(refine, bool) or not isinstance(refine, (int, float)) or not 0 <= refine <= 1:
-        raise ValueError(f"refine must be a fraction of the points in [0, 1], got {refine!r}")
-    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
-                                 compile)
-    if save_chains is not None:
-        check_output_path(save_chains, "save_chains")
+def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tensor, runtime: Runtime) -> MIResult:
+    """The run of :class:`AIS` (see :meth:`AIS.run`)."""
+    method = ais.name
+    run = resolved(runtime, density, z)
     x = density.check_data(x)
-    seed = int(torch.randint(2**62, (1,), generator=generator))
-    settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-                            pilot_steps, compile)
-    settings["refine"] = refine
-    record = record or save_chains is not None
+    seed = int(torch.randint(2**62, (1,), generator=runtime.generator))
+    settings = ais.settings(runtime.compile)
+    settings["refine"] = ais.refine
     ckpt = None
-    if checkpoint is not None:
-        fp = fingerprint(method, settings, seed, get_schedule(schedule, num_steps), x, z,
+    if runtime.checkpoint is not None:
+        fp = fingerprint(method, settings, seed, get_schedule(ais.schedule, ais.num_steps), x, z,
                          proposal_identity(proposal), density.model, density.model_args, density.model_kwargs,
-                         record, points_per_block)
-        ckpt = Checkpoint(checkpoint, fp)
+                         run.record, run.points_per_block)
+        ckpt = Checkpoint(runtime.checkpoint, fp)
     with torch.no_grad(), pyro.validation_enabled(False):
         log_lik = density.log_terms(x, z)[1]
 
@@ -617,48 +413,45 @@ def _bounds(
 
         return path_of
 
-    run = dict(kind=_KIND[method], num_chains=num_chains, num_leapfrog=num_leapfrog, step_size=step_size,
-               schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, checkpoint_every=checkpoint_every,
-               callback=callback, progress=progress, constrained=density.constrained, compile=compile,
-               points_per_block=points_per_block,
-               max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, min(z.shape[0], points_per_block)))
     with finishing(ckpt):
-        ais = anneal_log_normalizer(paths(density, proposal, x), z, num_steps=num_steps, pilot_steps=pilot_steps,
-                                    seed=seed, checkpoint=ckpt, record=record, **run)
-        index = refined_points(ais["diagnostics"].get("pilot_gap"), refine)
+        out = anneal_log_normalizer(paths(density, proposal, x), z, ais, run, seed=seed, checkpoint=ckpt,
+                                    constrained=density.constrained)
+        index = refined_points(out["diagnostics"].get("pilot_gap"), ais.refine)
         if index is not None:  # the points the pilot found far from their target: rerun with REFINE_FACTOR x T
+            num_steps = ais.num_steps * REFINE_FACTOR
             sub = anneal_log_normalizer(
                 paths(density.for_points(index), proposal_for_points(proposal, index), {k: v[index] for k, v in x.items()}),
-                z[index], num_steps=num_steps * REFINE_FACTOR, pilot_steps=None, seed=block_seed(seed, "refine"),
-                checkpoint=ckpt.section("refine") if ckpt is not None else None, record=False, **run)
-            _replace_points(ais, sub, index)
+                z[index], ais.replace(num_steps=num_steps, pilot_steps=None), run.replace(record=False),
+                seed=block_seed(seed, "refine"), checkpoint=ckpt.section("refine") if ckpt is not None else None,
+                constrained=density.constrained)
+            _replace_points(out, sub, index)
             settings["refined_points"] = int(index.numel())
-            ais["notes"].append(
+            out["notes"].append(
                 f"{index.numel()} of {z.shape[0]} points, those whose pilot ended farthest from their target (a Jensen "
-                f"gap of its log weights above {REFINE_MIN_GAP:g} nats), were rerun with T = {num_steps * REFINE_FACTOR} "
+                f"gap of its log weights above {REFINE_MIN_GAP:g} nats), were rerun with T = {num_steps} "
                 "annealing steps and their first run dropped (the choice depends on x and the pilot only, so every "
                 "bound holds); indices in diagnostics['refined_points']")
-            ais["diagnostics"]["refined_points"] = index.tolist()
-            if record:
-                ais["notes"].append("the recorded chains of the refined points are those of their first run (dropped "
+            out["diagnostics"]["refined_points"] = index.tolist()
+            if run.record:
+                out["notes"].append("the recorded chains of the refined points are those of their first run (dropped "
                                     "from the bounds); their per-point values are the rerun's")
-    elbo, eubo = ais["lower"], ais["upper"]
+    elbo, eubo = out["lower"], out["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik})
     advice = "use a proposal closer to the posterior, or more num_steps"
     lower, no_lower = finite_side(method, "lower", log_lik - eubo, "a reverse chain's weight is infinite", advice)
     upper, no_upper = finite_side(method, "upper", log_lik - elbo, "every forward chain has zero weight", advice)
-    diagnostics = {"log_p_x_lower": elbo, "log_p_x_upper": eubo, **ais["diagnostics"]}
+    diagnostics = {"log_p_x_lower": elbo, "log_p_x_upper": eubo, **out["diagnostics"]}
     draws = diagnostics.get("chains", {}).get("posterior")
     if draws is not None:  # log p(x_i|z) at each posterior draw, for ArviZ's log_likelihood group
         packed = draws.pop("packed")
         with torch.no_grad(), pyro.validation_enabled(False):
             draws["log_likelihood"] = density.log_terms(x, packed)[1]
     result = MIResult(method, lower_per_point=lower, upper_per_point=upper, settings=settings, diagnostics=diagnostics,
-                      warnings=ais["warnings"] + no_lower + no_upper, notes=ais["notes"], x=x, z=z)
-    if save_chains is not None:
+                      warnings=out["warnings"] + no_lower + no_upper, notes=out["notes"], x=x, z=z)
+    if runtime.save_chains is not None:
         from ..diagnostics import write_chains
 
-        write_chains(result, save_chains)
+        write_chains(result, runtime.save_chains)
     return result
 
 
@@ -679,179 +472,180 @@ def refined_points(pilot_gap: torch.Tensor | None, fraction: float) -> torch.Ten
     return index if index.numel() else None
 
 
-def _replace_points(ais: dict, sub: dict, index: torch.Tensor) -> None:
+def _replace_points(out: dict, sub: dict, index: torch.Tensor) -> None:
     """Puts a rerun's per-point bounds and diagnostics (of the points ``index``) in place of the first run's
     (but the step sizes, of another schedule, and the first pilot's gap, which chose the points)."""
     for side in ("lower", "upper"):
-        ais[side] = ais[side].clone()
-        ais[side][index] = sub[side]
-    d, s = ais["diagnostics"], sub["diagnostics"]
+        out[side] = out[side].clone()
+        out[side][index] = sub[side]
+    d, s = out["diagnostics"], sub["diagnostics"]
     for key, v in s.items():
         if isinstance(v, torch.Tensor) and key in d and isinstance(d[key], torch.Tensor) \
                 and key not in ("step_sizes", "pilot_gap") \
-                and v.dim() and d[key].dim() == v.dim() and d[key].shape[-1] == ais["lower"].numel() \
+                and v.dim() and d[key].dim() == v.dim() and d[key].shape[-1] == out["lower"].numel() \
                 and v.shape[:-1] == d[key].shape[:-1]:
             d[key] = d[key].clone()
             d[key][..., index] = v
     d["ess"] = float(d["ess_per_point"].mean())
 
 
-def ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains, pilot_steps,
-                 compile="auto") -> dict:
-    """The AIS settings a result reports (``exact`` is False only for ``adapt="online"``)."""
-    return dict(
-        num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
-        schedule=schedule if isinstance(schedule, str) else "custom", adapt=adapt,
-        pilot_chains=pilot_chains if adapt == "pilot" else None, pilot_steps=pilot_steps, exact=adapt != "online",
-        compile=compile,
-    )
+def resolved(runtime: Runtime, density: ModelDensity, z: torch.Tensor) -> Runtime:
+    """The runtime an AIS run uses: ``save_chains`` checked for writability (and implying ``record``),
+    ``points_per_block`` defaulted to :data:`POINTS_PER_BLOCK` and ``max_chains_per_chunk`` to as many
+    chains as keep a chunk under :data:`CHUNK_ELEMENTS` (chain, point, dim) elements."""
+    if runtime.save_chains is not None:
+        check_output_path(runtime.save_chains, "save_chains")
+    block = runtime.points_per_block or POINTS_PER_BLOCK
+    dim = max(density.latent_dim, density.obs_dim)
+    return runtime.replace(
+        record=runtime.record or runtime.save_chains is not None, points_per_block=block,
+        max_chains_per_chunk=runtime.max_chains_per_chunk or max(1, CHUNK_ELEMENTS // (min(z.shape[0], block) * dim)))
 
 
-def default_chunk(density: ModelDensity, num_data: int) -> int:
-    """Chains per chunk so that a chunk holds at most :data:`CHUNK_ELEMENTS` (chain, point, dim) elements."""
-    return max(1, CHUNK_ELEMENTS // (num_data * max(density.latent_dim, density.obs_dim)))
+#: the estimators of :class:`AIS` and their method names (``"im-ais"`` is a second name of ``"ais"``)
+ESTIMATORS = {"im": "ais", "cr": "cr-ais", "bdmc": "bdmc"}
 
 
-def _make(method: str, doc: str):
-    def bound(
-        density: ModelDensity,
-        proposal,
-        x: Data,
-        z: torch.Tensor,
-        num_chains: int = DEFAULTS["num_chains"],
-        num_steps: int = DEFAULTS["num_steps"],
-        num_leapfrog: int = DEFAULTS["num_leapfrog"],
-        step_size: float = DEFAULTS["step_size"],
-        schedule="sigmoid",
-        *,
-        adapt: str = "pilot",
-        pilot_chains: int | None = None,
-        pilot_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        checkpoint: str | None = None,
-        checkpoint_every: float = 60.0,
-        save_chains: str | None = None,
-        record: bool = False,
-        max_chains_per_chunk: int | None = None,
-        callback: Callable | None = None,
-        progress: bool = True,
-        compile: str = "auto",
-        points_per_block: int = POINTS_PER_BLOCK,
-        refine: float = REFINE,
-    ) -> MIResult:
-        return _bounds(
-            method, density, proposal, x, z, num_chains=num_chains, num_steps=num_steps,
-            num_leapfrog=num_leapfrog, step_size=step_size, schedule=schedule, adapt=adapt,
-            pilot_chains=pilot_chains, pilot_steps=pilot_steps, generator=generator, checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every, save_chains=save_chains, record=record,
-            max_chains_per_chunk=max_chains_per_chunk, callback=callback, progress=progress,
-            compile=compile, points_per_block=points_per_block, refine=refine,
-        )
+@dataclass(frozen=True)
+class AIS(Bound):
+    """Multi-sample AIS bounds on I(x; z) (Brekelmans et al. 2022, sec. 3, eq. 13–17, App. D–H).
 
-    bound.__doc__ = doc + _COMMON_DOC
-    bound.__name__ = bound.__qualname__ = method.replace("-", "_") + "_bounds"
-    return bound
+    Chains anneal from pi0 (the proposal) to p(x, z) along eq. 11 with T steps of HMC; the
+    simulated z_i starts every reverse chain. ``estimator`` picks the bound pair:
 
+    * ``"im"`` (method ``"ais"``, the recommended sandwich; IM-AIS, eq. 13–14, App. E): MI upper =
+      log p(x|z) - log (1/K) sum_k w_k (K forward chains, the paper's recommendation), MI lower =
+      log p(x|z) - log (1/K) (w_rev + sum_{k<K} w_k) (one reverse chain from the simulated z plus
+      K-1 forward chains). T = 1 gives IWAE, K = 1 single-chain AIS. Cost: K + 1 chains.
+    * ``"cr"`` (``"cr-ais"``; CR-AIS, eq. 15–17, App. H): MI lower = log p(x|z) + log (1/K) sum_k
+      1/w_k^rev (K reverse chains from the simulated z); MI upper = log p(x|z) + log (1/K)
+      (1/w^fwd + sum_{k<K} 1/w_k^rev) (one forward chain, then K-1 reverse chains from its final
+      state). Cost: 2K chains, two sequential phases.
+    * ``"bdmc"`` (Grosse et al. 2015; sec. 3.4): MI upper from the IM-AIS ELBO (K forward chains),
+      MI lower from the CR-AIS EUBO (K reverse chains). Cost: 2K chains.
 
-_COMMON_DOC = """
-
-    Args:
-        density: the model's :class:`~pyro_mi.density.ModelDensity`.
-        proposal: pi0, the start of the annealing path: a prior, guide or encoder
-            proposal (:mod:`pyro_mi.proposal`).
-        x: simulated observations ``{site: (N, ...)}``.
-        z: the packed latents (N, D) that generated x (posterior samples; every reverse
-            chain starts there).
+    Attributes:
         num_chains: K, AIS chains per data point (per direction).
         num_steps: T, annealing steps (T - 1 HMC transitions per chain; T = 1 is IWAE).
-        num_leapfrog: L, leapfrog steps per HMC transition (one model trace each).
-        step_size: the HMC step size with ``adapt="none"``; where the pilot's search starts
-            with ``"pilot"``; the initial one with ``"online"``.
+        num_leapfrog: L, leapfrog steps per HMC transition (one model evaluation each).
+        step_size: the HMC step size with ``adapt="none"``; where the pilot's search starts with
+            ``"pilot"``; the initial one with ``"online"``.
         schedule: ``"sigmoid"`` (Wu et al. 2017, radius 4), ``"linear"``, or betas (T + 1,).
-        adapt: ``"pilot"`` (exact: step sizes tuned in a pilot, then frozen), ``"none"``
-            (exact: ``step_size`` throughout) or ``"online"`` (approximate; labelled so).
-        pilot_chains, pilot_steps: the pilot's forward chains per data point (default 8)
-            and annealing steps (default ceil(T / 5), at least 5); only with ``"pilot"``.
-        generator: the ``torch.Generator`` the run's seed is drawn from (None: torch's
-            global generator, one draw); chunks and the pilot get their own generators.
-        checkpoint: file to save progress to every ``checkpoint_every`` seconds and on
-            KeyboardInterrupt; the same call resumes from it (and deletes it when done).
-            Refused if another process holds it or a different run wrote it.
-        save_chains: write the chains as ArviZ InferenceData to this ``.nc`` file
-            (checked for writability before the run).
-        record: keep per-step chain statistics and thinned states (for ``to_arviz``);
-            off by default so that memory stays flat in T.
-        max_chains_per_chunk: run the chains in sequential chunks of at most this many.
-        callback: ``callback(key, AISState, StepInfo)`` after every annealing step.
-        progress: show a progress bar over annealing steps.
-        compile: how the HMC kernels evaluate the densities (:mod:`pyro_mi.samplers.compile`):
-            ``"none"`` (a Pyro trace per leapfrog step), ``"trace"`` (a graph recorded once
-            and checked against the eager densities), ``"inductor"`` (that graph compiled by
-            ``torch.compile``; CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T x L >= 1500,
-            where its one-off cost (seconds) pays. The numbers are the same (bit for bit
-            with ``"trace"``, to rounding with ``"inductor"``).
-        points_per_block: the points are run in blocks of this many, each with random numbers
-            of its own (:mod:`pyro_mi.distributed`); under ``torchrun`` the ranks share the
-            blocks out, and the numbers are the same for any number of processes.
+        adapt: ``"pilot"`` (exact: step sizes tuned in a pilot, then frozen), ``"none"`` (exact:
+            ``step_size`` throughout) or ``"online"`` (approximate; labelled so).
+        pilot_chains, pilot_steps: the pilot's forward chains per data point (default 8) and
+            annealing steps (default ceil(T / 5), at least 5); only with ``"pilot"``.
         refine: with ``adapt="pilot"``, at most this fraction of the points, those whose pilot
             ended farthest from their target (the Jensen gap of its log weights, above
-            :data:`REFINE_MIN_GAP` nats), are rerun with :data:`REFINE_FACTOR` times the steps,
-            their first run dropped: the few points of a heavy-tailed prior that carry most of a
-            gap get the steps they need. The choice depends on x and the pilot only, so the
-            bounds hold. 0: none; not with ``record`` or ``save_chains``.
+            :data:`REFINE_MIN_GAP` nats), are rerun with :data:`REFINE_FACTOR` times the steps, their
+            first run dropped: the few points of a heavy-tailed prior that carry most of a gap get
+            the steps they need. The choice depends on x and the pilot only, so the bounds hold.
+            0: none; not with ``record`` or ``save_chains``.
+        estimator: ``"im"``, ``"cr"`` or ``"bdmc"`` (above).
 
-    Returns:
-        :class:`~pyro_mi.result.MIResult` (nats) whose ``diagnostics`` hold ``ess`` (mean
-        importance ESS of the forward chains' final weights), ``accept_rate``,
-        ``divergences``, ``divergent_chain_fraction``, ``step_sizes`` (T + 1, N), the log
-        weights, the log p(x) bounds per point and, with ``record``, ``chains`` (for
-        :meth:`~pyro_mi.result.MIResult.to_arviz`); ``warnings`` name divergent chains and
-        chains that never moved (and the points they belong to), a low ESS (< 1.5) and the
-        approximate online mode.
+    Runtime: every :class:`~pyro_mi.runtime.Runtime` setting (``points_per_block`` default
+    :data:`~pyro_mi.distributed.POINTS_PER_BLOCK`).
+
+    :meth:`run` returns an :class:`~pyro_mi.result.MIResult` (nats) whose ``diagnostics`` hold
+    ``ess`` (mean importance ESS of the forward chains' final weights), ``accept_rate``,
+    ``divergences``, ``divergent_chain_fraction``, ``step_sizes`` (T + 1, N), the log weights, the
+    log p(x) bounds per point and, with ``record``, ``chains`` (for
+    :meth:`~pyro_mi.result.MIResult.to_arviz`); ``warnings`` name divergent chains and chains that
+    never moved (and the points they belong to), a low ESS (< 1.5) and the approximate online mode.
 
     Raises:
-        ValueError: non-positive K, T, L or step size, an unknown schedule or adapt mode,
-            pilot options with another adapt mode,
-            an unwritable, foreign or busy checkpoint, an unwritable ``save_chains``, shape
-            mismatches of x and z, a non-finite bound (naming its cause), ``points_per_block`` < 1.
+        ValueError: (when declared) non-positive K, T, L or step size, an unknown adapt mode or
+            estimator, pilot options with another adapt mode, ``refine`` outside [0, 1]; (at
+            :meth:`run`) an unwritable, foreign or busy checkpoint, an unwritable ``save_chains``,
+            shape mismatches of x and z, a non-finite bound (naming its cause), an unknown schedule.
         DistributedError: under ``torch.distributed``, another rank died or timed out.
-"""
+    """
 
-im_ais_bounds = _make(
-    "im-ais",
-    """Independent Multi-Sample AIS bounds on I(x; z) (Brekelmans et al. 2022, eq. 13–14, App. E).
+    # K is small because the interval for the model's MI is set mostly by N, not by the gap (at equal
+    # seconds, see the docs' "Choosing N, K and T")
+    num_chains: int = field(default=4, metadata=cli("K, AIS chains per data point", type=int))
+    num_steps: int = field(default=100, metadata=cli("T, annealing steps (T=1 is IWAE)", type=int))
+    num_leapfrog: int = field(default=2, metadata=cli("L, leapfrog steps per HMC transition", type=int))
+    step_size: float = field(default=0.05, metadata=cli("initial HMC step size", type=float))
+    schedule: Any = field(default="sigmoid", metadata=cli("annealing schedule", choices=("linear", "sigmoid")))
+    adapt: str = field(default="pilot", metadata=cli(
+        "step-size adaptation: pilot (exact bounds), online (approximate) or none", choices=ADAPT_MODES))
+    pilot_chains: int | None = None
+    pilot_steps: int | None = None
+    refine: float = field(default=REFINE, metadata=cli(
+        "the most points (a fraction) whose pilot ended far from their target that are rerun with 10x the "
+        "annealing steps", type=float))
+    estimator: str = "im"
 
-    MI upper = log p(x|z) - log (1/K) sum_k w_k (K forward chains, eq. 14 left);
-    MI lower = log p(x|z) - log (1/K) (w_rev + sum_{k<K} w_k) (one reverse chain from the
-    simulated z plus K-1 forward chains, eq. 14 right). T = 1 gives IWAE, K = 1
-    single-chain AIS. Cost: K + 1 chains.""",
-)
-cr_ais_bounds = _make(
-    "cr-ais",
-    """Coupled Reverse Multi-Sample AIS bounds on I(x; z) (Brekelmans et al. 2022, eq. 15–17, App. H).
+    RUNTIME = frozenset(RUNTIME_FIELDS)
 
-    MI lower = log p(x|z) + log (1/K) sum_k 1/w_k^rev (K reverse chains from the simulated z);
-    MI upper = log p(x|z) + log (1/K) (1/w^fwd + sum_{k<K} 1/w_k^rev) (one forward chain,
-    then K-1 reverse chains from its final state). Cost: 2K chains, two sequential phases.""",
-)
-bdmc_bounds = _make(
-    "bdmc",
-    """Bidirectional Monte Carlo bounds on I(x; z) (Grosse et al. 2015; Brekelmans et al. 2022, sec. 3.4).
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {self.estimator!r}")
+        if self.adapt not in ADAPT_MODES:
+            raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {self.adapt!r}")
+        if self.adapt != "pilot" and (self.pilot_chains is not None or self.pilot_steps is not None):
+            raise ValueError(f"pilot_chains and pilot_steps apply only to adapt='pilot', not adapt={self.adapt!r}")
+        for name in ("num_chains", "num_steps", "num_leapfrog"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("pilot_chains", self.pilot_chains, optional=True)
+        check_positive_int("pilot_steps", self.pilot_steps, optional=True)
+        if isinstance(self.step_size, bool) or not isinstance(self.step_size, (int, float)) \
+                or not 0 < self.step_size < float("inf"):
+            raise ValueError(f"step_size must be a positive number, got {self.step_size!r}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, (int, float)) or not 0 <= self.refine <= 1:
+            raise ValueError(f"refine must be a fraction of the points in [0, 1], got {self.refine!r}")
 
-    MI upper from the IM-AIS ELBO (K forward chains, eq. 14 left), MI lower from the
-    CR-AIS EUBO (K reverse chains from the simulated z, eq. 17). Cost: 2K chains.""",
-)
-ais_bounds = _make(
-    "ais",
-    """The recommended AIS sandwich on I(x; z): IM-AIS (Brekelmans et al. 2022, eq. 14, sec. 3.4).
+    @property
+    def name(self) -> str:
+        return ESTIMATORS[self.estimator]
 
-    MI upper from the IM-AIS ELBO (K forward chains, eq. 14 left; the paper's
-    recommendation) and MI lower from the IM-AIS EUBO (one reverse chain plus the K-1
-    forward chains, eq. 14 right), which costs K + 1 chains instead of BDMC's 2K.
-    Same numbers as :func:`im_ais_bounds`.""",
-)
+    @property
+    def num_pilot_chains(self) -> int:
+        """The pilot's forward chains per data point (``pilot_chains``, default 8)."""
+        return 8 if self.pilot_chains is None else self.pilot_chains
+
+    def settings(self, compile: str = "auto") -> dict:
+        """The settings a result reports (``exact`` is False only for ``adapt="online"``; ``compile`` the
+        runtime's)."""
+        return dict(
+            num_chains=self.num_chains, num_steps=self.num_steps, num_leapfrog=self.num_leapfrog,
+            step_size=self.step_size, schedule=self.schedule if isinstance(self.schedule, str) else "custom",
+            adapt=self.adapt, pilot_chains=self.num_pilot_chains if self.adapt == "pilot" else None,
+            pilot_steps=self.pilot_steps, exact=self.adapt != "online", compile=compile,
+        )
+
+    def run(self, density, proposal, x, z, runtime: Runtime = Runtime()) -> MIResult:
+        return _bounds(self, density, proposal, x, z, runtime)
+
+
+def ais_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``AIS(**options).run(...)``: the recommended IM-AIS sandwich of :class:`AIS`, options and runtime
+    settings given by name (see :func:`~pyro_mi.bounds.declare`)."""
+    return _shorthand("ais", density, proposal, x, z, args, options)
+
+
+def im_ais_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """The same as :func:`ais_bounds` (IM-AIS, ``AIS(estimator="im")``)."""
+    return _shorthand("im-ais", density, proposal, x, z, args, options)
+
+
+def cr_ais_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``AIS(estimator="cr", **options).run(...)``: Coupled Reverse AIS bounds (:class:`AIS`)."""
+    return _shorthand("cr-ais", density, proposal, x, z, args, options)
+
+
+def bdmc_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``AIS(estimator="bdmc", **options).run(...)``: Bidirectional Monte Carlo bounds (:class:`AIS`)."""
+    return _shorthand("bdmc", density, proposal, x, z, args, options)
+
+
+def _shorthand(name, density, proposal, x, z, args, options):
+    from . import run_method
+
+    return run_method(name, density, proposal, x, z, args, options)
 
 __all__ = [
-    "ADAPT_MODES", "DEFAULTS", "ais_bounds", "bdmc_bounds", "bdmc_log_px", "components_fn", "cr_ais_bounds",
+    "ADAPT_MODES", "AIS", "ESTIMATORS", "ais_bounds", "bdmc_bounds", "bdmc_log_px", "components_fn", "cr_ais_bounds",
     "cr_ais_log_px", "im_ais_bounds", "im_ais_log_px", "run_chains",
 ]

@@ -37,34 +37,28 @@ pseudo-values n B - (n - 1) B_{-k}, shifted to mean B. Their spread is the
 jackknife variance, which keeps the curvature of log Ẑ and the variance of Ẑ
 itself that a first-order (delta-method) error drops when a few pairs dominate Ẑ.
 For InfoNCE the values are the row values T(x_i, z_i) - log (1/K) sum_j e^T(x_i, z_j),
-each <= log K (correcting them for the negatives that rows share changed the
-standard error by under 3% on correlated Gaussians, so they are kept as they are).
+each <= log K (kept as they are: correcting them for the negatives that rows share
+changed the standard error little, the docs' tuning page).
 
 Negative pairs come from the cyclic shifts of a random order of the samples
 (pair i with i + r, r = 1..m), so m = n - 1 shifts score all pairs and m = 1 is
 "shuffling within the batch" (with no sample paired with itself).
 
 Small evaluation sets. :func:`fit_dual_bound` refuses to report a bound on fewer
-than :data:`MIN_TEST_SAMPLES` (100) held-out samples. Measured on correlated Gaussians
-(x, z in R^d, corr ρ; a 64x64 critic, 300 steps; 40 seeds, fresh data per seed; the
-error is the reported bound minus the same critic's bound on 10^5 fresh pairs): at
-20-50 test samples the error was up to 1.5x the reported standard error and DV was
-optimistic by up to 1 nat (d = 5, ρ = 0.9); at 100 and 200 test samples the
-reported ± 1.96 se covered the error in 90-100% of seeds for MINE, NWJ, ξ and InfoNCE
-(d = 2, ρ = 0.8 and d = 5, ρ = 0.9), and the spread of the bound over seeds was
-0.9-1.25x the mean reported se.
+than :data:`MIN_TEST_SAMPLES` (100) held-out samples: below that, the reported standard
+error under-covered the error on correlated Gaussians (the docs' tuning page).
 
 A result warns (``result.warnings``) when the top 1% of the negative terms carry more
-than :data:`HEAVY_TAIL_SHARE` (85%) of Ẑ: the bound then rests on a handful of pairs.
-On the Gaussians above that share was 0.1-0.15 (d = 2) and 0.6-0.8 (d = 5, where the
-standard error was honest); at d = 10, ρ = 0.9 (MI 8.3 nats) it was 0.6-0.97, and the
-3 of 20 seeds whose error exceeded 2.8 standard errors all had shares above 0.85.
+than :data:`HEAVY_TAIL_SHARE` (85%) of Ẑ: the bound then rests on a handful of pairs,
+and its standard error may be too small (the threshold's measurements: the docs' tuning page).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -72,6 +66,7 @@ from torch import nn
 
 from ..critics import JointCritic, SeparableCritic, check_critic
 from ..result import MIResult
+from ..runtime import cli
 from ..training import TrainingLog, split_indices, train
 from ..weights import log_mean_exp
 
@@ -428,37 +423,11 @@ def preprocessor(kind: str, train: torch.Tensor) -> Callable[[torch.Tensor], tor
     return lambda a: (a - center) / scale
 
 
-def _check_method(method: str, negatives: str) -> None:
-    if method not in DUAL_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DUAL_METHODS)}")
-    if negatives not in NEGATIVES:
-        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-
-
-def fit_dual_bound(
-    x: torch.Tensor,
-    z: torch.Tensor,
-    method: str = "mine",
-    *,
-    critic: nn.Module | str | None = None,
-    negatives: str = "shuffle",
-    xi: float | None = None,
-    max_steps: int = 5000,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    hidden_sizes: tuple[int, ...] = (256, 256),
-    embed_dim: int = 32,
-    ema_rate: float = 0.01,
-    val_fraction: float | None = None,
-    test_fraction: float | None = None,
-    eval_every: int | None = None,
-    patience: int = 20,
-    lr_schedule: str = "plateau",
-    eval_negatives: int | None = None,
-    preprocess: str = "robust",
-    progress: bool = True,
-) -> MIResult:
-    """Fits a critic by a sample-only bound and reports the bound on held-out samples.
+@dataclass(frozen=True)
+class DualBound:
+    """A lower bound on I(x; z) from paired samples alone, declared: :meth:`fit` fits a critic by it and
+    reports it on held-out samples (MINE: Belghazi et al. 2018; NWJ: Nguyen et al. 2010; InfoNCE: van
+    den Oord et al. 2018; the ξ-bound: Poole et al. 2019, eq. 12 with ξ free).
 
     Splits the n samples into train / validation / test parts, maps x and z
     coordinate by coordinate with a strictly increasing map fitted on the training
@@ -468,18 +437,15 @@ def fit_dual_bound(
     on plateaus and stopping early on the validation bound) and evaluates the bound
     on the test part.
 
-    Args:
-        x: (n, dx) and z: (n, dz) float tensors of paired samples (validated by
-            :func:`pyro_mi.samples.estimate_mi_samples`); the critic is built on
-            their device and dtype.
+    Attributes:
         method: ``"mine"`` (DV with the moving-average gradient), ``"mine-f"``,
             ``"nwj"``, ``"infonce"`` or ``"xi"``.
         critic: a critic module ``critic(x, z) -> (...,)``, trained in place, or the name
             of one (:data:`CRITICS`: ``"joint"``, an MLP on [x, z], or ``"separable"``,
             f(x)ᵀg(z)); default: :func:`default_critic`.
         negatives: for the DV/ξ-type bounds in training, ``"shuffle"`` (one
-            re-pairing per sample, B negatives) or ``"all"`` (all B(B-1) pairs of
-            the batch). InfoNCE always scores all pairs of its batch.
+            re-pairing per sample, B negatives; None: this) or ``"all"`` (all B(B-1) pairs of
+            the batch). InfoNCE always scores all pairs of its batch (and takes none).
         xi: for ``"xi"``, a fixed ξ > 0, or None to optimise log ξ jointly with
             the critic (starting at ξ = 1/e, i.e. NWJ).
         max_steps, batch_size, lr: optimisation settings (batch_size is also the
@@ -505,9 +471,8 @@ def fit_dual_bound(
         preprocess: the per-coordinate map of x and z (:data:`PREPROCESS`; see
             :func:`preprocessor`): ``"robust"`` (default), ``"standardize"``,
             ``"gaussianize"`` or ``"none"``.
-        progress: show a progress bar.
 
-    Returns:
+    :meth:`fit` returns
         :class:`~pyro_mi.result.MIResult` with ``lower`` (nats) and
         ``lower_stderr``; ``upper`` is None. ``settings`` hold the sizes and
         options (``num_samples``, ``num_train``, ``num_val``, ``num_test``,
@@ -519,15 +484,87 @@ def fit_dual_bound(
         share of the top 1% of negative terms), InfoNCE near its ceiling log K.
 
     Raises:
-        ValueError: unknown method/negatives, bad ξ, too few samples for the splits,
-            fewer than :data:`MIN_TEST_SAMPLES` samples to report the bound on (the
-            message says how many samples are needed in all).
+        ValueError: (when declared) an unknown method, negatives or preprocess, a bad ξ or ξ with
+            another method, negatives with InfoNCE, a batch size below 2; (at :meth:`fit`) too few
+            samples for the splits, fewer than :data:`MIN_TEST_SAMPLES` samples to report the bound on
+            (the message says how many samples are needed in all).
     """
-    _check_method(method, negatives)
-    if xi is not None and not (isinstance(xi, (int, float)) and xi > 0 and math.isfinite(xi)):
-        raise ValueError(f"xi must be a positive number or None, got {xi!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+
+    method: str = "mine"
+    critic: nn.Module | str | None = field(default=None, metadata=cli(
+        "critic: an MLP on [x, z], f(x)ᵀg(z), or auto: both, the one with the higher validation bound kept "
+        "(default: auto for infonce, joint for the others)", choices=CRITICS))
+    negatives: str | None = field(default=None, metadata=cli(
+        "negative pairs in training (default shuffle)", choices=NEGATIVES))
+    xi: float | None = field(default=None, metadata=cli(
+        "fixed xi for --method xi (default: optimised jointly)", type=float))
+    max_steps: int = field(default=5000, metadata=cli("maximum training steps (default 5000)", type=int))
+    batch_size: int = field(default=256, metadata=cli("minibatch size B; InfoNCE's K (default 256)", type=int))
+    lr: float = field(default=1e-3, metadata=cli("Adam learning rate (default 1e-3)", type=float))
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    embed_dim: int = 32
+    ema_rate: float = 0.01
+    val_fraction: float | None = field(default=None, metadata=cli(
+        "fraction held out for early stopping (default 0.2; infonce 0.1)", type=float))
+    test_fraction: float | None = field(default=None, metadata=cli(
+        "fraction held out for the reported bound (default 0.2; infonce 0.4)", type=float))
+    eval_every: int | None = None
+    patience: int = field(default=20, metadata=cli(
+        "epochs without a better validation bound before stopping (default 20)", type=int))
+    lr_schedule: str = "plateau"
+    eval_negatives: int | None = None
+    preprocess: str = field(default="robust", metadata=cli(
+        "strictly increasing per-coordinate map of x and z before training (default robust)", choices=PREPROCESS))
+
+    def __post_init__(self):
+        if self.method not in DUAL_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(DUAL_METHODS)}")
+        if self.negatives is not None and self.negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+        for name in ("negatives", "xi"):
+            if getattr(self, name) is not None and name not in self.options_of(self.method):
+                raise ValueError(f"{name} does not apply to method {self.method!r}")
+        xi = self.xi
+        if xi is not None and not (isinstance(xi, (int, float)) and xi > 0 and math.isfinite(xi)):
+            raise ValueError(f"xi must be a positive number or None, got {xi!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 2:
+            raise ValueError(f"batch_size must be an integer >= 2, got {self.batch_size!r}")
+
+    @staticmethod
+    def options_of(method: str) -> tuple[str, ...]:
+        """The options that apply to ``method``: ``xi`` only to ``"xi"``, ``negatives`` to all but
+        ``"infonce"`` (which scores all pairs of its batch)."""
+        return tuple(f.name for f in dataclasses.fields(DualBound) if f.name != "method"
+                     and not (f.name == "xi" and method != "xi") and not (f.name == "negatives" and method == "infonce"))
+
+    def fit(self, x: torch.Tensor, z: torch.Tensor, progress: bool = True) -> MIResult:
+        """Fits the critic on the training split of the paired samples and reports the bound.
+
+        Args:
+            x: (n, dx) and z: (n, dz) float tensors of paired samples (validated by
+                :func:`pyro_mi.samples.estimate_mi_samples`); the critic is built on their device and
+                dtype.
+            progress: show a progress bar.
+
+        Returns:
+            :class:`~pyro_mi.result.MIResult`, see the class docstring.
+        """
+        return _fit(self, x, z, progress)
+
+
+def fit_dual_bound(x: torch.Tensor, z: torch.Tensor, method: str = "mine", *, progress: bool = True,
+                   **options) -> MIResult:
+    """``DualBound(method, **options).fit(x, z, progress)``: the options by name."""
+    return DualBound(method, **options).fit(x, z, progress)
+
+
+def _fit(bound: DualBound, x: torch.Tensor, z: torch.Tensor, progress: bool) -> MIResult:
+    """The fit of :class:`DualBound`."""
+    method, critic, xi, max_steps, batch_size, lr = (bound.method, bound.critic, bound.xi, bound.max_steps,
+                                                     bound.batch_size, bound.lr)
+    negatives = "shuffle" if bound.negatives is None else bound.negatives
+    val_fraction, test_fraction, eval_every, eval_negatives = (bound.val_fraction, bound.test_fraction,
+                                                               bound.eval_every, bound.eval_negatives)
     n, dx = x.shape
     dz = z.shape[1]
     device, dtype = x.device, x.dtype
@@ -536,14 +573,14 @@ def fit_dual_bound(
     test_fraction = default_test if test_fraction is None else test_fraction
     _check_evaluation_size(n, val_fraction, test_fraction)
     tr, va, te = split_indices(n, val_fraction, test_fraction, device=device)
-    x, z = preprocessor(preprocess, x[tr])(x), preprocessor(preprocess, z[tr])(z)
+    x, z = preprocessor(bound.preprocess, x[tr])(x), preprocessor(bound.preprocess, z[tr])(z)
     xt, zt = x[tr], z[tr]
     n_train = xt.shape[0]
     B = min(batch_size, n_train)
     if eval_every is None:
         eval_every = max(1, n_train // B)  # one epoch
     if critic is None or isinstance(critic, str):
-        candidates = default_critics(method, dx, dz, hidden_sizes, embed_dim, critic)
+        candidates = default_critics(method, dx, dz, bound.hidden_sizes, bound.embed_dim, critic)
     elif callable(critic):
         check_critic(critic, dx, dz)
         candidates = [critic]
@@ -597,11 +634,11 @@ def fit_dual_bound(
         if isinstance(critic, nn.Module):
             critic.to(device=device, dtype=dtype)
         log_xi_mod = _LogXi(-1.0 if xi is None else math.log(xi), method == "xi" and xi is None, dtype, device)
-        ema = MovingAverage(ema_rate)
+        ema = MovingAverage(bound.ema_rate)
         modules = [m for m in (critic, log_xi_mod) if isinstance(m, nn.Module)]
         log: TrainingLog = train(
             modules, objective, validate=validate, max_steps=max_steps, lr=lr, eval_every=eval_every,
-            patience=patience, lr_schedule=lr_schedule, progress=progress,
+            patience=bound.patience, lr_schedule=bound.lr_schedule, progress=progress,
             desc=f"fit critic ({method}, {type(critic).__name__})",
         )
         fitted.append((critic, log_xi_mod, log))
@@ -653,14 +690,14 @@ def fit_dual_bound(
         "steps": log.steps,
         "stop_reason": log.stop_reason,
         "lr": lr,
-        "lr_schedule": lr_schedule,
-        "preprocess": preprocess,
+        "lr_schedule": bound.lr_schedule,
+        "preprocess": bound.preprocess,
         "critic": type(critic).__name__,
         "critics_tried": {type(c).__name__: lg.best_value for c, _, lg in fitted},
         "evaluated_on": evaluated_on,
     }
     if method == "mine":
-        settings["ema_rate"] = ema_rate
+        settings["ema_rate"] = bound.ema_rate
     if method == "xi":
         settings["xi"] = math.exp(log_xi())
         settings["xi_optimised"] = xi is None

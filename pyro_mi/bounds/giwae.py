@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,7 +45,9 @@ from ..distributed import block_seed, manual_seed, seeded_global_rng
 from ..critics import check_critic
 from ..proposal import GaussianEncoder, PriorProposal
 from ..result import MIResult
+from ..runtime import Runtime
 from ..training import train
+from .declaration import BATCH_SIZE_FLAG, LR_FLAG, MAX_STEPS_FLAG, NUM_PARTICLES_FLAG, Bound, check_positive_int
 
 #: (particle, data point) critic evaluations per chunk at evaluation
 CHUNK_EVALS = 1 << 16
@@ -108,8 +111,7 @@ class ResidualCritic(nn.Module):
     find. The linear term b(x)ᵀu (b an MLP of x) corrects q's mean: for a Gaussian
     posterior N(m(x), S), T* = uᵀ A u + b(x)ᵀ u + c(x) with b(x) = C⁻¹ (m(x) - mu_q(x)) / sigma_q(x)
     (C the posterior correlation in u), a product of x and u that an MLP on [x, u] represents
-    poorly. On the linear VAE, q's mean error carries most of BA's gap: A alone closed
-    0.09 of its 0.80 nats. The last layers of both MLPs and A start at zero, so T = 0 at the start and
+    poorly; q's mean error can carry most of BA's gap (the docs' tuning page). The last layers of both MLPs and A start at zero, so T = 0 at the start and
     GIWAE starts exactly at BA. The critic reads q's *current* mean and scale
     (q is not registered as a submodule: it is trained, saved and restored as
     the proposal); u uses only q and x, never p(x|z), so the bound stays eq. 7.
@@ -205,34 +207,30 @@ def giwae_terms(
     return ba, t_pos - (lse - math.log(num_particles))
 
 
-def _check_k(num_particles) -> int:
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-    return num_particles
+@dataclass(frozen=True)
+class _Contrastive(Bound):
+    """The options GIWAE and InfoNCE share (see :class:`GIWAE`)."""
+
+    num_particles: int = field(default=100, metadata=NUM_PARTICLES_FLAG)
+    critic: nn.Module | None = None
+    max_steps: int = field(default=1000, metadata=MAX_STEPS_FLAG)
+    batch_size: int = field(default=256, metadata=BATCH_SIZE_FLAG)
+    lr: float = field(default=1e-2, metadata=LR_FLAG)
+    train_particles: int | None = None
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    lr_schedule: str = "cosine"
+    num_val: int = 256
+    eval_every: int = 100
+    patience: int = 5
+
+    def __post_init__(self):
+        check_positive_int("num_particles", self.num_particles)
+        check_positive_int("train_particles", self.train_particles, optional=True)
+        check_positive_int("batch_size", self.batch_size)
 
 
-def giwae_bounds(
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    num_particles: int = 100,
-    *,
-    critic: nn.Module | None = None,
-    train_proposal: bool = True,
-    max_steps: int = 1000,
-    batch_size: int = 256,
-    lr: float = 1e-2,
-    proposal_lr: float | None = 1e-3,
-    train_particles: int | None = None,
-    hidden_sizes: tuple[int, ...] = (64, 64),
-    lr_schedule: str = "cosine",
-    num_val: int = 256,
-    eval_every: int = 100,
-    patience: int = 5,
-    progress: bool = True,
-    _method: str = "giwae",
-) -> MIResult:
+@dataclass(frozen=True)
+class GIWAE(_Contrastive):
     """GIWAE lower bound on I(x; z), trained jointly over q_θ(z|x) and the critic T_φ (eq. 7).
 
     The proposal: a :class:`~pyro_mi.proposal.GaussianEncoder` passed in (e.g. the
@@ -254,10 +252,7 @@ def giwae_bounds(
     The defaults were chosen by measurement on the built-in examples (the docs' tuning page); more
     capacity and steps help hard posteriors (``hidden_sizes=(256, 256), max_steps=2000``).
 
-    Args:
-        density: the model's :class:`~pyro_mi.density.ModelDensity`.
-        proposal: the proposal q(z|x) (see above).
-        x, z: evaluation pairs ``{site: (N, ...)}`` and (N, D), simulated from the model.
+    Attributes:
         num_particles: K (1 gives BA exactly).
         critic: a module ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``;
             default :func:`default_giwae_critic`. Trained in place.
@@ -271,27 +266,75 @@ def giwae_bounds(
             rates decay to 0 over ``max_steps``).
         num_val, eval_every, patience: early stopping on simulated validation pairs (a gain
             below :data:`MIN_DELTA` nats does not renew the patience).
-        progress: show a progress bar.
 
-    Returns:
-        :class:`~pyro_mi.result.MIResult` with ``lower`` (nats, ± stderr over the N
-        points), ``upper`` None; ``diagnostics``: ``ba_term``, ``contrastive_term``
-        (means, nats) and their per-point values, ``proposal`` (the trained q),
-        ``critic``, ``training`` (:class:`~pyro_mi.training.TrainingLog`).
+    Runtime: ``progress``.
+
+    :meth:`run` returns an :class:`~pyro_mi.result.MIResult` with ``lower`` (nats, ± stderr over
+    the N points), ``upper`` None; ``diagnostics``: ``ba_term``, ``contrastive_term`` (means,
+    nats) and their per-point values, ``proposal`` (the trained q), ``critic``, ``training``
+    (:class:`~pyro_mi.training.TrainingLog`).
 
     Raises:
-        ValueError: K < 1, bad training settings, shape errors of the density layer.
+        ValueError: K < 1, bad training settings (when declared), shape errors of the density layer.
     """
-    K = _check_k(num_particles)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    K_train = min(K, 16) if train_particles is None else _check_k(train_particles)
+
+    train_proposal: bool = True
+    proposal_lr: float | None = 1e-3
+
+    @property
+    def name(self) -> str:
+        return "giwae"
+
+    def run(self, density, proposal, x, z, runtime: Runtime = Runtime()) -> MIResult:
+        return _giwae(self, density, proposal, x, z, runtime.progress)
+
+
+@dataclass(frozen=True)
+class InfoNCE(_Contrastive):
+    """InfoNCE lower bound on I(x; z): GIWAE with the prior p(z) as proposal (sec. 2.4; eq. 10).
+
+    The BA term is exactly 0, so the bound is the contrastive term alone, <= log K. The
+    proposal given to :meth:`run` is ignored (the prior is used); the critic is trained on
+    simulated pairs with K - 1 prior negatives per point. The options are those of
+    :class:`GIWAE` that apply with a fixed proposal, with the same meaning and defaults; the
+    result and errors as GIWAE's (method ``"infonce"``).
+    """
+
+    @property
+    def name(self) -> str:
+        return "infonce"
+
+    def run(self, density, proposal, x, z, runtime: Runtime = Runtime()) -> MIResult:
+        return _giwae(self, density, PriorProposal(density), x, z, runtime.progress)
+
+
+def giwae_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``GIWAE(**options).run(...)`` with options given by name (see :func:`~pyro_mi.bounds.declare`)."""
+    from . import run_method
+
+    return run_method("giwae", density, proposal, x, z, args, options)
+
+
+def infonce_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``InfoNCE(**options).run(...)`` with options given by name (see :func:`~pyro_mi.bounds.declare`)."""
+    from . import run_method
+
+    return run_method("infonce", density, proposal, x, z, args, options)
+
+
+def _giwae(spec: _Contrastive, density: ModelDensity, proposal, x: Data, z: torch.Tensor, progress: bool) -> MIResult:
+    """The run of :class:`GIWAE` and :class:`InfoNCE`."""
+    num_particles, critic, max_steps, batch_size = spec.num_particles, spec.critic, spec.max_steps, spec.batch_size
+    train_particles, num_val, _method = spec.train_particles, spec.num_val, spec.name
+    train_proposal, proposal_lr = getattr(spec, "train_proposal", False), getattr(spec, "proposal_lr", None)
+    K = num_particles
+    K_train = min(K, 16) if train_particles is None else train_particles
     trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
     q = copy.deepcopy(proposal) if trained_q else proposal
     if trained_q:
         q.prior_weight = 0.0  # GIWAE trains the Gaussian encoder itself (its own q_theta)
     if critic is None:
-        critic = default_giwae_critic(density, hidden_sizes, proposal=q)
+        critic = default_giwae_critic(density, spec.hidden_sizes, proposal=q)
     if not callable(critic):
         raise TypeError(f"critic must be a callable module critic(x, z), got {type(critic).__name__}")
     check_critic(critic, density.obs_dim, density.latent_dim)
@@ -322,8 +365,8 @@ def giwae_bounds(
     try:
         log = train(
             modules, objective, validate=validate if num_val else None, max_steps=max_steps if K > 1 or trained_q else 0,
-            lr=lr, eval_every=eval_every, patience=patience, progress=progress, desc=f"fit {_method}",
-            module_lrs=[proposal_lr if m is q else None for m in modules], lr_schedule=lr_schedule,
+            lr=spec.lr, eval_every=spec.eval_every, patience=spec.patience, progress=progress, desc=f"fit {_method}",
+            module_lrs=[proposal_lr if m is q else None for m in modules], lr_schedule=spec.lr_schedule,
             min_delta=MIN_DELTA,
         )
     finally:
@@ -358,39 +401,3 @@ def giwae_bounds(
         },
     )
 
-
-def infonce_bounds(
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    num_particles: int = 100,
-    *,
-    critic: nn.Module | None = None,
-    max_steps: int = 1000,
-    batch_size: int = 256,
-    lr: float = 1e-2,
-    train_particles: int | None = None,
-    hidden_sizes: tuple[int, ...] = (64, 64),
-    lr_schedule: str = "cosine",
-    num_val: int = 256,
-    eval_every: int = 100,
-    patience: int = 5,
-    progress: bool = True,
-) -> MIResult:
-    """InfoNCE lower bound on I(x; z): GIWAE with the prior p(z) as proposal (sec. 2.4; eq. 10).
-
-    The BA term is exactly 0, so the bound is the contrastive term alone, <= log K.
-    ``proposal`` is ignored (the prior is used); the critic is trained on
-    simulated pairs with K - 1 prior negatives per point. The options are those of
-    :func:`giwae_bounds` that apply with a fixed proposal, with the same meaning
-    and defaults (declared here so that callers and the CLI see them).
-
-    Returns / Raises: as :func:`giwae_bounds` (method ``"infonce"``).
-    """
-    return giwae_bounds(
-        density, PriorProposal(density), x, z, num_particles, critic=critic, max_steps=max_steps,
-        batch_size=batch_size, lr=lr, train_particles=train_particles, hidden_sizes=hidden_sizes,
-        lr_schedule=lr_schedule, num_val=num_val, eval_every=eval_every, patience=patience, progress=progress,
-        _method="infonce",
-    )

@@ -20,6 +20,7 @@ under ``torch.distributed`` (:mod:`pyro_mi.distributed`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pyro
 import torch
@@ -29,18 +30,15 @@ from ..density import Data, ModelDensity
 from ..distributed import POINTS_PER_BLOCK, block_seed, check_points_per_block, map_blocks, seeded_global_rng, world
 from ..proposal import GaussianEncoder, PriorProposal, proposal_from_point
 from ..result import MIResult, finite_side, require_finite
+from ..runtime import Runtime
 from ..weights import log_weight_sums
+from .declaration import NUM_PARTICLES_FLAG, Bound, check_positive_int
 
 #: latent and observed numbers per chunk of (particle, data point) log-weight evaluations (at
 #: most 2^20 evaluations): a small model takes few, large chunks, and so few model runs
 CHUNK_NUMBERS = 1 << 22
 #: a warning is attached below this mean importance ESS (as for AIS)
 ESS_WARNING = 1.5
-
-
-def _check(num_particles: int) -> None:
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
 
 
 def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Tensor):
@@ -129,51 +127,65 @@ def _stream(density, proposal, x, num_particles, bar):
         bar.update(k * N)
 
 
-def iwae_bounds(
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    num_particles: int = 250,
-    *,
-    differentiable: bool = False,
-    progress: bool = True,
-    points_per_block: int | None = None,
-) -> MIResult:
+@dataclass(frozen=True)
+class _ImportanceBound(Bound):
+    """The options and run of the two importance-sampling bounds (:class:`IWAE`, :class:`BA`)."""
+
+    num_particles: int = field(default=250, metadata=NUM_PARTICLES_FLAG)
+    differentiable: bool = False
+
+    RUNTIME = frozenset({"progress", "points_per_block"})
+
+    def __post_init__(self):
+        check_positive_int("num_particles", self.num_particles)
+
+    def run(self, density, proposal, x, z, runtime: Runtime = Runtime()) -> MIResult:
+        evaluate = {"iwae": _iwae, "ba": _ba}[self.name]
+        with torch.enable_grad() if self.differentiable else torch.no_grad():
+            return evaluate(density, proposal, x, z, self.num_particles, runtime.progress, runtime.points_per_block,
+                            self.differentiable)
+
+
+@dataclass(frozen=True)
+class IWAE(_ImportanceBound):
     """IWAE lower and upper bounds on I(x; z) (Brekelmans et al. 2022, eq. 5; App. B).
 
-    Args:
-        density: the model's :class:`~pyro_mi.density.ModelDensity`.
-        proposal: q(z|x) (a prior, guide or encoder proposal, :mod:`pyro_mi.proposal`).
-        x: simulated observations ``{site: (N, ...)}``.
-        z: the packed latents (N, D) that generated x (the posterior samples of the EUBO).
-        num_particles: K, importance samples per data point (the EUBO uses the
-            simulated z plus the first K-1 of them). The default 250 with the default
-            N = 1024 points gave a narrower 95% interval than K = 1000 with N = 256 at
-            about the same cost (README, "Choosing N, K and T").
-        differentiable: keep the autograd graph: the per-point values are differentiable
-            in whatever x, z, the model and the proposal depend on (a design, model and
-            guide parameters; pass x, z from ``density.sample(N, differentiable=True)``).
-            Proposal draws are reparameterised (``rsample``).
-        progress: show a progress bar (one for the run) when its K x N log weights take several chunks.
-        points_per_block: the points run in blocks of this many, with random numbers of their
-            own; under ``torchrun`` the ranks share the blocks out (:mod:`pyro_mi.distributed`),
-            and the numbers are the same for any number of processes. Default: as many points
-            as one chunk of 2^20 log-weight evaluations holds for K particles, at least 1024
-            (:func:`default_points_per_block`).
+    MI upper = log p(x_i|z_i) - log (1/K) sum_k w_k (the ELBO of K draws z_k ~ q(z|x_i));
+    MI lower = log p(x_i|z_i) - log (1/K) (w(z_i) + sum_{k<K} w_k) (the EUBO, whose posterior
+    sample is the simulated z_i), with log w = log p(x, z) - log q(z|x). K = 1 gives BA's pair.
 
-    Returns:
-        :class:`~pyro_mi.result.MIResult` with ``lower``/``upper`` in nats and the
-        per-point values (N,). ``diagnostics["ess"]`` is the mean effective sample
-        size (sum w)^2 / sum w^2 of the K proposal weights per data point.
+    Attributes:
+        num_particles: K, importance samples per data point (the EUBO uses the simulated z plus
+            the first K-1 of them).
+        differentiable: keep the autograd graph: the per-point values are differentiable in
+            whatever x, z, the model and the proposal depend on (a design, model and guide
+            parameters; pass x, z from ``density.sample(N, differentiable=True)``). Proposal draws
+            are reparameterised (``rsample``).
+
+    Runtime: ``progress`` (one bar for the run when its K x N log weights take several chunks) and
+    ``points_per_block`` (default: as many points as one chunk of 2^20 log-weight evaluations holds
+    for K particles, at least 1024, :func:`default_points_per_block`).
+
+    :meth:`run` returns an :class:`~pyro_mi.result.MIResult` with ``lower``/``upper`` in nats and the
+    per-point values (N,); ``diagnostics["ess"]`` is the mean effective sample size
+    (sum w)^2 / sum w^2 of the K proposal weights per data point.
 
     Raises:
-        ValueError: for K < 1, mismatched shapes of x and z, ``points_per_block`` < 1, and
+        ValueError: K < 1 (when declared); at :meth:`run`, mismatched shapes of x and z and
             ``differentiable`` under ``torch.distributed``.
     """
-    _check(num_particles)
-    with torch.enable_grad() if differentiable else torch.no_grad():
-        return _iwae(density, proposal, x, z, num_particles, progress, points_per_block, differentiable)
+
+    @property
+    def name(self) -> str:
+        return "iwae"
+
+
+def iwae_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``IWAE(**options).run(density, proposal, x, z, Runtime(**runtime options))``: the IWAE bounds of
+    :class:`IWAE` with the options and runtime settings given by name (see :func:`~pyro_mi.bounds.declare`)."""
+    from . import run_method
+
+    return run_method("iwae", density, proposal, x, z, args, options)
 
 
 def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, differentiable) -> MIResult:
@@ -234,29 +246,31 @@ def ess_warnings(num_particles: int, ess: torch.Tensor) -> list[str]:
             "proposal closer to the posterior (a fitted guide) or AIS"]
 
 
-def ba_bounds(
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    num_particles: int = 1,
-    *,
-    differentiable: bool = False,
-    progress: bool = True,
-    points_per_block: int | None = None,
-) -> MIResult:
+@dataclass(frozen=True)
+class BA(_ImportanceBound):
     """Barber–Agakov lower and upper bounds on I(x; z) (Brekelmans et al. 2022, eq. 3).
 
     Lower: E_p(x,z)[log q(z|x) - log p(z)] (gap E_p(x) KL[p(z|x) || q(z|x)]).
     Upper: E_p(x) E_q(z|x)[log q(z|x) - log p(x, z)] + E_p(x,z)[log p(x|z)]
-    (gap E_p(x) KL[q(z|x) || p(z|x)]), its inner expectation averaged over
-    ``num_particles`` draws per data point.
+    (gap E_p(x) KL[q(z|x) || p(z|x)]), its inner expectation averaged over ``num_particles``
+    draws per data point. With a prior proposal the lower bound is 0.
 
-    Args and returns as :func:`iwae_bounds`. With a prior proposal the lower bound is 0.
+    Attributes, runtime settings, result and errors as :class:`IWAE` (``num_particles`` default 1).
     """
-    _check(num_particles)
-    with torch.enable_grad() if differentiable else torch.no_grad():
-        return _ba(density, proposal, x, z, num_particles, progress, points_per_block, differentiable)
+
+    num_particles: int = field(default=1, metadata=NUM_PARTICLES_FLAG)
+
+    @property
+    def name(self) -> str:
+        return "ba"
+
+
+def ba_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``BA(**options).run(...)``: the Barber–Agakov bounds of :class:`BA` with options given by name
+    (see :func:`~pyro_mi.bounds.declare`)."""
+    from . import run_method
+
+    return run_method("ba", density, proposal, x, z, args, options)
 
 
 def _ba(density, proposal, x, z, num_particles, progress, points_per_block, differentiable) -> MIResult:

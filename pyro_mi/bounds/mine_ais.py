@@ -47,21 +47,23 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from dataclasses import dataclass, field, fields
 
 import pyro
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
+from ..checkpoint import Checkpoint, finishing, fingerprint
 from ..critics import check_critic
 from ..density import Data, ModelDensity
 from ..proposal import GaussianEncoder, PriorProposal, proposal_from_point
 from ..result import MIResult, require_finite
+from ..runtime import RUNTIME_FIELDS, Runtime, cli
 from ..samplers import StepSizeAdapter, hmc
 from ..training import train
-from ..distributed import POINTS_PER_BLOCK, broadcast_module, check_points_per_block
-from .ais import (DEFAULTS, proposal_identity, ais_settings, anneal_log_normalizer, check_options, default_chunk)
+from ..distributed import broadcast_module
+from .ais import AIS, anneal_log_normalizer, proposal_identity, resolved
+from .declaration import BATCH_SIZE_FLAG, LR_FLAG, MAX_STEPS_FLAG, Bound, check_positive_int
 from .giwae import default_giwae_critic, giwae_terms
 from .likelihood_critic import LikelihoodCritic, fit_likelihood_critic
 
@@ -99,7 +101,7 @@ class IBALPath:
 
     def __init__(self, density: ModelDensity, proposal, critic, x: Data):
         self.x, self.xf, self.q, self.critic = x, density.flatten_data(x), proposal, critic
-        self.gaussian = type(proposal) is GaussianEncoder
+        self.gaussian = isinstance(proposal, GaussianEncoder)
         if self.gaussian:
             with torch.no_grad():
                 self.mu, self.sigma = proposal(x)
@@ -134,30 +136,29 @@ def _evaluate(
     critic,
     x: Data,
     z: torch.Tensor,
+    ais: AIS,
+    runtime: Runtime,
     *,
     seed: int,
     checkpoint,
     settings: dict,
     diagnostics: dict,
     giwae: bool = True,
-    **ais,
+    gather: bool = True,
 ) -> MIResult:
     """The AIS evaluation of IBAL(q, T) on (x, z): the shared part of both front ends."""
     path = IBALPath(density, proposal, critic, x)
     with torch.no_grad(), pyro.validation_enabled(False):
         ba = path.log_q(z) - density.log_prior(z, x)
         t_pos = critic(path.xf, z)
-    record = ais.pop("record")
 
     def path_of(lo, hi):
         xb = {k: v[lo:hi] for k, v in x.items()}
         block = IBALPath(density.from_point(lo), proposal_from_point(proposal, lo), critic, xb)
         return block.components, block.draw_pi0
 
-    out = anneal_log_normalizer(
-        path_of, path.to_u(z), kind="im-ais", seed=seed, checkpoint=checkpoint,
-        record=record, constrained=lambda u: density.constrained(path.to_z(u)), **ais,
-    )
+    out = anneal_log_normalizer(path_of, path.to_u(z), ais, runtime, seed=seed, checkpoint=checkpoint,
+                                constrained=lambda u: density.constrained(path.to_z(u)), gather=gather)
     notes = [PROP_M1_NOTE] + out["notes"]
     log_z_lower, log_z_upper = out["lower"], out["upper"]
     require_finite(method, {"log q(z|x) - log p(z) of the simulated points": ba,
@@ -191,21 +192,6 @@ def _evaluate(
                     diagnostics=diagnostics, warnings=warnings, notes=notes, x=x, z=z)
 
 
-def _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-                 pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback,
-                 progress, compile, points_per_block) -> dict:
-    check_points_per_block(points_per_block)
-    pilot_chains = check_options(num_chains, num_steps, num_leapfrog, step_size, adapt, pilot_chains, pilot_steps,
-                                 compile)
-    if save_chains is not None:
-        check_output_path(save_chains, "save_chains")
-    return dict(num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog, step_size=step_size,
-                schedule=schedule, adapt=adapt, pilot_chains=pilot_chains, pilot_steps=pilot_steps,
-                checkpoint_every=checkpoint_every, record=record or save_chains is not None,
-                max_chains_per_chunk=max_chains_per_chunk or default_chunk(density, min(z.shape[0], points_per_block)),
-                callback=callback, progress=progress, compile=compile, points_per_block=points_per_block)
-
-
 def _finish(result: MIResult, save_chains) -> MIResult:
     if save_chains is not None:
         from ..diagnostics import write_chains
@@ -214,32 +200,17 @@ def _finish(result: MIResult, save_chains) -> MIResult:
     return result
 
 
-def ibal_bounds(
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    num_chains: int = DEFAULTS["num_chains"],
-    num_steps: int = DEFAULTS["num_steps"],
-    num_leapfrog: int = DEFAULTS["num_leapfrog"],
-    step_size: float = DEFAULTS["step_size"],
-    schedule="sigmoid",
-    *,
-    critic: Callable,
-    adapt: str = "pilot",
-    pilot_chains: int | None = None,
-    pilot_steps: int | None = None,
-    generator: torch.Generator | None = None,
-    checkpoint: str | None = None,
-    checkpoint_every: float = 60.0,
-    save_chains: str | None = None,
-    record: bool = False,
-    max_chains_per_chunk: int | None = None,
-    callback: Callable | None = None,
-    progress: bool = True,
-    compile: str = "auto",
-    points_per_block: int = POINTS_PER_BLOCK,
-) -> MIResult:
+#: the options of :class:`AIS` that MINE-AIS's evaluation takes (it refines no points and uses IM-AIS)
+AIS_OPTIONS = tuple(f.name for f in fields(AIS) if f.name not in ("refine", "estimator"))
+
+
+def _ais_of(name: str, options: dict) -> tuple[AIS, dict]:
+    """The IM-AIS evaluation declared by the :data:`AIS_OPTIONS` in ``options``, and the rest."""
+    return (AIS(refine=0.0, **{k: v for k, v in options.items() if k in AIS_OPTIONS}),
+            {k: v for k, v in options.items() if k not in AIS_OPTIONS})
+
+
+def ibal_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, critic, **options) -> MIResult:
     """Multi-sample AIS evaluation of IBAL(q, T) for a given base and critic (App. M.2).
 
     E.g. the (q, T) that :func:`~pyro_mi.bounds.giwae_bounds` or ``infonce_bounds`` trained
@@ -252,11 +223,10 @@ def ibal_bounds(
         density: the model's :class:`~pyro_mi.density.ModelDensity`.
         proposal: the base q(z|x) (prior, guide or encoder proposal).
         x, z: simulated observations ``{site: (N, ...)}`` and their packed latents (N, D).
-        AIS options: ``num_chains``, ``num_steps``, ``num_leapfrog``, ``step_size``, ``schedule``,
-            ``adapt``, ``pilot_chains``, ``pilot_steps``, ``generator``, ``checkpoint``,
-            ``checkpoint_every``, ``save_chains``, ``record``, ``max_chains_per_chunk``, ``callback``,
-            ``progress``, ``compile``, ``points_per_block``: as for :func:`~pyro_mi.bounds.ais_bounds`.
         critic: ``critic(x_flat (..., N, obs_dim), z (..., N, D)) -> (..., N)``, differentiable in z.
+        args, options: the evaluation's :class:`~pyro_mi.bounds.ais.AIS` options (:data:`AIS_OPTIONS`,
+            positional in that order or by name; it refines no points) and
+            :class:`~pyro_mi.runtime.Runtime` settings, by name.
 
     Returns:
         :class:`~pyro_mi.result.MIResult` (method ``"ibal"``, nats): ``lower`` the IBAL lower
@@ -270,25 +240,31 @@ def ibal_bounds(
         ValueError: as :func:`~pyro_mi.bounds.ais_bounds`, and a non-finite critic or base
             density at the simulated points.
     """
+    if len(args) > len(AIS_OPTIONS) or set(AIS_OPTIONS[:len(args)]) & options.keys():
+        raise TypeError(f"ibal_bounds() takes at most {len(AIS_OPTIONS)} positional options ({AIS_OPTIONS}), each "
+                        "given once")
+    options = {**dict(zip(AIS_OPTIONS, args)), **options}
+    unknown = [k for k in options if k not in AIS_OPTIONS and k not in RUNTIME_FIELDS]
+    if unknown:
+        raise ValueError(f"ibal_bounds takes no option {unknown[0]!r}")
+    ais, rest = _ais_of("ibal", options)
+    runtime = Runtime(**rest)
     if not callable(critic):
         raise TypeError(f"critic must be a callable critic(x_flat, z), got {type(critic).__name__}")
     check_critic(critic, density.obs_dim, density.latent_dim)
-    ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress,
-                       compile, points_per_block)
+    run = resolved(runtime, density, z)
     x = density.check_data(x)
-    seed = int(torch.randint(2**62, (1,), generator=generator))
-    settings = ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, ais["pilot_chains"],
-                            pilot_steps, compile)
+    seed = int(torch.randint(2**62, (1,), generator=runtime.generator))
+    settings = ais.settings(runtime.compile)
     ckpt = None
-    if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint, fingerprint("ibal", settings, seed, x, z, proposal_identity(proposal), critic,
-                                                  density.model, density.model_args, density.model_kwargs,
-                                                  ais["record"], ais["points_per_block"]))
+    if runtime.checkpoint is not None:
+        ckpt = Checkpoint(runtime.checkpoint, fingerprint(
+            "ibal", settings, seed, x, z, proposal_identity(proposal), critic, density.model, density.model_args,
+            density.model_kwargs, run.record, run.points_per_block))
     with finishing(ckpt):
-        result = _evaluate("ibal", density, proposal, critic, x, z, seed=seed, checkpoint=ckpt, settings=settings,
-                           diagnostics={}, **ais)
-    return _finish(result, save_chains)
+        result = _evaluate("ibal", density, proposal, critic, x, z, ais, run, seed=seed, checkpoint=ckpt,
+                           settings=settings, diagnostics={})
+    return _finish(result, runtime.save_chains)
 
 
 class _NegativeStepSize(nn.Module):
@@ -299,44 +275,8 @@ class _NegativeStepSize(nn.Module):
         self.register_buffer("value", torch.tensor(float(step_size)))
 
 
-def mine_ais_bounds(
-    density: ModelDensity,
-    proposal,
-    x: Data,
-    z: torch.Tensor,
-    num_chains: int = DEFAULTS["num_chains"],
-    num_steps: int = DEFAULTS["num_steps"],
-    num_leapfrog: int = DEFAULTS["num_leapfrog"],
-    step_size: float = DEFAULTS["step_size"],
-    schedule="sigmoid",
-    *,
-    critic: nn.Module | None = None,
-    likelihood_steps: int | None = None,
-    train_proposal: bool = False,
-    max_steps: int | None = None,
-    batch_size: int | None = None,
-    lr: float = 3e-3,
-    proposal_lr: float | None = None,
-    num_negative_steps: int | None = None,
-    hidden_sizes: tuple[int, ...] | None = None,
-    num_val: int = 128,
-    val_steps: int | None = None,
-    eval_every: int = 100,
-    patience: int = 5,
-    adapt: str = "pilot",
-    pilot_chains: int | None = None,
-    pilot_steps: int | None = None,
-    generator: torch.Generator | None = None,
-    checkpoint: str | None = None,
-    checkpoint_every: float = 60.0,
-    save_chains: str | None = None,
-    record: bool = False,
-    max_chains_per_chunk: int | None = None,
-    callback: Callable | None = None,
-    progress: bool = True,
-    compile: str = "auto",
-    points_per_block: int = POINTS_PER_BLOCK,
-) -> MIResult:
+@dataclass(frozen=True)
+class MineAIS(Bound):
     """MINE-AIS lower bound on I(x; z): energy-based training of (q, T), then AIS evaluation of the IBAL
     (Brekelmans et al. 2022, sec. 4, eq. 17–20, App. M).
 
@@ -364,16 +304,12 @@ def mine_ais_bounds(
     without improvement. The reported bound is then evaluated on (x, z), which played no
     part in training, as in :func:`ibal_bounds`.
 
-    Args:
-        density, proposal, x, z: as for :func:`ibal_bounds`.
-        AIS options: ``num_chains``, ``num_steps``, ``num_leapfrog``, ``step_size``, ``schedule``,
-            ``adapt``, ``pilot_chains``, ``pilot_steps``, ``generator``, ``save_chains``, ``record``,
-            ``max_chains_per_chunk``, ``callback``, ``progress``, ``compile``, ``points_per_block``:
-            the AIS evaluation's, as for
-            :func:`~pyro_mi.bounds.ais_bounds` (training runs whole in every process, and rank
-            0's critic is evaluated);
-            ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives (whose
-            densities are never traced: the critic changes between training steps).
+    Attributes:
+        ais: the evaluation's :class:`~pyro_mi.bounds.ais.AIS` (IM-AIS, ``refine=0``: default
+            ``AIS(refine=0.0)``; training runs whole in every process, and rank 0's critic is
+            evaluated); its ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives
+            (whose densities are never traced: the critic changes between training steps). As flat
+            options (:meth:`from_options`, ``estimate_mi``) its fields are :data:`AIS_OPTIONS`.
         critic: a module ``critic(x_flat, z) -> (..., N)`` trained in place; default: the
             likelihood critic where it applies (``likelihood_steps``), else GIWAE's residual
             critic for a GaussianEncoder base or an MLP on [standardised x, z] with a zero last
@@ -387,9 +323,8 @@ def mine_ais_bounds(
             GaussianEncoder base), else 0.
         train_proposal: train a copy of a GaussianEncoder base jointly (eq. 19). Off by default:
             π depends on q e^T only, so the residual critic (whose b(x)ᵀu term shifts q's mean)
-            already spans what training q adds; on linear-vae (N = 512) a jointly trained q
-            drifted (BA term 22.30 -> 22.10 nats) and the bound ended at 22.29, below BA (22.30);
-            with q fixed (and batch 128, lr 3e-3) it reached 22.43.
+            already spans what training q adds, and a jointly trained q drifted below BA on
+            linear-vae (the docs' tuning page).
         max_steps: energy-based training steps (None: 0 after the likelihood critic's fit, which
             they did not improve on linear-vae; else 2000).
         batch_size, lr: simulated pairs per step and the critic's Adam learning rate, of the
@@ -400,33 +335,97 @@ def mine_ais_bounds(
         hidden_sizes: widths of the default critic's hidden layers (default (256, 256); not with ``critic``).
         num_val, val_steps, eval_every, patience: early stopping on the validation IBAL
             (``val_steps`` defaults to ``num_steps``).
-        checkpoint: file for the training state and the evaluation's chains, saved every
-            ``checkpoint_every`` seconds and on KeyboardInterrupt; the same call resumes
-            training or evaluation where it stopped, with the same result.
 
-    Returns:
-        :class:`~pyro_mi.result.MIResult` (method ``"mine-ais"``): as :func:`ibal_bounds`,
-        with ``training`` (:class:`~pyro_mi.training.TrainingLog`), ``proposal`` and
-        ``critic`` in ``diagnostics``.
+    Runtime: every :class:`~pyro_mi.runtime.Runtime` setting; the ``checkpoint`` holds the training
+    state and the evaluation's chains, saved every ``checkpoint_every`` seconds and on
+    KeyboardInterrupt; the same call resumes training or evaluation where it stopped, with the same
+    result.
+
+    :meth:`run` returns an :class:`~pyro_mi.result.MIResult` (method ``"mine-ais"``): as
+    :func:`ibal_bounds`, with ``training`` (:class:`~pyro_mi.training.TrainingLog`), ``proposal``
+    and ``critic`` in ``diagnostics``.
 
     Raises:
-        ValueError: bad training or AIS settings (naming the option), an unwritable, busy
-            or foreign checkpoint, a non-finite objective or bound.
+        ValueError: bad training or AIS settings (naming the option, when declared); at :meth:`run`,
+            an unwritable, busy or foreign checkpoint, a non-finite objective or bound.
     """
-    for name, v in (("batch_size", batch_size), ("num_negative_steps", num_negative_steps),
-                    ("num_val", num_val), ("val_steps", val_steps)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+    ais: AIS = field(default_factory=lambda: AIS(refine=0.0))
+    critic: nn.Module | None = None
+    likelihood_steps: int | None = field(default=None, metadata=cli(
+        "> 0: MINE-AIS's critic is a Gaussian surrogate likelihood, fitted by maximum likelihood on simulated pairs "
+        "for at most this many steps", type=int))
+    train_proposal: bool = False
+    max_steps: int | None = field(default=None, metadata=MAX_STEPS_FLAG)
+    batch_size: int | None = field(default=None, metadata=BATCH_SIZE_FLAG)
+    lr: float = field(default=3e-3, metadata=LR_FLAG)
+    proposal_lr: float | None = None
+    num_negative_steps: int | None = field(default=None, metadata=cli(
+        "M, HMC transitions per MINE-AIS negative sample", type=int))
+    hidden_sizes: tuple[int, ...] | None = None
+    num_val: int = 128
+    val_steps: int | None = None
+    eval_every: int = 100
+    patience: int = 5
+
+    RUNTIME = frozenset(RUNTIME_FIELDS)
+
+    def __post_init__(self):
+        if not isinstance(self.ais, AIS) or self.ais.refine != 0 or self.ais.estimator != "im":
+            raise ValueError(f"ais must be an AIS(refine=0.0) with the IM estimator (MINE-AIS refines no points), "
+                             f"got {self.ais!r}")
+        for name in ("batch_size", "num_negative_steps", "val_steps"):
+            check_positive_int(name, getattr(self, name), optional=True)
+        check_positive_int("num_val", self.num_val)
+        if self.hidden_sizes is not None and self.critic is not None:
+            raise ValueError("hidden_sizes shapes the default critic; it does not apply when a critic is given")
+        if self.likelihood_steps is not None and (isinstance(self.likelihood_steps, bool)
+                                                  or not isinstance(self.likelihood_steps, int)
+                                                  or self.likelihood_steps < 0):
+            raise ValueError(f"likelihood_steps must be a non-negative integer, got {self.likelihood_steps!r}")
+        if self.likelihood_steps and self.critic is not None:
+            raise ValueError("likelihood_steps fits the likelihood critic; it does not apply when a critic is given")
+
+    @property
+    def name(self) -> str:
+        return "mine-ais"
+
+    def options(self) -> dict:
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ais"}
+        return {**{k: getattr(self.ais, k) for k in AIS_OPTIONS}, **own}
+
+    @classmethod
+    def option_fields(cls) -> dict:
+        ais = {f.name: f for f in fields(AIS) if f.name in AIS_OPTIONS}
+        return {**ais, **{f.name: f for f in fields(cls) if f.name != "ais"}}
+
+    @classmethod
+    def from_options(cls, **options) -> "MineAIS":
+        ais, own = _ais_of("mine-ais", options)
+        return cls(ais=ais, **own)
+
+    def run(self, density, proposal, x, z, runtime: Runtime = Runtime()) -> MIResult:
+        return _mine_ais(self, density, proposal, x, z, runtime)
+
+
+def mine_ais_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args, **options) -> MIResult:
+    """``MineAIS.from_options(**options).run(...)`` with options given by name (see
+    :func:`~pyro_mi.bounds.declare`)."""
+    from . import run_method
+
+    return run_method("mine-ais", density, proposal, x, z, args, options)
+
+
+def _mine_ais(spec: MineAIS, density: ModelDensity, proposal, x: Data, z: torch.Tensor, runtime: Runtime) -> MIResult:
+    """The run of :class:`MineAIS`."""
+    critic, likelihood_steps, max_steps, num_negative_steps = (spec.critic, spec.likelihood_steps, spec.max_steps,
+                                                                spec.num_negative_steps)
+    batch_size, proposal_lr, hidden_sizes, val_steps, lr = (spec.batch_size, spec.proposal_lr, spec.hidden_sizes,
+                                                            spec.val_steps, spec.lr)
+    ais, progress, generator = spec.ais, runtime.progress, runtime.generator
     # an option that would be ignored is an error
-    if proposal_lr is not None and not (train_proposal and isinstance(proposal, GaussianEncoder)):
+    if proposal_lr is not None and not (spec.train_proposal and isinstance(proposal, GaussianEncoder)):
         raise ValueError("proposal_lr applies only with train_proposal=True and a GaussianEncoder proposal")
-    if hidden_sizes is not None and critic is not None:
-        raise ValueError("hidden_sizes shapes the default critic; it does not apply when a critic is given")
-    if likelihood_steps is not None and (isinstance(likelihood_steps, bool) or not isinstance(likelihood_steps, int)
-                                         or likelihood_steps < 0):
-        raise ValueError(f"likelihood_steps must be a non-negative integer, got {likelihood_steps!r}")
-    if likelihood_steps and critic is not None:
-        raise ValueError("likelihood_steps fits the likelihood critic; it does not apply when a critic is given")
     if likelihood_steps is None:
         applies = critic is None and not density.has_data_plate and isinstance(proposal, (PriorProposal, GaussianEncoder))
         likelihood_steps = LIKELIHOOD_STEPS if applies else 0
@@ -440,12 +439,10 @@ def mine_ais_bounds(
     batch_size = 128 if batch_size is None else batch_size
     proposal_lr = 1e-4 if proposal_lr is None else proposal_lr
     hidden_sizes = (256, 256) if hidden_sizes is None else tuple(hidden_sizes)
-    ais = _ais_options(density, z, num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, pilot_chains,
-                       pilot_steps, checkpoint_every, save_chains, record, max_chains_per_chunk, callback, progress,
-                       compile, points_per_block)
+    run = resolved(runtime, density, z)
     x = density.check_data(x)
-    val_steps = num_steps if val_steps is None else val_steps
-    trained_q = isinstance(proposal, GaussianEncoder) and train_proposal
+    val_steps = ais.num_steps if val_steps is None else val_steps
+    trained_q = isinstance(proposal, GaussianEncoder) and spec.train_proposal
     q = copy.deepcopy(proposal) if isinstance(proposal, GaussianEncoder) else proposal
     if isinstance(q, GaussianEncoder):
         q.prior_weight = 0.0  # MINE-AIS's base is the Gaussian encoder itself (whitened, module docstring)
@@ -460,22 +457,21 @@ def mine_ais_bounds(
     if not isinstance(critic, nn.Module):
         raise TypeError(f"critic must be a torch.nn.Module (it is trained), got {type(critic).__name__}")
     check_critic(critic, density.obs_dim, density.latent_dim)
-    eps = _NegativeStepSize(step_size).to(z.device)
+    eps = _NegativeStepSize(ais.step_size).to(z.device)
     modules = [m for m in ((q if trained_q else None), critic, eps) if m is not None]
     seed = int(torch.randint(2**62, (1,), generator=generator))
     settings = {
-        **ais_settings(num_chains, num_steps, num_leapfrog, step_size, schedule, adapt, ais["pilot_chains"],
-                       pilot_steps, compile),
+        **ais.settings(runtime.compile),
         "max_steps": max_steps, "batch_size": batch_size, "num_negative_steps": num_negative_steps,
-        "num_val": num_val, "val_steps": val_steps, "proposal_trained": trained_q,
+        "num_val": spec.num_val, "val_steps": val_steps, "proposal_trained": trained_q,
         "likelihood_steps": likelihood_steps,
     }
     ckpt = None
-    if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint, fingerprint(
-            "mine-ais", settings, seed, lr, proposal_lr, eval_every, patience, hidden_sizes, x, z,
+    if runtime.checkpoint is not None:
+        ckpt = Checkpoint(runtime.checkpoint, fingerprint(
+            "mine-ais", settings, seed, lr, proposal_lr, spec.eval_every, spec.patience, hidden_sizes, x, z,
             proposal_identity(proposal), critic, density.model, density.model_args, density.model_kwargs,
-            ais["record"], ais["points_per_block"]))
+            run.record, run.points_per_block))
     adapter = StepSizeAdapter("scaling", factor=2.0, target_accept=NEGATIVE_TARGET_ACCEPT)
     stats = {"accept": []}
 
@@ -486,7 +482,7 @@ def mine_ais_bounds(
         state = hmc.init(path.components, path.to_u(zb).unsqueeze(0))
         accept = zb.new_zeros(())
         for _ in range(num_negative_steps):
-            state, info = hmc.step(state, path.components, 1.0, eps.value, num_leapfrog)
+            state, info = hmc.step(state, path.components, 1.0, eps.value, ais.num_leapfrog)
             accept = accept + info.accept_prob.mean() / num_negative_steps
         with torch.no_grad():
             eps.value.copy_(adapter.update(eps.value.view(1, 1), accept.view(1, 1)).view(()))
@@ -499,16 +495,16 @@ def mine_ais_bounds(
         return (pos - neg).mean()  # a surrogate whose gradient is eq. 19–20's (negatives fixed)
 
     with torch.no_grad():
-        x_val, z_val = density.sample(num_val)
+        x_val, z_val = density.sample(spec.num_val)
     val_seed = int(torch.randint(2**62, (1,), generator=generator))
 
     def validate() -> float:
         try:
-            r = _evaluate("mine-ais", density, q, critic, x_val, z_val, seed=val_seed, checkpoint=None, settings={},
-                          diagnostics={}, giwae=False, **{**ais, "num_chains": 1, "num_steps": val_steps, "adapt": "none",
-                                         "step_size": float(eps.value), "pilot_chains": 8, "pilot_steps": None,
-                                         "record": False, "callback": None, "progress": False,
-                                         "compile": "none", "gather": False})
+            r = _evaluate("mine-ais", density, q, critic, x_val, z_val,
+                          ais.replace(num_chains=1, num_steps=val_steps, adapt="none", step_size=float(eps.value),
+                                      pilot_chains=None, pilot_steps=None),
+                          run.replace(record=False, callback=None, progress=False, compile="none"),
+                          seed=val_seed, checkpoint=None, settings={}, diagnostics={}, giwae=False, gather=False)
         except ValueError:  # a non-finite critic or bound: the worst score, never the kept parameters
             return -math.inf
         return r.lower
@@ -517,23 +513,23 @@ def mine_ais_bounds(
         if likelihood_steps:
             likelihood_log = fit_likelihood_critic(
                 density, critic, max_steps=likelihood_steps, batch_size=fit_batch_size, lr=lr, progress=progress,
-                checkpoint=ckpt.section("likelihood") if ckpt else None, checkpoint_every=checkpoint_every)
+                checkpoint=ckpt.section("likelihood") if ckpt else None, checkpoint_every=runtime.checkpoint_every)
         with pyro.validation_enabled(False):
-            log = train(modules, objective, validate=validate, max_steps=max_steps, lr=lr, eval_every=eval_every,
-                        patience=patience, progress=progress, desc="fit mine-ais",
+            log = train(modules, objective, validate=validate, max_steps=max_steps, lr=lr, eval_every=spec.eval_every,
+                        patience=spec.patience, progress=progress, desc="fit mine-ais",
                         module_lrs=[proposal_lr if m is q else None for m in modules],
-                        checkpoint=ckpt.section("training") if ckpt else None, checkpoint_every=checkpoint_every)
+                        checkpoint=ckpt.section("training") if ckpt else None, checkpoint_every=runtime.checkpoint_every)
         for m in modules:
             m.eval()
             broadcast_module(m)  # every rank evaluates rank 0's (q, T)
         result = _evaluate(
-            "mine-ais", density, q, critic, x, z, seed=seed, checkpoint=ckpt.section("evaluation") if ckpt else None,
+            "mine-ais", density, q, critic, x, z, ais, run, seed=seed,
+            checkpoint=ckpt.section("evaluation") if ckpt else None,
             settings={**settings, "steps": log.steps},
             diagnostics={"training": log, "likelihood_training": likelihood_log, "proposal": q, "critic": critic,
                          "negative_step_size": float(eps.value),
                          "negative_accept_rate": float(torch.stack(stats["accept"]).mean()) if stats["accept"]
-                         else None},
-            **ais)
+                         else None})
     if likelihood_steps:  # the surrogate may fit p(x|z) worse than q alone: BA of the base, paired per point
         with torch.no_grad(), pyro.validation_enabled(False):
             gain = (result.lower_per_point - (q.log_prob(z, x) - density.log_prior(z, x))).double()
@@ -543,7 +539,7 @@ def mine_ais_bounds(
                 f"the bound is below BA of its base by {-mean:.3f} ± {se:.3f} nats (paired per point): the likelihood "
                 "critic's surrogate of p(x|z) fits poorly; raise likelihood_steps, or set likelihood_steps=0 for the "
                 "residual critic")
-    return _finish(result, save_chains)
+    return _finish(result, runtime.save_chains)
 
 
-__all__ = ["IBALPath", "ibal_bounds", "mine_ais_bounds"]
+__all__ = ["AIS_OPTIONS", "IBALPath", "MineAIS", "ibal_bounds", "mine_ais_bounds"]

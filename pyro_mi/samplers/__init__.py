@@ -11,7 +11,8 @@ from .ais import AISState, StepInfo, anneal
 from .compile import COMPILE_MODES, Compiled, compile_components
 from .hmc import HMCInfo, HMCState
 from .schedules import SCHEDULES, get_schedule, linear_schedule, sigmoid_schedule
-from .step_size import TARGET_ACCEPT, StepSizeAdapter, freeze, pilot_step_sizes, search_step_size
+from .step_size import (TARGET_ACCEPT, OnlineAdapter, PilotAdapter, StepSizeAdapter, freeze, pilot_step_sizes,
+                        search_step_size)
 
 __all__ = [
     "AISState",
@@ -21,6 +22,8 @@ __all__ = [
     "HMCState",
     "SCHEDULES",
     "StepInfo",
+    "OnlineAdapter",
+    "PilotAdapter",
     "StepSizeAdapter",
     "TARGET_ACCEPT",
     "anneal",

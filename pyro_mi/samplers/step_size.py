@@ -23,13 +23,10 @@ Two rules (:class:`StepSizeAdapter`):
   acceptance, clamped to a factor of 4 a step: it reaches the target in a step or two
   from far away and sits still near it.
 
-The pilot aims at 90% mean acceptance, not the paper's 65%. On stiff posteriors (the
-linear-Gaussian z in R^5, x in R^40, sigma = 0.5) the acceptance of leapfrog HMC is a
-cliff: about 0.8 up to twice the posterior's smallest scale, then near 0. A mean of 65%
-sits on the edge, where a frozen step size diverges for many chains. Measured there (N = 500,
-K = 16, prior as pi0): tuned to 65% the bound-bearing chains accepted 23% of moves at T = 100
-(gap 23.7 nats); tuned to 90%, 81% at T = 100 and 87% at T = 1000, with gaps of 1.64 and
-0.019 nats, 6x and 31x narrower than online adaptation's (9.85 and 0.589).
+The pilot aims at 90% mean acceptance, not the paper's 65%. On stiff posteriors the
+acceptance of leapfrog HMC is a cliff: high up to about twice the posterior's smallest
+scale, then near 0. A mean of 65% sits on the edge, where a frozen step size diverges for
+many chains (the measurements: the docs' tuning page).
 """
 
 from __future__ import annotations
@@ -153,6 +150,91 @@ def pilot_grid(num_steps: int, num_pilot_steps: int) -> torch.Tensor:
     return torch.linspace(0, num_steps, P + 1, dtype=torch.float64).round().long().unique()
 
 
+class PilotAdapter:
+    """The pilot's step-size adaptation, as init / update / final.
+
+    ``init`` searches a starting step size per data point at the first pilot beta
+    (:func:`search_step_size`); the pilot's chains then anneal along the sub-grid :attr:`betas`
+    (:func:`pilot_grid`) with :attr:`rule` (the pooled ``"scaling"`` rule of :class:`StepSizeAdapter`)
+    adapting one step size per data point, ``update`` recording the step size tuned at each pilot
+    beta (the geometric mean of the values before and after its update, which cancels the rule's
+    oscillation); ``final`` interpolates them over all T + 1 beta indices (:func:`freeze`), the table
+    every bound-bearing chain then runs with, fixed.
+
+    Args:
+        betas: the full schedule (T + 1,), T >= 2.
+        num_pilot_steps: P, the pilot's annealing steps (default ceil(T / 5), at least 5).
+        target_accept: the pilot's target mean acceptance (0.9; see the module docstring).
+        smooth: the width of the moving average over pilot betas (1: none).
+    """
+
+    def __init__(self, betas: torch.Tensor, num_pilot_steps: int | None = None,
+                 target_accept: float = PILOT_TARGET_ACCEPT, smooth: int = 5):
+        self.num_betas = betas.numel()
+        T = self.num_betas - 1
+        P = num_pilot_steps if num_pilot_steps is not None else max(5, math.ceil(T / 5))
+        self.grid = pilot_grid(T, P)
+        self.betas = betas[self.grid]
+        self.rule = StepSizeAdapter("scaling", 4.0, target_accept=target_accept, pool_chains=True)
+        self.smooth = smooth
+        self._logs: list[torch.Tensor] = []
+        self._start: torch.Tensor | None = None
+
+    def init(self, components: Callable, state: hmc.HMCState, step_size, generator=None) -> torch.Tensor:
+        """The starting step sizes (N,): a search from ``step_size`` at the first pilot beta."""
+        self._start = search_step_size(components, state, self.betas[1], step_size, generator)
+        return self._start
+
+    def update(self, state, info: StepInfo) -> None:
+        """Records the step size of a pilot transition (an ``on_step`` observer of the pilot's anneal)."""
+        if info.hmc is not None:
+            self._logs.append(state.step_size.log().mean(0))
+
+    def final(self) -> torch.Tensor:
+        """The frozen table (T + 1, N) of step sizes."""
+        if not self._logs:
+            return self._start.expand(self.num_betas, -1).clone()
+        trans = self.grid[1:-1]  # the pilot's transitions: at fine indices grid[1] .. grid[P - 1]
+        return freeze(trans, _moving_average(torch.stack(self._logs), self.smooth), self.num_betas)
+
+
+class OnlineAdapter:
+    """The online mode's step-size adaptation (approximate: Brekelmans et al. 2022, App. O.1.2), as
+    init / update / final.
+
+    :attr:`rule` (the paper's multiplicative rule, 1.02 a step) adapts each forward chain's step size
+    along its own path, from ``init``'s start; ``update``, an observer ``(key, state, info)`` of
+    those chains, sums the log step size used at each transition over the chains (per chunk
+    ``key``, so that a checkpoint keeps it); ``final`` freezes their mean per beta index into the
+    table (T + 1, N) the reverse chains run with.
+    """
+
+    #: the per-chain rule (a class attribute: the adapter's state is :attr:`data` alone)
+    rule = StepSizeAdapter("multiplicative", 1.02)
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def init(self, step_size) -> float:
+        """The forward chains' starting step size: ``step_size`` itself."""
+        return step_size
+
+    def update(self, key, state, info: StepInfo) -> None:
+        """Adds the log step sizes of a transition of chunk ``key``."""
+        if info.hmc is None:
+            return
+        d = self.data.setdefault(key, {})
+        d[state.step] = d.get(state.step, 0) + info.step_size.log().sum(0)
+
+    __call__ = update  # an observer of the chains
+
+    def final(self, num_betas: int, num_chains: int) -> torch.Tensor:
+        """The mean step size per beta index over the ``num_chains`` forward chains, frozen: (T + 1, N)."""
+        T = num_betas - 1
+        sums = [sum(d[j] for d in self.data.values()) / num_chains for j in range(1, T)]
+        return freeze(torch.arange(1, T), torch.stack(sums), num_betas)
+
+
 def pilot_step_sizes(
     components: Callable,
     z_init: torch.Tensor,
@@ -170,22 +252,15 @@ def pilot_step_sizes(
     """Tunes step sizes in a cheap pilot and returns them frozen: (T + 1, N).
 
     The pilot's forward chains start at ``z_init`` (draws of pi0, typically a few chains
-    per data point), search a starting step size per data point at the first pilot beta
-    (:func:`search_step_size`), then anneal along the sub-grid :func:`pilot_grid` of
-    ``betas`` with one step size per data point adapted by the pooled ``"scaling"`` rule
-    of :class:`StepSizeAdapter`. The step size tuned at each pilot beta (the geometric mean
-    of the values before and after its update, which cancels the rule's oscillation) is
-    interpolated over all T + 1 beta indices by :func:`freeze`. Their weights are thrown
-    away: the pilot's only output is the table.
+    per data point) and anneal with the adaptation of :class:`PilotAdapter`. Their weights are
+    thrown away: the pilot's only output is the table.
 
     Args:
         components, num_leapfrog, generator: as :func:`~pyro_mi.samplers.ais.anneal`.
         z_init: (C_pilot, N, D) starting positions, draws of pi0.
         betas: the full schedule (T + 1,).
         step_size: the starting step size of the search (float).
-        num_pilot_steps: P, the pilot's annealing steps (default ceil(T / 5), at least 5).
-        target_accept: the pilot's target mean acceptance (0.9; see the module docstring).
-        smooth: the width of the moving average over pilot betas (1: none).
+        num_pilot_steps, target_accept, smooth: as :class:`PilotAdapter`.
         on_step: optional callback ``on_step(state, info)`` (progress bars).
         return_weights: also return the pilot chains' final log weights (C_pilot, N): how far
             from the target each point's pilot ended (their spread).
@@ -199,25 +274,18 @@ def pilot_step_sizes(
     if T < 2:  # no transitions: the step size is never used
         table = z_init.new_full((T + 1, N), float(step_size))
         return (table, z_init.new_zeros(z_init.shape[:2])) if return_weights else table
-    P = num_pilot_steps if num_pilot_steps is not None else max(5, math.ceil(T / 5))
-    idx = pilot_grid(T, P)
-    coarse = betas[idx]
-    st = hmc.init(components, z_init)
-    eps0 = search_step_size(components, st, coarse[1], step_size, generator)
-    trans = idx[1:-1]  # the pilot's transitions: at fine indices idx[1] .. idx[P - 1]
-    logs = []
+    pilot = PilotAdapter(betas, num_pilot_steps, target_accept, smooth)
+    eps0 = pilot.init(components, hmc.init(components, z_init), step_size, generator)
 
-    def record(state, info: StepInfo):
-        if info.hmc is not None:
-            logs.append(state.step_size.log().mean(0))
+    def observe(state, info: StepInfo):
+        pilot.update(state, info)
         if on_step is not None:
             on_step(state, info)
 
     reverse = torch.zeros(z_init.shape[0], dtype=torch.bool, device=z_init.device)
-    final = anneal(components, z_init, reverse, coarse, eps0, num_leapfrog, generator,
-                   adapter=StepSizeAdapter("scaling", 4.0, target_accept=target_accept, pool_chains=True),
-                   on_step=record)
-    table = freeze(trans, _moving_average(torch.stack(logs), smooth), T + 1) if logs else eps0.expand(T + 1, N).clone()
+    final = anneal(components, z_init, reverse, pilot.betas, eps0, num_leapfrog, generator, adapter=pilot.rule,
+                   on_step=observe)
+    table = pilot.final()
     return (table, final.log_weights) if return_weights else table
 
 
