@@ -79,8 +79,8 @@ class Runtime:
         "numbers), inductor (torch.compile; CUDA graphs on GPU), auto (trace when --num-steps x --num-leapfrog "
         ">= 1500)", choices=("auto",) + COMPILE_MODES))
     points_per_block: int | None = field(default=None, metadata=cli(
-        "data points per block: the unit that torchrun's processes share out, each with random numbers of its own",
-        type=int))
+        "data points per block: the unit that torchrun's processes share out, each with random numbers of its own "
+        "(default 1024; ba and iwae: as many as one chunk of log weights holds, at least 1024)", type=int))
 
     def __post_init__(self):
         if self.compile not in ("auto",) + COMPILE_MODES:
