@@ -92,7 +92,8 @@ class MIResult:
         settings: the run's settings (num_particles, num_steps, ...).
         diagnostics: method-specific statistics (chain statistics, fitted-guide losses, ...); a
             per-point one is a tensor whose last axis is the points (N), or a list of point indices
-            under a key of :data:`POINT_INDEX_KEYS`.
+            under a key of :data:`POINT_INDEX_KEYS`; a number ``k`` beside a per-point ``k_per_point``
+            is its mean.
         warnings: reasons why a number may be loose or wrong (divergent chains, low ESS,
             crossed sides, approximate modes); empty when there are none.
         notes: conditions under which a side is a bound, where it is not one unconditionally
@@ -164,8 +165,9 @@ class MIResult:
         """The result of some of the points: ``index`` (a slice, or a LongTensor of point indices)
         applied to the per-point values, x, z and every per-point diagnostic (by the contract of
         :attr:`diagnostics`: a tensor whose last axis is the points, or a list of point indices under
-        a key of :data:`POINT_INDEX_KEYS`, renumbered); its means, standard errors and crossing are
-        its own, and it carries the other warnings and notes (:meth:`carried`).
+        a key of :data:`POINT_INDEX_KEYS`, renumbered; a number ``k`` beside ``k_per_point`` is
+        the selection's mean); its means, standard errors and crossing are its own, and it carries
+        the other warnings and notes (:meth:`carried`).
 
         Raises:
             ValueError: a result without per-point values.
@@ -181,6 +183,10 @@ class MIResult:
         renumber = {int(i): j for j, i in enumerate(rows)}
         diagnostics = {k: [renumber[i] for i in v if i in renumber] if k in POINT_INDEX_KEYS else take(v)
                        for k, v in self.diagnostics.items()}
+        for k, v in diagnostics.items():  # a scalar with a per-point companion is its mean
+            per_point = diagnostics.get(f"{k}_per_point")
+            if isinstance(v, float) and isinstance(per_point, torch.Tensor) and per_point.dim() == 1:
+                diagnostics[k] = float(per_point.mean())
         warnings, notes = self.carried()
         return MIResult(
             self.method,

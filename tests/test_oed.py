@@ -389,6 +389,7 @@ def test_each_design_result_holds_its_own_points_and_is_judged_alone():
         assert res.diagnostics["step_sizes"].shape[-1] == 16
         assert all(0 <= i < 16 for i in res.diagnostics.get("refined_points", []))
         assert res.ceiling is None and float(res.lower_per_point.mean()) == pytest.approx(float(r.lower[b]))
+        assert res.diagnostics["ess"] == pytest.approx(float(res.diagnostics["ess_per_point"].mean()))
 
 
 def test_select_renumbers_points_and_judges_a_crossing_afresh():
@@ -399,7 +400,7 @@ def test_select_renumbers_points_and_judges_a_crossing_afresh():
                                           "dominant_points": [1, 2], "ess": 2.0})
     assert whole.gap == 0 and not whole.derived
     odd = whole.select(torch.tensor([1, 3, 5]))  # lower 1 > upper 0 at points 1 and 3: a crossing of their own
-    assert torch.equal(odd.diagnostics["ess_per_point"], torch.tensor([1.0, 3.0, 5.0]))
+    assert torch.equal(odd.diagnostics["ess_per_point"], torch.tensor([1.0, 3.0, 5.0])) and odd.diagnostics["ess"] == 3.0
     assert odd.diagnostics["log_w"].shape == (3, 3) and odd.diagnostics["dominant_points"] == [0]
     assert odd.warnings[0] == "kept" and odd.derived and odd.derived[0] in odd.notes + odd.warnings
     again = odd.select(torch.tensor([1, 2]))  # points 3 and 5 of the whole: a crossing is not carried
