@@ -44,7 +44,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from .bounds import Bound
-from .bounds.importance import IWAE, evals_per_chunk, ess_warnings
+from .bounds.importance import IWAE, evals_per_chunk, importance_warnings
 from .density import ModelDensity
 from .design_density import DesignDensity
 from .density.plates import sample_sites
@@ -533,9 +533,10 @@ def _shared_iwae(density: DesignDensity, num_designs: int, num_data: int, num_pa
             lower_per_point=log_lik[:, b] - eubo[:, b],
             upper_per_point=log_lik[:, b] - elbo[:, b],
             settings={"num_particles": K, "vectorize": density.vectorize},
-            diagnostics={"ess": float(ess.mean()), "log_p_x_lower": elbo[:, b], "log_p_x_upper": eubo[:, b],
+            diagnostics={"ess": float(ess.mean()), "ess_per_point": ess, "log_p_x_lower": elbo[:, b],
+                         "log_p_x_upper": eubo[:, b],
                          **{f"{side}_draws_variance": float(v[b]) for side, v in draws_var.items()}},
-            warnings=ess_warnings(K, ess),
+            checks=(importance_warnings,),
             notes=list(density.notices) + [
                 f"the K = {K} prior draws of this design are shared by its {N} experiments (as nmc_eig's inner "
                 "samples): each side is a bound in expectation, and its standard error adds the variance over "

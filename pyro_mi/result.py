@@ -129,8 +129,12 @@ class MIResult:
     ceiling: float | None = None
     write_errors: list[str] = field(default_factory=list)
     rerun: Callable[..., "MIResult"] | None = field(default=None, repr=False, compare=False)
-    #: the warnings and notes this result derived from its own sides (a crossing), which a result of
-    #: some of its points (:meth:`select`) judges afresh
+    #: functions ``check(result) -> list[str]`` deriving warnings from the result's per-point values and
+    #: diagnostics (a bound's: a low ESS, divergent chains); run when the result is made, and again on
+    #: each selection of its points (:meth:`select`)
+    checks: tuple = field(default=(), repr=False, compare=False)
+    #: the warnings and notes this result derived from its own points (a crossing, its checks), which a
+    #: result of some of its points (:meth:`select`) derives afresh
     derived: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -154,6 +158,10 @@ class MIResult:
                     "that depends on the simulated latents)"
                 )
             self.derived.append(said[-1])
+        for check in self.checks:
+            found = check(self)
+            self.warnings.extend(found)
+            self.derived.extend(found)
 
     def carried(self) -> tuple[list[str], list[str]]:
         """The warnings and notes that a result built from this one's points carries over: all but
@@ -166,8 +174,8 @@ class MIResult:
         applied to the per-point values, x, z and every per-point diagnostic (by the contract of
         :attr:`diagnostics`: a tensor whose last axis is the points, or a list of point indices under
         a key of :data:`POINT_INDEX_KEYS`, renumbered; a number ``k`` beside ``k_per_point`` is
-        the selection's mean); its means, standard errors and crossing are its own, and it carries
-        the other warnings and notes (:meth:`carried`).
+        the selection's mean); its means, standard errors, crossing and :attr:`checks` are its own,
+        and it carries the other warnings and notes (:meth:`carried`).
 
         Raises:
             ValueError: a result without per-point values.
@@ -175,14 +183,15 @@ class MIResult:
         N = self.num_data
         if not N:
             raise ValueError(f"result of method {self.method!r} has no per-point values to select from")
-        rows = torch.arange(N)[index]
-
         def take(v):
             return v[..., index] if isinstance(v, torch.Tensor) and v.dim() and v.shape[-1] == N else v
 
-        renumber = {int(i): j for j, i in enumerate(rows)}
-        diagnostics = {k: [renumber[i] for i in v if i in renumber] if k in POINT_INDEX_KEYS else take(v)
-                       for k, v in self.diagnostics.items()}
+        diagnostics = {k: take(v) for k, v in self.diagnostics.items()}
+        if any(k in diagnostics for k in POINT_INDEX_KEYS):
+            renumber = {i: j for j, i in enumerate(torch.arange(N)[index].tolist())}
+            for k in POINT_INDEX_KEYS:
+                if k in diagnostics:
+                    diagnostics[k] = [renumber[i] for i in diagnostics[k] if i in renumber]
         for k, v in diagnostics.items():  # a scalar with a per-point companion is its mean
             per_point = diagnostics.get(f"{k}_per_point")
             if isinstance(v, float) and isinstance(per_point, torch.Tensor) and per_point.dim() == 1:
@@ -199,6 +208,7 @@ class MIResult:
             x=None if self.x is None else {k: v[index] for k, v in self.x.items()},
             z=None if self.z is None else self.z[index],
             true_mi=self.true_mi,
+            checks=self.checks,
         )
 
     @property

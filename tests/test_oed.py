@@ -405,3 +405,17 @@ def test_select_renumbers_points_and_judges_a_crossing_afresh():
     assert odd.warnings[0] == "kept" and odd.derived and odd.derived[0] in odd.notes + odd.warnings
     again = odd.select(torch.tensor([1, 2]))  # points 3 and 5 of the whole: a crossing is not carried
     assert not any(d in again.warnings + again.notes for d in odd.derived)
+
+
+def test_a_results_checks_run_again_on_each_selection():
+    """A bound's warnings that depend on its points (MIResult.checks: IWAE's low ESS) are derived again
+    for each selection of the points, not copied from the whole."""
+    def low_mean(r):
+        return ["low"] if float(r.diagnostics["ess_per_point"].mean()) < 1.5 else []
+
+    lower, upper = torch.zeros(4), torch.ones(4)
+    whole = pyro_mi.MIResult("iwae", lower_per_point=lower, upper_per_point=upper, checks=(low_mean,),
+                             diagnostics={"ess_per_point": torch.tensor([1.0, 1.0, 3.0, 3.0])})
+    assert whole.warnings == []  # mean 2
+    assert whole.select(torch.tensor([0, 1])).warnings == ["low"]
+    assert whole.select(torch.tensor([2, 3])).warnings == []

@@ -297,8 +297,9 @@ def anneal_log_normalizer(
         dict with ``lower`` and ``upper`` (N,) bounds on log Z(x) (nats; the upper one
         holds if z are exact samples of the normalised gamma), ``betas``,
         ``diagnostics`` (ESS, log weights, step sizes, chain statistics, and
-        ``chains`` when ``record``), ``warnings`` (divergent chains, low ESS,
-        the approximate online mode) and ``notes`` (a trace that fell back to eager).
+        ``chains`` when ``record``), ``warnings`` (the approximate online mode; those of the
+        points — divergent and stuck chains, a low ESS — are :func:`chain_warnings`, a check of the
+        caller's result) and ``notes`` (a trace that fell back to eager).
     """
     N, D = z.shape
     num_steps, chunk, block_size = ais.num_steps, runtime.max_chains_per_chunk, runtime.points_per_block
@@ -358,35 +359,46 @@ def anneal_log_normalizer(
     }
     if "pilot_gap" in run:
         diagnostics["pilot_gap"] = run["pilot_gap"]
-    warnings = []
+    warnings = []  # those of the points are derived by chain_warnings, a check of the result
     if ais.adapt == "online":
         warnings.append("adapt='online' adapts step sizes along each chain's own path, which biases the AIS "
                         "weights: these bounds are approximate, not guaranteed (adapt='pilot' is exact)")
-    for name, what, advice in (
-            ("divergent_chains", "diverged (over 10% of their HMC transitions rejected as divergent)",
-             "a smaller step_size (adapt='none'), more num_steps, or a proposal closer to the posterior"),
-            ("stuck_chains", "never accepted a move, so their weights come from where they started",
-             "more num_steps (smaller steps between betas), or a proposal closer to the posterior")):
-        count = chain_stats.get(name)
-        if count is None or not int(count.sum()):
-            continue
-        points = count.nonzero().flatten()
-        listed = ", ".join(str(int(i)) for i in points[:5])
-        total = fwd.shape[0] + run["reverse"].shape[0] + run["reverse_from_forward"].shape[0]
-        warnings.append(
-            f"{int(count.sum())} of {total * N} chains ({int(count.sum()) / (total * N):.2%}) {what}, at "
-            f"{points.numel()} points (first: {listed}): the bounds stay valid but may be loose there; try {advice}")
-    if num_steps > 1 and fwd.shape[0] > 1 and float(ess.mean()) < ESS_WARNING:
-        warnings.append(
-            f"the importance ESS of the forward chains' weights is {float(ess.mean()):.2f} on average (below "
-            f"{ESS_WARNING}): one chain dominates each AIS estimate, so the bounds may be loose; "
-            "try more num_steps or num_chains")
     if recorder is not None:
         diagnostics["chains"] = _chains(constrained, recorder, run["keys"], run["reverse_flags"], betas,
                                         run["posterior"])
     notes = list(dict.fromkeys(n for blk in blocks for n in blk["notes"]))
     return {"lower": lower, "upper": upper, "betas": betas, "diagnostics": diagnostics, "warnings": warnings,
             "notes": notes}
+
+
+def chain_warnings(result: MIResult) -> list[str]:
+    """The warnings an AIS result derives from its points (one of its
+    :attr:`~pyro_mi.result.MIResult.checks`): chains that diverged or never moved (counted per point in
+    ``diagnostics``), and a low mean importance ESS of the forward chains' weights."""
+    d = result.diagnostics
+    fwd = d["log_weights_forward"]
+    N, total, T = fwd.shape[-1], fwd.shape[0] + d["log_weights_reverse"].shape[0], d["step_sizes"].shape[0] - 1
+    warnings = []
+    for name, what, advice in (
+            ("divergent_chains", "diverged (over 10% of their HMC transitions rejected as divergent)",
+             "a smaller step_size (adapt='none'), more num_steps, or a proposal closer to the posterior"),
+            ("stuck_chains", "never accepted a move, so their weights come from where they started",
+             "more num_steps (smaller steps between betas), or a proposal closer to the posterior")):
+        count = d.get(name)
+        if count is None or not int(count.sum()):
+            continue
+        points = count.nonzero().flatten()
+        listed = ", ".join(str(int(i)) for i in points[:5])
+        warnings.append(
+            f"{int(count.sum())} of {total * N} chains ({int(count.sum()) / (total * N):.2%}) {what}, at "
+            f"{points.numel()} points (first: {listed}): the bounds stay valid but may be loose there; try {advice}")
+    ess = d["ess_per_point"]
+    if T > 1 and fwd.shape[0] > 1 and float(ess.mean()) < ESS_WARNING:
+        warnings.append(
+            f"the importance ESS of the forward chains' weights is {float(ess.mean()):.2f} on average (below "
+            f"{ESS_WARNING}): one chain dominates each AIS estimate, so the bounds may be loose; "
+            "try more num_steps or num_chains")
+    return warnings
 
 
 def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tensor, runtime: Runtime) -> MIResult:
@@ -447,7 +459,8 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
         with torch.no_grad(), pyro.validation_enabled(False):
             draws["log_likelihood"] = density.log_terms(x, packed)[1]
     result = MIResult(method, lower_per_point=lower, upper_per_point=upper, settings=settings, diagnostics=diagnostics,
-                      warnings=out["warnings"] + no_lower + no_upper, notes=out["notes"], x=x, z=z)
+                      warnings=out["warnings"] + no_lower + no_upper, notes=out["notes"], x=x, z=z,
+                      checks=(chain_warnings,))
     if runtime.save_chains is not None:
         from ..diagnostics import write_chains
 

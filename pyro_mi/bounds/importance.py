@@ -219,21 +219,32 @@ def _iwae(density, proposal, x, z, num_particles, progress, points_per_block, di
     lower, no_lower = finite_side("iwae", "lower", log_lik - eubo,
                                   "the proposal's density is 0 at the simulated latents", advice)
     upper, no_upper = finite_side("iwae", "upper", log_lik - elbo, "every proposal draw has zero weight", advice)
-    warnings = ess_warnings(K, ess) + no_lower + no_upper
-    if int(t["nan_draws"].sum()):
-        warnings.append(f"{int(t['nan_draws'].sum())} proposal draws (at {int((t['nan_draws'] > 0).sum())} points) had a "
-                        "joint density that could not be evaluated (NaN: an overflow in the model at extreme "
-                        "latents) and were given zero weight")
     return MIResult(
         "iwae",
         lower_per_point=lower,
         upper_per_point=upper,
         settings={"num_particles": K},
-        diagnostics={"ess": float(ess.mean()), "ess_per_point": ess, "log_p_x_lower": elbo, "log_p_x_upper": eubo},
-        warnings=warnings,
+        diagnostics={"ess": float(ess.mean()), "ess_per_point": ess, "log_p_x_lower": elbo, "log_p_x_upper": eubo,
+                     "nan_draws": t["nan_draws"]},
+        warnings=no_lower + no_upper,
+        checks=(importance_warnings,),
         x=density.check_data(x),
         z=z,
     )
+
+
+def importance_warnings(result: MIResult) -> list[str]:
+    """IWAE's warnings derived from a result's points (one of its :attr:`~pyro_mi.result.MIResult.checks`):
+    a low mean importance ESS of the K draws per point (:func:`ess_warnings`), and draws whose joint density
+    could not be evaluated (``diagnostics["nan_draws"]``, per point)."""
+    d = result.diagnostics
+    warnings = ess_warnings(result.settings["num_particles"], d["ess_per_point"])
+    nan = d.get("nan_draws")
+    if nan is not None and int(nan.sum()):
+        warnings.append(f"{int(nan.sum())} proposal draws (at {int((nan > 0).sum())} points) had a joint density that "
+                        "could not be evaluated (NaN: an overflow in the model at extreme latents) and were given "
+                        "zero weight")
+    return warnings
 
 
 def ess_warnings(num_particles: int, ess: torch.Tensor) -> list[str]:

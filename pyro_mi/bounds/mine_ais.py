@@ -62,7 +62,7 @@ from ..runtime import RUNTIME_FIELDS, Runtime, cli
 from ..samplers import StepSizeAdapter, hmc
 from ..training import train
 from ..distributed import broadcast_module
-from .ais import AIS, anneal_log_normalizer, proposal_identity, resolved
+from .ais import AIS, anneal_log_normalizer, chain_warnings, proposal_identity, resolved
 from .declaration import BATCH_SIZE_FLAG, LR_FLAG, MAX_STEPS_FLAG, Bound, check_positive_int
 from .giwae import default_giwae_critic, giwae_terms
 from .likelihood_critic import LikelihoodCritic, fit_likelihood_critic
@@ -189,7 +189,7 @@ def _evaluate(
     if "chains" in diagnostics:
         diagnostics["chains"]["coordinates"] = "whitened" if path.gaussian else "z"
     return MIResult(method, lower_per_point=lower, upper_per_point=None, settings=settings,
-                    diagnostics=diagnostics, warnings=warnings, notes=notes, x=x, z=z)
+                    diagnostics=diagnostics, warnings=warnings, notes=notes, x=x, z=z, checks=(chain_warnings,))
 
 
 def _finish(result: MIResult, save_chains) -> MIResult:
