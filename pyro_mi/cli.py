@@ -49,6 +49,7 @@ from .estimate import estimate_mi
 from .result import json_safe
 from .runtime import Runtime
 
+
 def _declared_flags() -> list[tuple[str, dict]]:
     """The method flags of the ``estimate`` command, from the declarations: every field of a bound
     (:data:`~pyro_mi.bounds.BOUNDS`) or of :class:`~pyro_mi.runtime.Runtime` with command-line metadata,
@@ -190,8 +191,7 @@ def method_options(method: str) -> dict[str, dataclasses.Field]:
     """The CLI options of ``method``: {option name: its declared field} for each flag of
     :data:`ESTIMATE_OPTIONS` that is an option of the method's declaration or a runtime setting it uses."""
     cls = bound_class(method)
-    fields = {**{k: f for k, f in cls.option_fields().items()},
-              **{f.name: f for f in dataclasses.fields(Runtime) if f.name in cls.RUNTIME}}
+    fields = {**cls.option_fields(), **{f.name: f for f in dataclasses.fields(Runtime) if f.name in cls.RUNTIME}}
     keys = (_flag_key(flag) for flag, _ in ESTIMATE_OPTIONS)
     return {k: fields[k] for k in keys if k in fields}
 
