@@ -30,6 +30,14 @@ def cli(help: str, **argparse) -> dict:
     return {"cli": dict(argparse, help=help)}
 
 
+def check_positive_int(name: str, value, optional: bool = False) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a positive integer (or None if ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How a bound's run executes (none of these changes its numbers).
@@ -89,10 +97,7 @@ class Runtime:
             check_points_per_block(self.points_per_block)
         if not isinstance(self.checkpoint_every, (int, float)) or not self.checkpoint_every >= 0:
             raise ValueError(f"checkpoint_every must be a number of seconds >= 0, got {self.checkpoint_every!r}")
-        if self.max_chains_per_chunk is not None and (
-                isinstance(self.max_chains_per_chunk, bool) or not isinstance(self.max_chains_per_chunk, int)
-                or self.max_chains_per_chunk < 1):
-            raise ValueError(f"max_chains_per_chunk must be a positive integer, got {self.max_chains_per_chunk!r}")
+        check_positive_int("max_chains_per_chunk", self.max_chains_per_chunk, optional=True)
 
     def replace(self, **changes) -> "Runtime":
         """A copy with ``changes`` (``dataclasses.replace``)."""
@@ -250,4 +255,4 @@ def posterior_draws(components: Callable, final, forward: torch.Tensor, num_draw
             "step_size": eps.expand(num_draws, *eps.shape).clone()}
 
 
-__all__ = ["RUNTIME_FIELDS", "ChainRunner", "Runtime", "cli", "posterior_draws"]
+__all__ = ["RUNTIME_FIELDS", "ChainRunner", "Runtime", "check_positive_int", "cli", "posterior_draws"]

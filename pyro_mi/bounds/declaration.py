@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..runtime import RUNTIME_FIELDS, Runtime, cli
+from ..runtime import RUNTIME_FIELDS, Runtime, check_positive_int, cli
 
 #: the command-line flags of options that several bounds share
 NUM_PARTICLES_FLAG = cli("K, importance samples or negatives per data point", type=int)
@@ -79,14 +79,6 @@ class Bound:
     def replace(self, **changes) -> "Bound":
         """A copy with ``changes`` (validated as a new declaration)."""
         return dataclasses.replace(self, **changes)
-
-
-def check_positive_int(name: str, value, optional: bool = False) -> None:
-    """Raises ValueError naming ``name`` unless ``value`` is a positive integer (or None if ``optional``)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def split_options(name: str, cls: type[Bound], options: dict) -> tuple[dict, dict]:

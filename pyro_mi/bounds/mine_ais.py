@@ -204,7 +204,7 @@ def _finish(result: MIResult, save_chains) -> MIResult:
 AIS_OPTIONS = tuple(f.name for f in fields(AIS) if f.name not in ("refine", "estimator"))
 
 
-def _ais_of(name: str, options: dict) -> tuple[AIS, dict]:
+def _ais_of(options: dict) -> tuple[AIS, dict]:
     """The IM-AIS evaluation declared by the :data:`AIS_OPTIONS` in ``options``, and the rest."""
     return (AIS(refine=0.0, **{k: v for k, v in options.items() if k in AIS_OPTIONS}),
             {k: v for k, v in options.items() if k not in AIS_OPTIONS})
@@ -247,7 +247,7 @@ def ibal_bounds(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *args
     unknown = [k for k in options if k not in AIS_OPTIONS and k not in RUNTIME_FIELDS]
     if unknown:
         raise ValueError(f"ibal_bounds takes no option {unknown[0]!r}")
-    ais, rest = _ais_of("ibal", options)
+    ais, rest = _ais_of(options)
     runtime = Runtime(**rest)
     if not callable(critic):
         raise TypeError(f"critic must be a callable critic(x_flat, z), got {type(critic).__name__}")
@@ -401,7 +401,7 @@ class MineAIS(Bound):
 
     @classmethod
     def from_options(cls, **options) -> "MineAIS":
-        ais, own = _ais_of("mine-ais", options)
+        ais, own = _ais_of(options)
         return cls(ais=ais, **own)
 
     def run(self, density, proposal, x, z, runtime: Runtime = Runtime()) -> MIResult:
