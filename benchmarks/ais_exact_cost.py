@@ -1,7 +1,8 @@
 """Cost of exact-by-default AIS: the step-size pilot against the old online adaptation.
 
 For each example and number of annealing steps T, runs the ``ais`` bound three ways on
-the same simulated points, interleaved, best of ``--repeats`` wall times in one process:
+the same simulated points (``precondition="none"``: the adaptation modes alone), interleaved, best of
+``--repeats`` wall times in one process:
 
 * ``pilot`` (default, exact): a pilot of 8 chains on a T/5-step sub-grid tunes step sizes,
   which are frozen per beta and data point for the bound-bearing chains;
@@ -62,7 +63,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for m in MODES:
                     t = time.perf_counter()
-                    res[m] = ais_bounds(d, q, x, z, num_chains=args.num_chains, num_steps=T, adapt=m,
+                    res[m] = ais_bounds(d, q, x, z, num_chains=args.num_chains, num_steps=T, adapt=m, precondition="none",
                                         generator=torch.Generator().manual_seed(1), progress=False)
                     best[m] = min(best[m], time.perf_counter() - t)
             for m in MODES:

@@ -27,7 +27,7 @@ T, K, N, record = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv
 ex = get_example("linear-vae"); d = ModelDensity(ex.model, "x"); pyro.set_rng_seed(0); x, z = d.sample(N)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ais_bounds(d, PriorProposal(d), x, z, num_chains=K, num_steps=T, num_leapfrog=1, record=record, progress=False,
-           compile="none", refine=0.0)
+           compile="none", refine=0.0, precondition="none")
 print(before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parents[1])
-OPTIONS = {"iwae": dict(num_particles=1000), "ais": dict(num_chains=4, num_steps=100)}
+OPTIONS = {"iwae": dict(num_particles=1000), "ais": dict(num_chains=4, num_steps=100, precondition="none")}
 
 
 def worker(args) -> None:

@@ -7,7 +7,8 @@ per-point MI (mean ± standard error over the N points: lower - truth must be <=
 upper - truth >= 0 within noise).
 
     OMP_NUM_THREADS=1 python benchmarks/model_zoo.py [--models NAME ...] [--methods iwae ais]
-        [--num-data N] [--preset fast|default|tight] [--json FILE] [--cli]
+        [--num-data N] [--preset fast|default|tight] [--json FILE] [--cli] [--seeds S ...]
+        [--option NAME=VALUE ...]
 
 The docs' ``docs/generated/model_zoo.md`` is this script's output (``benchmarks/docs_page.py``).
 
@@ -52,12 +53,12 @@ def paired(result, model) -> dict:
     return out
 
 
-def run(model, method: str, num_data: int, preset: str = "default") -> dict:
+def run(model, method: str, num_data: int, preset: str = "default", seed: int = 0, options: dict | None = None) -> dict:
     start = time.perf_counter()
     try:
         r = pyro_mi.estimate_mi(model.model, model.obs_sites, model_args=model.model_args,
                                 model_kwargs=model.model_kwargs, guide=model.guide, method=method,
-                                num_data=num_data, seed=0, progress=False, preset=preset)
+                                num_data=num_data, seed=seed, progress=False, preset=preset, **(options or {}))
     except Exception as e:  # noqa: BLE001 - the table reports it
         return {"ran": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
                 "seconds": time.perf_counter() - start}
@@ -135,7 +136,11 @@ def main(argv=None):
     parser.add_argument("--cli", action="store_true")
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--preset", default="default", choices=("fast", "default", "tight"))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="a row per seed (of the simulation)")
+    parser.add_argument("--option", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="method options for every run (e.g. precondition=none refine=0.3)")
     args = parser.parse_args(argv)
+    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.option)}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     models = zoo()
     if args.speed:
@@ -150,15 +155,27 @@ def main(argv=None):
         if args.models and name not in args.models:
             continue
         for method in args.methods:
-            row = {"model": name, "method": method, **run(model, method, args.num_data, args.preset)}
-            if args.cli and method == args.methods[0]:
-                row["cli"] = run_cli(model)
-            rows.append(row)
-            lines.append(_row(row))
-            print(lines[-1], flush=True)
+            for seed in args.seeds:
+                label = name if args.seeds == [0] else f"{name} (seed {seed})"
+                row = {"model": label, "method": method, **run(model, method, args.num_data, args.preset, seed, options)}
+                if args.cli and method == args.methods[0] and seed == args.seeds[0]:
+                    row["cli"] = run_cli(model)
+                rows.append(row)
+                lines.append(_row(row))
+                print(lines[-1], flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
+
+
+def _value(text: str):
+    """A number where ``text`` is one, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _row(row: dict) -> str:

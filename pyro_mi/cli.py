@@ -534,7 +534,7 @@ def _interrupted(e: KeyboardInterrupt, args: argparse.Namespace | None, as_json:
         message = f"interrupted; saved to {path}; rerun the same command to resume"
     elif path is not None:
         message = (f"interrupted before anything was saved to {path} (a phase that is not checkpointed, such as "
-                   "fitting the proposal or a critic, was running); rerunning the command starts afresh")
+                   "fitting the proposal, a critic or AIS's per-point Gaussians, was running); rerunning the command starts afresh")
     elif method in resumable:
         message = "interrupted; nothing saved (pass --checkpoint FILE to make a run resumable)"
     elif method in METHODS:

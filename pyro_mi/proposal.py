@@ -35,17 +35,20 @@ from .training import train
 
 
 def proposal_from_point(proposal, start: int):
-    """``proposal`` for data points ``start, ...`` of a block: the prior, or a Pyro guide, of a
-    density whose rows (data, covariates) are counted from ``start`` (``from_point``); the
-    default encoder depends on x alone."""
-    return proposal.from_point(start) if isinstance(proposal, (PriorProposal, GuideDensity)) else proposal
+    """``proposal`` for data points ``start, ...`` of a block: its ``from_point(start)`` (the prior, a Pyro
+    guide, a per-point fit: their rows are counted from ``start``); the default encoder depends on x
+    alone."""
+    return proposal.from_point(start) if hasattr(proposal, "from_point") else proposal
 
 
 def proposal_for_points(proposal, index: torch.Tensor):
-    """``proposal`` for the data points ``index`` (see :meth:`ModelDensity.for_points`): the prior, or
-    a Pyro guide, of the density of those points; the default encoder depends on x alone."""
-    if not isinstance(proposal, (PriorProposal, GuideDensity)):
-        return proposal
+    """``proposal`` for the data points ``index`` (see :meth:`ModelDensity.for_points`): its
+    ``for_points(index)``; the default encoder depends on x alone."""
+    return proposal.for_points(index) if hasattr(proposal, "for_points") else proposal
+
+
+def _for_points(proposal, index: torch.Tensor):
+    """A copy of a proposal that holds a density, on the density of the points ``index``."""
     sub = copy.copy(proposal)
     sub.density = proposal.density.for_points(index)
     return sub
@@ -91,6 +94,10 @@ class PriorProposal:
     def from_point(self, start: int) -> "PriorProposal":
         """The prior of data points ``start, ...`` (see :meth:`ModelDensity.from_point`)."""
         return self if start == 0 else PriorProposal(self.density.from_point(start))
+
+    def for_points(self, index: torch.Tensor) -> "PriorProposal":
+        """The prior of the data points ``index`` (see :meth:`ModelDensity.for_points`)."""
+        return _for_points(self, index)
 
 
 def _strip_ones(shape: torch.Size) -> tuple[int, ...]:
@@ -211,6 +218,10 @@ class GuideDensity:
         out = copy.copy(self)
         out.density = shifted
         return out
+
+    def for_points(self, index: torch.Tensor) -> "GuideDensity":
+        """This guide for the data points ``index`` (see :meth:`ModelDensity.for_points`)."""
+        return _for_points(self, index)
 
     def _trace(self, x: Data, num_samples: int, cond: dict):
         x = self.density.check_data(x)

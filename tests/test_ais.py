@@ -110,7 +110,8 @@ def test_t1_is_iwae_on_the_chains_draws():
     # T = 1: no transitions; the forward weights are log p(x, z0) - log pi0(z0) at the draws z0
     ex, d, x, z, _ = linear_setup()
     q = PriorProposal(d)
-    r = im_ais_bounds(d, q, x, z, num_chains=8, num_steps=1, record=True, progress=False)
+    r = im_ais_bounds(d, q, x, z, num_chains=8, num_steps=1, record=True, precondition="none",
+                      progress=False)
     z0 = r.diagnostics["chains"]["states"]["z"][0, :8]  # (chains, N, D), forward chains first
     log_w = d.log_likelihood(x, z0)
     torch.testing.assert_close(r.diagnostics["log_weights_forward"], log_w)
@@ -162,7 +163,8 @@ def test_gap_shrinks_with_num_steps():
     gaps = []
     for T in (3, 15, 75):
         pyro.set_rng_seed(1)
-        gaps.append(im_ais_bounds(d, PriorProposal(d), x, z, num_chains=4, num_steps=T, progress=False).gap)
+        gaps.append(im_ais_bounds(d, PriorProposal(d), x, z, num_chains=4, num_steps=T, precondition="none",
+                                  progress=False).gap)
     assert gaps[0] > gaps[1] > gaps[2]
 
 

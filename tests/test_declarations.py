@@ -86,7 +86,7 @@ def test_flat_options_round_trip(method):
 
 def test_mine_ais_nests_its_ais_evaluation():
     bound, _ = declare("mine-ais", dict(num_chains=3, num_steps=7, max_steps=5))
-    assert bound.ais == AIS(num_chains=3, num_steps=7, refine=0.0) and bound.max_steps == 5
+    assert bound.ais == AIS(num_chains=3, num_steps=7, refine=0.0, precondition="none") and bound.max_steps == 5
     assert bound.options()["num_chains"] == 3 and "ais" not in bound.options()
 
 

@@ -44,7 +44,7 @@ import torch
 
 from ..checkpoint import Checkpoint, check_output_path, finishing, fingerprint
 from ..density import Data, ModelDensity
-from ..distributed import POINTS_PER_BLOCK, block_seed, map_blocks
+from ..distributed import POINTS_PER_BLOCK, block_seed, map_blocks, seeded_global_rng
 from ..proposal import GuideDensity, PriorProposal, log_prob_given, proposal_for_points, proposal_from_point
 from ..recording import ChainRecorder, ChainSummary, ProgressBar
 from ..result import MIResult, finite_side, require_finite
@@ -53,6 +53,7 @@ from ..samplers import OnlineAdapter, get_schedule, pilot_step_sizes
 from ..samplers.compile import compile_components, resolve_mode
 from ..weights import importance_ess, log_mean_exp
 from .declaration import Bound, check_positive_int
+from .preconditioner import WhitenedDensity, WhitenedProposal, fit_point_gaussians
 
 ADAPT_MODES = ("pilot", "online", "none")
 #: default chunk size: at most this many (chain, data point, dim) elements per chunk
@@ -66,6 +67,14 @@ POSTERIOR_DRAWS = 100
 #: pilot ended more than REFINE_MIN_GAP nats from their target are, so a model whose points all reach it pays
 #: nothing (chosen on the model zoo against 0.05: ``benchmarks/model_zoo.py``)
 REFINE = 0.3
+#: ``precondition``: per-point Gaussian fits (:mod:`~pyro_mi.bounds.preconditioner`) for every point, for
+#: the refined points only, or none
+PRECONDITION_MODES = ("all", "refine", "none")
+PRECONDITION = "all"
+#: the fit's Adam steps per re-whitened round, its rounds for every point, and for a point whose fit still moves
+PRECONDITION_STEPS = 150
+PRECONDITION_ROUNDS = 3
+PRECONDITION_MAX_ROUNDS = 12
 #: a warning is attached below this mean importance ESS of the forward weights
 ESS_WARNING = 1.5
 
@@ -425,17 +434,35 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
 
         return path_of
 
+    def whitened(d, q, xs, zs, name="precondition"):
+        """The path's density, proposal and simulated z in the whitened coordinates of a per-point
+        Gaussian fit (:mod:`~pyro_mi.bounds.preconditioner`), its random numbers its own."""
+        with seeded_global_rng(block_seed(seed, name), zs.device):
+            loc, tril = fit_point_gaussians(d, q, xs, rounds=PRECONDITION_ROUNDS, max_rounds=PRECONDITION_MAX_ROUNDS,
+                                            steps=PRECONDITION_STEPS)
+        wd = WhitenedDensity(d, loc, tril)
+        return wd, WhitenedProposal(wd, q), wd.w_of(zs)
+
     with finishing(ckpt):
-        out = anneal_log_normalizer(paths(density, proposal, x), z, ais, run, seed=seed, checkpoint=ckpt,
-                                    constrained=density.constrained)
+        d_run, q_run, z_run = density, proposal, z
+        if ais.precondition == "all":
+            d_run, q_run, z_run = whitened(density, proposal, x, z)
+        out = anneal_log_normalizer(paths(d_run, q_run, x), z_run, ais, run, seed=seed, checkpoint=ckpt,
+                                    constrained=d_run.constrained)
         index = refined_points(out["diagnostics"].get("pilot_gap"), ais.refine)
         if index is not None:  # the points the pilot found far from their target: rerun with REFINE_FACTOR x T
             num_steps = ais.num_steps * REFINE_FACTOR
+            d_sub, q_sub, x_sub = density.for_points(index), proposal_for_points(proposal, index), \
+                {k: v[index] for k, v in x.items()}
+            z_sub = z[index]
+            if ais.precondition == "all":
+                d_sub, q_sub, z_sub = d_run.for_points(index), q_run.for_points(index), z_run[index]
+            elif ais.precondition == "refine":
+                d_sub, q_sub, z_sub = whitened(d_sub, q_sub, x_sub, z_sub)
             sub = anneal_log_normalizer(
-                paths(density.for_points(index), proposal_for_points(proposal, index), {k: v[index] for k, v in x.items()}),
-                z[index], ais.replace(num_steps=num_steps, pilot_steps=None), run.replace(record=False),
-                seed=block_seed(seed, "refine"), checkpoint=ckpt.section("refine") if ckpt is not None else None,
-                constrained=density.constrained)
+                paths(d_sub, q_sub, x_sub), z_sub, ais.replace(num_steps=num_steps, pilot_steps=None),
+                run.replace(record=False), seed=block_seed(seed, "refine"),
+                checkpoint=ckpt.section("refine") if ckpt is not None else None, constrained=d_sub.constrained)
             _replace_points(out, sub, index)
             settings["refined_points"] = int(index.numel())
             out["notes"].append(
@@ -456,6 +483,8 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
     draws = diagnostics.get("chains", {}).get("posterior")
     if draws is not None:  # log p(x_i|z) at each posterior draw, for ArviZ's log_likelihood group
         packed = draws.pop("packed")
+        if isinstance(d_run, WhitenedDensity):
+            packed = d_run.z_of(packed)
         with torch.no_grad(), pyro.validation_enabled(False):
             draws["log_likelihood"] = density.log_terms(x, packed)[1]
     result = MIResult(method, lower_per_point=lower, upper_per_point=upper, settings=settings, diagnostics=diagnostics,
@@ -468,8 +497,9 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
     return result
 
 
-#: a point is rerun (``refine``) when its pilot's log weights have a Jensen gap above this (nats) ...
-REFINE_MIN_GAP = 10.0
+#: a point is rerun (``refine``) when its pilot's log weights have a Jensen gap above this (nats; 10 before
+#: ``precondition``, whose pilots end nearer their targets: see the docs' tuning page) ...
+REFINE_MIN_GAP = 2.0
 #: ... with this many times the annealing steps
 REFINE_FACTOR = 10
 
@@ -529,7 +559,8 @@ class AIS(Bound):
     * ``"im"`` (method ``"ais"``, the recommended sandwich; IM-AIS, eq. 13–14, App. E): MI upper =
       log p(x|z) - log (1/K) sum_k w_k (K forward chains, the paper's recommendation), MI lower =
       log p(x|z) - log (1/K) (w_rev + sum_{k<K} w_k) (one reverse chain from the simulated z plus
-      K-1 forward chains). T = 1 gives IWAE, K = 1 single-chain AIS. Cost: K + 1 chains.
+      K-1 forward chains). T = 1 gives IWAE (with pi0 as the proposal), K = 1 single-chain AIS. Cost:
+      K + 1 chains.
     * ``"cr"`` (``"cr-ais"``; CR-AIS, eq. 15–17, App. H): MI lower = log p(x|z) + log (1/K) sum_k
       1/w_k^rev (K reverse chains from the simulated z); MI upper = log p(x|z) + log (1/K)
       (1/w^fwd + sum_{k<K} 1/w_k^rev) (one forward chain, then K-1 reverse chains from its final
@@ -555,6 +586,14 @@ class AIS(Bound):
             the steps they need. The choice depends on x and the pilot only, so the bounds hold.
             0: none; not with ``record`` or ``save_chains``.
         estimator: ``"im"``, ``"cr"`` or ``"bdmc"`` (above).
+        precondition: ``"all"`` (default): before any chain runs, a full-rank Gaussian is fitted to
+            each point's posterior, from its mode and Laplace covariance by the ELBO
+            (:func:`~pyro_mi.bounds.preconditioner.fit_point_gaussians`; :data:`PRECONDITION_ROUNDS` rounds of :data:`PRECONDITION_STEPS` steps, up to
+            :data:`PRECONDITION_MAX_ROUNDS` for a fit still moving), and the chains run in its whitened
+            coordinates (HMC with a per-point mass matrix) from pi0 = 0.9 N(fit) + 0.1 q, a defensive
+            mixture with the proposal q; ``"refine"``: only for the points ``refine`` reruns; ``"none"``:
+            pi0 = q and HMC in the packed coordinates. The fit depends on x and its own random numbers
+            only, so the bounds hold whatever it reaches (:mod:`~pyro_mi.bounds.preconditioner`).
 
     Runtime: every :class:`~pyro_mi.runtime.Runtime` setting (``points_per_block`` default
     :data:`~pyro_mi.distributed.POINTS_PER_BLOCK`).
@@ -589,12 +628,17 @@ class AIS(Bound):
         "the most points (a fraction) whose pilot ended far from their target that are rerun with 10x the "
         "annealing steps", type=float))
     estimator: str = "im"
+    precondition: str = field(default=PRECONDITION, metadata=cli(
+        "per-point Gaussian fits that start and precondition the chains: all points, the refined ones, or none",
+        choices=PRECONDITION_MODES))
 
     RUNTIME = frozenset(RUNTIME_FIELDS)
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {self.estimator!r}")
+        if self.precondition not in PRECONDITION_MODES:
+            raise ValueError(f"precondition must be one of {PRECONDITION_MODES}, got {self.precondition!r}")
         if self.adapt not in ADAPT_MODES:
             raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {self.adapt!r}")
         if self.adapt != "pilot" and (self.pilot_chains is not None or self.pilot_steps is not None):
@@ -626,6 +670,7 @@ class AIS(Bound):
             step_size=self.step_size, schedule=self.schedule if isinstance(self.schedule, str) else "custom",
             adapt=self.adapt, pilot_chains=self.num_pilot_chains if self.adapt == "pilot" else None,
             pilot_steps=self.pilot_steps, exact=self.adapt != "online", compile=compile,
+            precondition=self.precondition,
         )
 
     def run(self, density, proposal, x, z, runtime: Runtime = Runtime()) -> MIResult:

@@ -200,13 +200,16 @@ def _finish(result: MIResult, save_chains) -> MIResult:
     return result
 
 
-#: the options of :class:`AIS` that MINE-AIS's evaluation takes (it refines no points and uses IM-AIS)
-AIS_OPTIONS = tuple(f.name for f in fields(AIS) if f.name not in ("refine", "estimator"))
+#: the options of :class:`AIS` that MINE-AIS's evaluation takes (it refines no points, fits no per-point
+#: Gaussians, since its path runs in the critic's coordinates, and uses IM-AIS)
+AIS_OPTIONS = tuple(f.name for f in fields(AIS) if f.name not in ("refine", "estimator", "precondition"))
+#: MINE-AIS's evaluation: IM-AIS without refinement or per-point fits
+EVALUATION = dict(refine=0.0, precondition="none")
 
 
 def _ais_of(options: dict) -> tuple[AIS, dict]:
     """The IM-AIS evaluation declared by the :data:`AIS_OPTIONS` in ``options``, and the rest."""
-    return (AIS(refine=0.0, **{k: v for k, v in options.items() if k in AIS_OPTIONS}),
+    return (AIS(**EVALUATION, **{k: v for k, v in options.items() if k in AIS_OPTIONS}),
             {k: v for k, v in options.items() if k not in AIS_OPTIONS})
 
 
@@ -305,8 +308,8 @@ class MineAIS(Bound):
     part in training, as in :func:`ibal_bounds`.
 
     Attributes:
-        ais: the evaluation's :class:`~pyro_mi.bounds.ais.AIS` (IM-AIS, ``refine=0``: default
-            ``AIS(refine=0.0)``; training runs whole in every process, and rank 0's critic is
+        ais: the evaluation's :class:`~pyro_mi.bounds.ais.AIS` (IM-AIS, ``refine=0``,
+            ``precondition="none"``: default ``AIS(refine=0.0, precondition="none")``; training runs whole in every process, and rank 0's critic is
             evaluated); its ``num_leapfrog`` and ``step_size`` (the start) also serve the negatives
             (whose densities are never traced: the critic changes between training steps). As flat
             options (:meth:`from_options`, ``estimate_mi``) its fields are :data:`AIS_OPTIONS`.
@@ -350,7 +353,7 @@ class MineAIS(Bound):
             an unwritable, busy or foreign checkpoint, a non-finite objective or bound.
     """
 
-    ais: AIS = field(default_factory=lambda: AIS(refine=0.0))
+    ais: AIS = field(default_factory=lambda: AIS(**EVALUATION))
     critic: nn.Module | None = None
     likelihood_steps: int | None = field(default=None, metadata=cli(
         "> 0: MINE-AIS's critic is a Gaussian surrogate likelihood, fitted by maximum likelihood on simulated pairs "
@@ -371,8 +374,10 @@ class MineAIS(Bound):
     RUNTIME = frozenset(RUNTIME_FIELDS)
 
     def __post_init__(self):
-        if not isinstance(self.ais, AIS) or self.ais.refine != 0 or self.ais.estimator != "im":
-            raise ValueError(f"ais must be an AIS(refine=0.0) with the IM estimator (MINE-AIS refines no points), "
+        if not isinstance(self.ais, AIS) or self.ais.refine != 0 or self.ais.estimator != "im" \
+                or self.ais.precondition != "none":
+            raise ValueError(f"ais must be an AIS(refine=0.0, precondition='none') with the IM estimator (MINE-AIS "
+                             f"refines no points and fits no per-point Gaussians), "
                              f"got {self.ais!r}")
         for name in ("batch_size", "num_negative_steps", "val_steps"):
             check_positive_int(name, getattr(self, name), optional=True)
