@@ -86,7 +86,8 @@ pyro_mi.plot(vae, OUT / "08_linear_vae.png", sweep=vae_sweep)
 # draws): the forward chains at beta = 1 agree on each point's posterior. In
 # `08_linear_vae.png` every point's gap is a few hundredths of a nat or less (about half cross
 # zero: Monte-Carlo noise), acceptance is flat along beta, and the sandwich is closed to a few
-# hundredths of a nat from T = 10 on: the fitted encoder is close to this posterior.
+# hundredths of a nat from T = 10 on: AIS starts from a Gaussian fitted to each point's posterior,
+# exact on this linear-Gaussian model.
 #
 # ## A hard model: eight schools
 #
@@ -138,9 +139,9 @@ pyro_mi.plot(hard, OUT / "08_eight_schools.png", sweep=hard_sweep)
 
 # %% [markdown]
 # `08_eight_schools.png`: the gap panel shows a handful of points carrying most of the width
-# (the median point's gap is under half a nat); the annealing panel shows acceptance and the
-# step size the pilot froze along beta, both unremarkable on average, which is why the
-# per-point table is needed; the sweep shows the upper side still falling fast with T, so
-# more T (the `tight` preset, README "Hierarchical models") is what tightens it.
+# (the median point's gap is a few hundredths of a nat); the annealing panel shows acceptance and
+# the step size the pilot froze along beta (in each point's whitened coordinates), both
+# unremarkable on average, which is why the per-point table is needed; the sweep shows the lower
+# side still rising with T, so more T (the `tight` preset) is what tightens it.
 # `08_eight_schools_trace.png` shows the widest point's chains at beta = 1 for mu and tau:
 # each in a place of its own, so that point's bound rests on one effective chain.
