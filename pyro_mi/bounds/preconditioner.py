@@ -39,7 +39,8 @@ from ..proposal import log_prob_given, proposal_for_points, proposal_from_point
 
 #: above this latent dimension the fit is diagonal (a full-rank one holds N D^2 numbers)
 FULL_RANK_MAX_DIM = 64
-#: the proposal's weight a in pi0's defensive mixture (chosen on the model zoo against 0.2)
+#: the proposal's weight a in pi0's defensive mixture (chosen on eight schools against 0.03 and 0.2: the docs'
+#: tuning page)
 PROPOSAL_WEIGHT = 0.1
 #: draws of the proposal whose mean and standard deviation start the fit
 START_DRAWS = 64
@@ -62,17 +63,18 @@ def _affine(loc: torch.Tensor, tril: torch.Tensor, w: torch.Tensor) -> torch.Ten
 def fit_point_gaussians(density: ModelDensity, proposal, x: Data, *, rounds: int, steps: int,
                         max_rounds: int | None = None, particles: int = 8,
                         start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-point Gaussian approximations of p(z | x_i), fitted by the ELBO (see the module).
+    """Per-point Gaussian approximations of p(z | x_i): from each point's mode and Laplace covariance
+    (:func:`laplace`), fitted by the ELBO (see the module).
 
     Args:
         density: the model's density; x: its observed values for N points.
-        proposal: starts the fit (the mean and standard deviation of :data:`START_DRAWS` of its draws
-            per point) unless ``start`` is given.
+        proposal: where the search for the mode starts (the mean and standard deviation of
+            :data:`START_DRAWS` of its draws per point) unless ``start`` is given.
         rounds, steps: every point gets ``rounds`` re-whitened rounds of ``steps`` Adam steps.
         max_rounds: a point whose mean still moved by more than :data:`MOVED` of its own standard
             deviations in its last round gets more rounds, up to this many in all (default ``rounds``).
         particles: reparameterised draws per point and step.
-        start: (loc (N, D), scale_tril (N, D, D)) to continue from.
+        start: (loc (N, D), scale_tril (N, D, D)) to continue from (no search for the mode).
 
     Draws through torch's global RNG (seed it for a reproducible fit).
 
