@@ -37,6 +37,11 @@ def test_non_centring_is_found_and_leaves_log_p_x_unchanged():
     torch.testing.assert_close(auto.log_likelihood(x, z), none.log_likelihood(x, z_none), rtol=1e-4, atol=1e-3)
     jac = 8 * v["tau"].log().reshape(-1)  # d theta / d theta_decentered = tau, for 8 schools
     torch.testing.assert_close(auto.log_prior(z, x), none.log_prior(z_none, x) + jac, rtol=1e-4, atol=1e-3)
+    # the density's own map to the model as written is that bijection
+    written = auto.as_written()
+    assert [s.name for s in written.latent_sites] == ["mu", "tau", "theta"] and written.reparam == "none"
+    torch.testing.assert_close(auto.written_z(written, z), z_none, rtol=1e-5, atol=1e-5)
+    assert none.as_written() is None
     # models without a hierarchical location-scale site are left as written
     other = zoo()["eight_schools"]
     d = ModelDensity(other.model, other.obs_sites, model_args=other.model_args, reparam="auto")
@@ -47,10 +52,14 @@ def test_non_centring_is_found_and_leaves_log_p_x_unchanged():
 @pytest.mark.parametrize("reparam", ["none", "auto"])
 def test_both_parameterisations_bound_the_exact_per_point_log_p_x(reparam):
     m = zoo()["eight_schools_centred"]
+    # "none": every point as written, from the proposal in the packed coordinates (the fit's choice is "auto"'s)
     r = pyro_mi.estimate_mi(m.model, m.obs_sites, model_args=m.model_args, method="ais", num_data=512,
-                            num_steps=200, num_leapfrog=3, reparam=reparam, seed=1, progress=False)
+                            num_steps=200, num_leapfrog=3, reparam=reparam, seed=1, progress=False,
+                            precondition="all" if reparam == "auto" else "none")
     (lo, lo_se), (up, up_se) = paired_sides(r, m.log_marginal)
     assert lo <= 4 * lo_se and up >= -4 * up_se, (lo, lo_se, up, up_se)
+    # "auto": each point's fit chose its parameterisation (both kinds among eight schools' points)
+    assert (reparam == "auto") == (0 < len(r.diagnostics.get("points_as_written", [])) < 512)
 
 
 def test_a_guide_runs_the_model_as_written():
@@ -150,22 +159,59 @@ def test_the_whitened_proposal_is_a_normalised_density_that_samples_itself():
     torch.manual_seed(0)
     x, _ = d.sample(3)
     wd = WhitenedDensity(d, torch.tensor([[1.0], [-2.0], [0.0]]), torch.tensor([[[0.3]], [[2.0]], [[0.05]]]))
-    pi0 = WhitenedProposal(wd, PriorProposal(d), weight=0.3)
     grid = torch.linspace(-400.0, 400.0, 400001).reshape(-1, 1, 1).expand(-1, 3, 1)
-    dens = pi0.log_prob(grid, x).exp()  # (G, 3)
-    torch.testing.assert_close(torch.trapezoid(dens, dx=800.0 / 400000, dim=0), torch.ones(3), rtol=0, atol=2e-3)
-    w, log_q = pi0.rsample(x, 5)
-    torch.testing.assert_close(log_q, pi0.log_prob(w, x))
+    for weight in (0.3, torch.tensor([0.3, 0.0, 0.1])):  # one for all points, or one per point
+        pi0 = WhitenedProposal(wd, PriorProposal(d), weight=weight)
+        dens = pi0.log_prob(grid, x).exp()  # (G, 3)
+        torch.testing.assert_close(torch.trapezoid(dens, dx=800.0 / 400000, dim=0), torch.ones(3), rtol=0, atol=2e-3)
+        w, log_q = pi0.rsample(x, 5)
+        torch.testing.assert_close(log_q, pi0.log_prob(w, x))
+    torch.testing.assert_close(pi0.log_prob(grid[:5], x)[:, 1], torch.distributions.Normal(0.0, 1.0).log_prob(grid[:5, 1, 0]))
+
+
+def test_each_point_runs_the_parameterisation_whose_fit_is_near_exact():
+    # eight schools' points whose schools spread far beyond their sigma (tau large) are near Gaussian as
+    # written (theta pinned by y), those that do not are near Gaussian non-centred
+    from pyro_mi.bounds.preconditioner import PerPointDensity, precondition
+    from pyro_mi.proposal import PriorProposal
+
+    m = zoo()["eight_schools_centred"]
+    d = ModelDensity(m.model, m.obs_sites, model_args=m.model_args, reparam="auto")
+    torch.manual_seed(0)
+    x, z = d.sample(48)
+    wd, pi0, w, written = precondition(d, PriorProposal(d), x, z, rounds=1, steps=60)
+    spread = x["obs"].std(-1)
+    chosen = torch.zeros(48, dtype=torch.bool)
+    chosen[written] = True
+    assert bool(chosen[spread > 100].all()) and not bool(chosen[spread < 20].any()), (spread[chosen], spread[~chosen])
+    assert isinstance(wd.density, PerPointDensity) and 0 < written.numel() < 48
+    # each point's log densities are its own parameterisation's; z maps to the run's coordinates
+    z_run = wd.z_of(w)
+    as_written = d.as_written()
+    torch.testing.assert_close(z_run[chosen], d.written_z(as_written, z)[chosen])
+    torch.testing.assert_close(z_run[~chosen], z[~chosen])
+    lp, ll = wd.density.log_terms(x, z_run)
+    lp_w, ll_w = as_written.log_terms(x, z_run)
+    lp_d, ll_d = d.log_terms(x, z)
+    torch.testing.assert_close(lp, torch.where(chosen, lp_w, lp_d))
+    torch.testing.assert_close(ll, ll_d, rtol=1e-5, atol=1e-3)
+    sub = wd.density.for_points(torch.tensor([int(written[0]), 0]))
+    torch.testing.assert_close(sub.log_terms({"obs": x["obs"][[int(written[0]), 0]]}, z_run[[int(written[0]), 0]])[0],
+                               lp[[int(written[0]), 0]])
+    # pi0 mixes the proposal (of the non-centred latents) in at the other points only
+    assert bool((pi0.weight[chosen] == 0).all()) and bool((pi0.weight[~chosen] > 0).all())
+    # recorded draws are the model's own sites at every point
+    assert set(wd.constrained(w[None])) == {"mu", "tau", "theta"}
 
 
 def test_the_fit_finds_a_gaussian_posterior():
-    from pyro_mi.bounds.preconditioner import fit_point_gaussians
+    from pyro_mi.bounds.preconditioner import fit_point_gaussians, start_of
     from pyro_mi.proposal import PriorProposal
 
     d, W, b, noise = _linear_gaussian_density()
     torch.manual_seed(0)
     x, _ = d.sample(20)
-    loc, tril = fit_point_gaussians(d, PriorProposal(d), x, rounds=3, steps=150)
+    loc, tril = fit_point_gaussians(d, x, start_of(PriorProposal(d).rsample(x, 64)[0]), rounds=3, steps=150)
     cov = torch.linalg.inv(torch.eye(3) + W.T @ W / noise**2)  # the exact posterior
     mean = (x["x"] - b) @ (cov @ W.T / noise**2).T
     torch.testing.assert_close(loc, mean, rtol=0, atol=0.05)

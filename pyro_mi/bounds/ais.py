@@ -53,7 +53,7 @@ from ..samplers import OnlineAdapter, get_schedule, pilot_step_sizes
 from ..samplers.compile import compile_components, resolve_mode
 from ..weights import importance_ess, log_mean_exp
 from .declaration import Bound, check_positive_int
-from .preconditioner import WhitenedDensity, WhitenedProposal, fit_point_gaussians
+from .preconditioner import precondition
 
 ADAPT_MODES = ("pilot", "online", "none")
 #: default chunk size: at most this many (chain, data point, dim) elements per chunk
@@ -434,14 +434,16 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
 
         return path_of
 
-    def whitened(d, q, xs, zs, name="precondition"):
+    written = []  # the points whose fit chose the model as written
+
+    def whitened(d, q, xs, zs, name="precondition", index=None):
         """The path's density, proposal and simulated z in the whitened coordinates of a per-point
-        Gaussian fit (:mod:`~pyro_mi.bounds.preconditioner`), its random numbers its own."""
+        Gaussian fit (:func:`~pyro_mi.bounds.preconditioner.precondition`), its random numbers its own."""
         with seeded_global_rng(block_seed(seed, name), zs.device):
-            loc, tril = fit_point_gaussians(d, q, xs, rounds=PRECONDITION_ROUNDS, max_rounds=PRECONDITION_MAX_ROUNDS,
-                                            steps=PRECONDITION_STEPS)
-        wd = WhitenedDensity(d, loc, tril)
-        return wd, WhitenedProposal(wd, q), wd.w_of(zs)
+            wd, wq, wz, as_written = precondition(d, q, xs, zs, rounds=PRECONDITION_ROUNDS, steps=PRECONDITION_STEPS,
+                                                  max_rounds=PRECONDITION_MAX_ROUNDS)
+        written.extend((as_written if index is None else index[as_written]).tolist())
+        return wd, wq, wz
 
     with finishing(ckpt):
         d_run, q_run, z_run = density, proposal, z
@@ -458,7 +460,7 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
             if ais.precondition == "all":
                 d_sub, q_sub, z_sub = d_run.for_points(index), q_run.for_points(index), z_run[index]
             elif ais.precondition == "refine":
-                d_sub, q_sub, z_sub = whitened(d_sub, q_sub, x_sub, z_sub)
+                d_sub, q_sub, z_sub = whitened(d_sub, q_sub, x_sub, z_sub, index=index)
             sub = anneal_log_normalizer(
                 paths(d_sub, q_sub, x_sub), z_sub, ais.replace(num_steps=num_steps, pilot_steps=None),
                 run.replace(record=False), seed=block_seed(seed, "refine"),
@@ -474,6 +476,13 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
             if run.record:
                 out["notes"].append("the recorded chains of the refined points are those of their first run (dropped "
                                     "from the bounds); their per-point values are the rerun's")
+        if written:
+            out["diagnostics"]["points_as_written"] = written
+            out["notes"].append(
+                f"{len(written)} of {z.shape[0]} points ran the model as written, the others with "
+                f"{list(density.decentred_sites)} non-centred: per point, the parameterisation whose Gaussian fit had "
+                "the higher ELBO (a choice from x alone, so every bound holds); indices in "
+                "diagnostics['points_as_written']")
     elbo, eubo = out["lower"], out["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik})
     advice = "use a proposal closer to the posterior, or more num_steps"
@@ -482,11 +491,9 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
     diagnostics = {"log_p_x_lower": elbo, "log_p_x_upper": eubo, **out["diagnostics"]}
     draws = diagnostics.get("chains", {}).get("posterior")
     if draws is not None:  # log p(x_i|z) at each posterior draw, for ArviZ's log_likelihood group
-        packed = draws.pop("packed")
-        if isinstance(d_run, WhitenedDensity):
-            packed = d_run.z_of(packed)
+        packed = draws.pop("packed")  # in the run's coordinates
         with torch.no_grad(), pyro.validation_enabled(False):
-            draws["log_likelihood"] = density.log_terms(x, packed)[1]
+            draws["log_likelihood"] = d_run.log_terms(x, packed)[1]
     result = MIResult(method, lower_per_point=lower, upper_per_point=upper, settings=settings, diagnostics=diagnostics,
                       warnings=out["warnings"] + no_lower + no_upper, notes=out["notes"], x=x, z=z,
                       checks=(chain_warnings,))

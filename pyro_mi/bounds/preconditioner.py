@@ -28,7 +28,6 @@ whose fit still moves.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import pyro
@@ -44,6 +43,11 @@ FULL_RANK_MAX_DIM = 64
 PROPOSAL_WEIGHT = 0.1
 #: draws of the proposal whose mean and standard deviation start the fit
 START_DRAWS = 64
+#: draws of a fit that estimate its ELBO, which chooses a point's parameterisation (:func:`precondition`): the
+#: model as written where its fit's ELBO is the higher and its log weights spread by less than WRITTEN_MAX_SPREAD
+#: nats (standard deviation: a fit that close makes AIS exact; chosen on eight schools and baseball, the docs' tuning page)
+ELBO_DRAWS = 64
+WRITTEN_MAX_SPREAD = 1.0
 #: Adam's learning rate, in the current round's whitened units
 LEARNING_RATE = 0.05
 #: damped Newton steps to each point's posterior mode (:func:`laplace`), where the fit starts: this many
@@ -60,21 +64,28 @@ def _affine(loc: torch.Tensor, tril: torch.Tensor, w: torch.Tensor) -> torch.Ten
     return loc + (tril @ w.unsqueeze(-1)).squeeze(-1)
 
 
-def fit_point_gaussians(density: ModelDensity, proposal, x: Data, *, rounds: int, steps: int,
-                        max_rounds: int | None = None, particles: int = 8,
-                        start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def start_of(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a fit's search for the mode starts: the mean (N, D) and a diagonal scale_tril (N, D, D) of draws
+    (S, N, D) (N(0, I) for a point whose draws are not finite)."""
+    loc, tril = draws.mean(0), torch.diag_embed(draws.std(0).clamp_min(1e-3))
+    bad = ~torch.isfinite(loc).all(-1) | ~torch.isfinite(tril).all(-1).all(-1)
+    eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
+    return torch.where(bad[:, None], 0.0, loc), torch.where(bad[:, None, None], eye, tril)
+
+
+def fit_point_gaussians(density: ModelDensity, x: Data, start: tuple[torch.Tensor, torch.Tensor], *, rounds: int,
+                        steps: int, max_rounds: int | None = None, particles: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-point Gaussian approximations of p(z | x_i): from each point's mode and Laplace covariance
     (:func:`laplace`), fitted by the ELBO (see the module).
 
     Args:
         density: the model's density; x: its observed values for N points.
-        proposal: where the search for the mode starts (the mean and standard deviation of
-            :data:`START_DRAWS` of its draws per point) unless ``start`` is given.
+        start: (loc (N, D), scale_tril (N, D, D)) where the search for the mode starts (e.g.
+            :func:`start_of` a proposal's draws); scale_tril stands where the Laplace covariance fails.
         rounds, steps: every point gets ``rounds`` re-whitened rounds of ``steps`` Adam steps.
         max_rounds: a point whose mean still moved by more than :data:`MOVED` of its own standard
             deviations in its last round gets more rounds, up to this many in all (default ``rounds``).
         particles: reparameterised draws per point and step.
-        start: (loc (N, D), scale_tril (N, D, D)) to continue from (no search for the mode).
 
     Draws through torch's global RNG (seed it for a reproducible fit).
 
@@ -83,17 +94,9 @@ def fit_point_gaussians(density: ModelDensity, proposal, x: Data, *, rounds: int
         else diagonal. A point whose round made its parameters non-finite keeps the values it had
         at the start of that round.
     """
-    if start is None:
-        with torch.no_grad():
-            draws = proposal.rsample(x, START_DRAWS)[0].detach()  # (S, N, D)
-        loc, tril = draws.mean(0), torch.diag_embed(draws.std(0).clamp_min(1e-3))
-        bad = ~torch.isfinite(loc).all(-1) | ~torch.isfinite(tril).all(-1).all(-1)
-        eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
-        loc, tril = torch.where(bad[:, None], 0.0, loc), torch.where(bad[:, None, None], eye, tril)
-        if loc.shape[-1] <= FULL_RANK_MAX_DIM:
-            loc, tril = laplace(density, x, loc, tril)
-    else:
-        loc, tril = start
+    loc, tril = start
+    if loc.shape[-1] <= FULL_RANK_MAX_DIM:
+        loc, tril = laplace(density, x, loc, tril)
     loc, tril = loc.clone(), tril.clone()
     active = torch.arange(loc.shape[0], device=loc.device)
     for r in range(max(rounds, max_rounds or rounds)):
@@ -106,6 +109,54 @@ def fit_point_gaussians(density: ModelDensity, proposal, x: Data, *, rounds: int
             if active.numel() == 0:
                 break
     return loc, tril
+
+
+def log_weights(density, x: Data, loc: torch.Tensor, tril: torch.Tensor, draws: int = ELBO_DRAWS) -> torch.Tensor:
+    """log p(x_i, z) - log N(z; loc_i, L_i L_i^T) at ``draws`` draws of each point's fit (draws, N), nats:
+    their mean is the fit's ELBO, their spread how far the fit is from p(z | x_i). Global RNG."""
+    eps = torch.randn((draws,) + loc.shape, dtype=loc.dtype, device=loc.device)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        lp, ll = density.log_terms(x, _affine(loc, tril, eps))
+    log_q = torch.distributions.Normal(0.0, 1.0).log_prob(eps).sum(-1) - torch.diagonal(tril, dim1=-2, dim2=-1).log().sum(-1)
+    return lp + ll - log_q
+
+
+def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, rounds: int, steps: int,
+                 max_rounds: int | None = None):
+    """The whitened coordinates AIS runs in (see the module): each point's fit, and, where ``reparam="auto"``
+    non-centred some site, each point's parameterisation: the model as written where its fit is both
+    the better (a higher ELBO) and near exact (log weights spread by less than
+    :data:`WRITTEN_MAX_SPREAD`), else non-centred. Centring suits a point whose data pin its effects
+    down, non-centring one whose data leave them to the prior (Papaspiliopoulos, Roberts & Sköld 2007);
+    eight schools' simulated points are of both kinds. The choice is made from x_i and the fits' own
+    random numbers only, so every bound holds.
+
+    Args:
+        density, proposal, x: the run's; z (N, D): the simulated latents (of ``density``).
+        rounds, steps, max_rounds: of :func:`fit_point_gaussians`.
+
+    Returns:
+        (the :class:`WhitenedDensity`, the :class:`WhitenedProposal` pi0, z in its coordinates (N, D),
+        the indices of the points that run the model as written (a long tensor, maybe empty)).
+    """
+    with torch.no_grad():
+        draws = proposal.rsample(x, START_DRAWS)[0].detach()  # (S, N, D)
+    fit = dict(rounds=rounds, steps=steps, max_rounds=max_rounds)
+    loc, tril = fit_point_gaussians(density, x, start_of(draws), **fit)
+    written = density.as_written()
+    if written is None:
+        wd = WhitenedDensity(density, loc, tril)
+        return wd, WhitenedProposal(wd, proposal), wd.w_of(z), torch.zeros(0, dtype=torch.long)
+    w_loc, w_tril = fit_point_gaussians(written, x, start_of(density.written_z(written, draws)), **fit)
+    lw, lw_written = log_weights(density, x, loc, tril), log_weights(written, x, w_loc, w_tril)
+    good = torch.isfinite(lw_written).all(0) & (lw_written.std(0) < WRITTEN_MAX_SPREAD)
+    chosen = good & ~(lw_written.mean(0) <= lw.mean(0))  # (N,): as written (NaN ELBO of the other: not chosen over)
+    loc, tril = torch.where(chosen[:, None], w_loc, loc), torch.where(chosen[:, None, None], w_tril, tril)
+    wd = WhitenedDensity(PerPointDensity(density, written, chosen), loc, tril)
+    z = torch.where(chosen[:, None], density.written_z(written, z), z)
+    # pi0's defensive component is the proposal's, of the non-centred latents: not mixed in as written
+    weight = torch.where(chosen, 0.0, PROPOSAL_WEIGHT)
+    return wd, WhitenedProposal(wd, proposal, weight), wd.w_of(z), torch.nonzero(chosen).squeeze(-1).cpu()
 
 
 def _log_joint_derivatives(density, x, z: torch.Tensor, hessian: bool):
@@ -200,6 +251,47 @@ def _round(density, x, loc, tril, steps: int, particles: int):
         return (torch.where(keep[:, None], new_loc, loc), torch.where(keep[:, None, None], new_tril, tril), moved)
 
 
+class PerPointDensity:
+    """Each point's density in the parameterisation chosen for it: ``written``'s (the model as written,
+    :meth:`ModelDensity.as_written`) where ``chosen``, else ``density``'s (the two have the same latent
+    dimension and the same p(x_i)). Everything but the log densities is ``density``'s.
+
+    Args:
+        density: the :class:`ModelDensity`; written: its model as written; chosen (N,) bool.
+    """
+
+    def __init__(self, density: ModelDensity, written: ModelDensity, chosen: torch.Tensor):
+        self.density, self.written, self.chosen = density, written, chosen
+        self.parts = [(d, torch.nonzero(c).squeeze(-1)) for d, c in ((density, ~chosen), (written, chosen)) if c.any()]
+
+    def log_terms(self, x: Data, z: torch.Tensor, likelihood: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(z), log p(x | z)), each (..., n), for z (..., n, D) of the first n points, nats."""
+        n = z.shape[-2]
+        lp, ll = z.new_zeros(z.shape[:-1]), z.new_zeros(z.shape[:-1])
+        for d, index in self.parts:
+            index = index[index < n]
+            if index.numel():
+                terms = d.for_points(index).log_terms({k: v[index] for k, v in x.items()}, z[..., index, :], likelihood)
+                lp, ll = lp.index_copy(-1, index, terms[0]), ll.index_copy(-1, index, terms[1])
+        return lp, ll
+
+    def constrained(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """z (*S, n, D) -> the model's sites as written ``{site: (*S, n, *shape)}``, at every point."""
+        chosen = self.chosen[: z.shape[-2]]
+        return self.written.constrained(torch.where(chosen[:, None], z, self.density.written_z(self.written, z)))
+
+    def from_point(self, start: int) -> "PerPointDensity":
+        return PerPointDensity(self.density.from_point(start), self.written.from_point(start), self.chosen[start:])
+
+    def for_points(self, index: torch.Tensor) -> "PerPointDensity":
+        return PerPointDensity(self.density.for_points(index), self.written.for_points(index), self.chosen[index])
+
+    def __getattr__(self, name):  # sizes, data checks and the model are the density's
+        if name == "density":
+            raise AttributeError(name)
+        return getattr(self.density, name)
+
+
 class WhitenedDensity:
     """``density`` in the whitened coordinates w = L_i^{-1} (z - m_i) of each point: log p(z(w)) +
     log |L_i| and log p(x_i | z(w)). Everything else (data checks, sizes, the model) is the
@@ -248,28 +340,33 @@ class WhitenedDensity:
 
 
 class WhitenedProposal:
-    """pi0 in the whitened coordinates of a :class:`WhitenedDensity`: (1 - a) N(w; 0, I) +
-    a q(z(w) | x) |L| (a defensive mixture with the proposal q; Hesterberg 1995).
+    """pi0 in the whitened coordinates of a :class:`WhitenedDensity`: (1 - a_i) N(w; 0, I) +
+    a_i q(z(w) | x_i) |L_i| (a defensive mixture with the proposal q; Hesterberg 1995).
 
     Args:
-        whitened: the :class:`WhitenedDensity`; proposal: q; weight: a in [0, 1).
+        whitened: the :class:`WhitenedDensity`; proposal: q; weight: a in [0, 1), one for all points or
+            one per point (N,).
     """
 
-    def __init__(self, whitened: WhitenedDensity, proposal, weight: float = PROPOSAL_WEIGHT):
-        self.whitened, self.proposal, self.weight = whitened, proposal, float(weight)
+    def __init__(self, whitened: WhitenedDensity, proposal, weight: float | torch.Tensor = PROPOSAL_WEIGHT):
+        self.whitened, self.proposal = whitened, proposal
+        self.weight = torch.as_tensor(weight, dtype=whitened.loc.dtype, device=whitened.loc.device).expand(
+            whitened.loc.shape[:1])
+        self.mixed = bool(self.weight.any())  # read here, not in the sampler's loop
 
     def log_prob_given(self, x: Data) -> Callable:
         """log pi0(w) for the fixed x: ``f(w (..., N, D), log_prior (..., N)) -> (..., N)``, where
         ``log_prior`` is the whitened density's log p(z(w)) + log |L|."""
-        log_q, wd, a = log_prob_given(self.proposal, x), self.whitened, self.weight
+        log_q, wd = log_prob_given(self.proposal, x), self.whitened
 
         def log_prob(w, log_prior):
             gauss = torch.distributions.Normal(0.0, 1.0).log_prob(w).sum(-1)
-            if a == 0:
+            if not self.mixed:
                 return gauss
+            a = self.weight[: w.shape[-2]]
             log_det = wd.rows(w.shape[-2])[2]
             mixed = log_q(wd.z_of(w), log_prior - log_det) + log_det
-            return torch.logaddexp(math.log1p(-a) + gauss, math.log(a) + mixed)
+            return torch.where(a > 0, torch.logaddexp(torch.log1p(-a) + gauss, a.log() + mixed), gauss)
 
         return log_prob
 
@@ -280,13 +377,15 @@ class WhitenedProposal:
         """w ~ pi0: returns w (K, N, D) and log pi0(w) (K, N)."""
         loc = self.whitened.rows(len(next(iter(x.values()))))[0]
         w = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
-        if self.weight > 0:
-            from_q = torch.rand(w.shape[:-1], device=w.device) < self.weight
+        if self.mixed:
+            from_q = torch.rand(w.shape[:-1], device=w.device) < self.weight[: loc.shape[0]]
             w = torch.where(from_q.unsqueeze(-1), self.whitened.w_of(self.proposal.rsample(x, num_samples)[0].detach()), w)
         return w, self.log_prob(w, x)
 
     def from_point(self, start: int) -> "WhitenedProposal":
-        return WhitenedProposal(self.whitened.from_point(start), proposal_from_point(self.proposal, start), self.weight)
+        return WhitenedProposal(self.whitened.from_point(start), proposal_from_point(self.proposal, start),
+                                self.weight[start:])
 
     def for_points(self, index: torch.Tensor) -> "WhitenedProposal":
-        return WhitenedProposal(self.whitened.for_points(index), proposal_for_points(self.proposal, index), self.weight)
+        return WhitenedProposal(self.whitened.for_points(index), proposal_for_points(self.proposal, index),
+                                self.weight[index])

@@ -382,6 +382,30 @@ class ModelDensity(ModelProbe):
             s.name: values[s.name].reshape(lead + (z.shape[-2],) + s.shape) for s in self.latent_sites
         }
 
+    def as_written(self) -> "ModelDensity | None":
+        """This density of the model as its author wrote it (``reparam="none"``), run the same way on the
+        same points, where ``reparam="auto"`` non-centred some site; None otherwise, and for a model run
+        point by point (whose traces do not keep a non-centred site's value). :meth:`written_z` maps z to it."""
+        if not self.decentred_sites or self._points is not None:
+            return None
+        written = copy.copy(self)
+        written._model, written.reparam, written.notices, written.warnings = self.model, "none", [], []
+        written._probe(self.vectorize)
+        return written
+
+    def written_z(self, written: "ModelDensity", z: torch.Tensor) -> torch.Tensor:
+        """Packed z (*S, N, D) of this density -> the same latents packed as the density ``written``
+        (:meth:`as_written`) packs them: a non-centred site's value is the one the model computes from its
+        ``_decentered`` latent (LocScaleReparam's bijection), read from a trace."""
+        zz = z.reshape((-1,) + z.shape[-2:])
+        C, N = zz.shape[:2]
+        values = self.unpack(zz)
+        devices = [z.device] if z.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # x is drawn too: with no run's numbers
+            trace = self._trace(C, N, values, sample_obs=True)
+        values.update({k: self._plates.unfold(trace.nodes[k]["value"], C, N) for k in self.decentred_sites})
+        return written.pack({s.name: values[s.name] for s in written.latent_sites}).reshape(z.shape[:-1] + (-1,))
+
     # ------------------------------------------------------------ checks
     def from_point(self, start: int) -> "ModelDensity":
         """This density for data points ``start, start + 1, ...`` (of its own numbering): the same

@@ -76,9 +76,11 @@ class ModelProbe:
         whichever way the model is written."""
         trace = self._bare_trace()
         sites = {s["name"]: s for s in sample_sites(trace)}
+        self.decentred_sites: tuple[str, ...] = ()
         if self.reparam == "auto":
             decentred_sites = self._decentre(sites)
             if decentred_sites:
+                self.decentred_sites = tuple(decentred_sites)
                 self._model = decentred(self.model, decentred_sites)
                 self.notices.append(
                     f"the latent sites {decentred_sites} are non-centred (reparam='auto': Pyro's LocScaleReparam), "
