@@ -24,6 +24,10 @@ the Laplace approximation's covariance (for D <= :data:`FULL_RANK_MAX_DIM`). The
 that the fit ends where the gradient noise lets it settle), each round in the frame the one before
 ended in (a re-whitening: its parameters start at N(0, I) there), with more rounds for a point
 whose fit still moves.
+
+Where ``reparam="auto"`` non-centred some site, :func:`precondition` also chooses each point's
+parameterisation: it fits the model as written too, and a point runs it where that fit is the
+better and near exact (:class:`PerPointDensity`); the choice, like the fit, depends on x_i only.
 """
 
 from __future__ import annotations
