@@ -384,13 +384,17 @@ class ModelDensity(ModelProbe):
 
     def as_written(self) -> "ModelDensity | None":
         """This density of the model as its author wrote it (``reparam="none"``), run the same way on the
-        same points, where ``reparam="auto"`` non-centred some site; None otherwise, and for a model run
-        point by point (whose traces do not keep a non-centred site's value). :meth:`written_z` maps z to it."""
+        same points, where ``reparam="auto"`` non-centred some site; None otherwise, for a model run
+        point by point (whose traces do not keep a non-centred site's value), and where the model as
+        written fails the probe run the same way. :meth:`written_z` maps z to it."""
         if not self.decentred_sites or self._points is not None:
             return None
         written = copy.copy(self)
         written._model, written.reparam, written.notices, written.warnings = self.model, "none", [], []
-        written._probe(self.vectorize)
+        try:
+            written._probe(self.vectorize)
+        except ValueError:  # the probe's errors (BatchingError among them): run non-centred only
+            return None
         return written
 
     def written_z(self, written: "ModelDensity", z: torch.Tensor) -> torch.Tensor:
