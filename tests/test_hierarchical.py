@@ -204,6 +204,16 @@ def test_each_point_runs_the_parameterisation_whose_fit_is_near_exact():
     assert set(wd.constrained(w[None])) == {"mu", "tau", "theta"}
 
 
+def test_the_fit_shows_its_progress(capsys):
+    from pyro_mi.bounds.preconditioner import fit_point_gaussians, start_of
+
+    d, *_ = _linear_gaussian_density()
+    torch.manual_seed(0)
+    x, _ = d.sample(4)
+    fit_point_gaussians(d, x, start_of(torch.randn(8, 4, 3)), rounds=2, steps=5, progress=True)
+    assert "per-point fit" in capsys.readouterr().err
+
+
 def test_the_fit_finds_a_gaussian_posterior():
     from pyro_mi.bounds.preconditioner import fit_point_gaussians, start_of
     from pyro_mi.proposal import PriorProposal

@@ -441,7 +441,7 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
         Gaussian fit (:func:`~pyro_mi.bounds.preconditioner.precondition`), its random numbers its own."""
         with seeded_global_rng(block_seed(seed, name), zs.device):
             wd, wq, wz, as_written = precondition(d, q, xs, zs, rounds=PRECONDITION_ROUNDS, steps=PRECONDITION_STEPS,
-                                                  max_rounds=PRECONDITION_MAX_ROUNDS)
+                                                  max_rounds=PRECONDITION_MAX_ROUNDS, progress=run.progress)
         written.extend((as_written if index is None else index[as_written]).tolist())
         return wd, wq, wz
 

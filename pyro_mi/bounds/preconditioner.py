@@ -36,6 +36,7 @@ from typing import Callable
 
 import pyro
 import torch
+from tqdm.auto import tqdm
 
 from ..density import Data, ModelDensity
 from ..proposal import log_prob_given, proposal_for_points, proposal_from_point
@@ -78,7 +79,8 @@ def start_of(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_point_gaussians(density: ModelDensity, x: Data, start: tuple[torch.Tensor, torch.Tensor], *, rounds: int,
-                        steps: int, max_rounds: int | None = None, particles: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                        steps: int, max_rounds: int | None = None, particles: int = 8,
+                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-point Gaussian approximations of p(z | x_i): from each point's mode and Laplace covariance
     (:func:`laplace`), fitted by the ELBO (see the module).
 
@@ -90,6 +92,7 @@ def fit_point_gaussians(density: ModelDensity, x: Data, start: tuple[torch.Tenso
         max_rounds: a point whose mean still moved by more than :data:`MOVED` of its own standard
             deviations in its last round gets more rounds, up to this many in all (default ``rounds``).
         particles: reparameterised draws per point and step.
+        progress: a tqdm bar over the rounds' steps.
 
     Draws through torch's global RNG (seed it for a reproducible fit).
 
@@ -103,15 +106,21 @@ def fit_point_gaussians(density: ModelDensity, x: Data, start: tuple[torch.Tenso
         loc, tril = laplace(density, x, loc, tril)
     loc, tril = loc.clone(), tril.clone()
     active = torch.arange(loc.shape[0], device=loc.device)
+    bar = tqdm(total=rounds * steps, desc="per-point fit", unit="step", leave=False, disable=not progress)
     for r in range(max(rounds, max_rounds or rounds)):
+        if r >= rounds:  # a round more for the points still moving
+            bar.total += steps
+            bar.refresh()
         everyone = active.numel() == loc.shape[0]
         d, xs = (density, x) if everyone else (density.for_points(active), {k: v[active] for k, v in x.items()})
         new_loc, new_tril, moved = _round(d, xs, loc[active], tril[active], steps, particles)
         loc[active], tril[active] = new_loc, new_tril
+        bar.update(steps)
         if r + 1 >= rounds:
             active = active[moved > MOVED]
             if active.numel() == 0:
                 break
+    bar.close()
     return loc, tril
 
 
@@ -126,7 +135,7 @@ def log_weights(density, x: Data, loc: torch.Tensor, tril: torch.Tensor, draws: 
 
 
 def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, rounds: int, steps: int,
-                 max_rounds: int | None = None):
+                 max_rounds: int | None = None, progress: bool = False):
     """The whitened coordinates AIS runs in (see the module): each point's fit, and, where ``reparam="auto"``
     non-centred some site, each point's parameterisation: the model as written where its fit is both
     the better (a higher ELBO) and near exact (log weights spread by less than
@@ -137,7 +146,7 @@ def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, r
 
     Args:
         density, proposal, x: the run's; z (N, D): the simulated latents (of ``density``).
-        rounds, steps, max_rounds: of :func:`fit_point_gaussians`.
+        rounds, steps, max_rounds, progress: of :func:`fit_point_gaussians`.
 
     Returns:
         (the :class:`WhitenedDensity`, the :class:`WhitenedProposal` pi0, z in its coordinates (N, D),
@@ -145,7 +154,7 @@ def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, r
     """
     with torch.no_grad():
         draws = proposal.rsample(x, START_DRAWS)[0].detach()  # (S, N, D)
-    fit = dict(rounds=rounds, steps=steps, max_rounds=max_rounds)
+    fit = dict(rounds=rounds, steps=steps, max_rounds=max_rounds, progress=progress)
     loc, tril = fit_point_gaussians(density, x, start_of(draws), **fit)
     written = density.as_written()
     if written is None:
