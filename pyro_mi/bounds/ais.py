@@ -480,8 +480,8 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
             out["diagnostics"]["points_as_written"] = written
             out["notes"].append(
                 f"{len(written)} of {z.shape[0]} points ran the model as written, the others with "
-                f"{list(density.decentred_sites)} non-centred: per point, the parameterisation whose Gaussian fit had "
-                "the higher ELBO (a choice from x alone, so every bound holds); indices in "
+                f"{list(density.decentred_sites)} non-centred: the model as written where its Gaussian fit had the "
+                "higher ELBO and was near exact (a choice from x alone, so every bound holds); indices in "
                 "diagnostics['points_as_written']")
     elbo, eubo = out["lower"], out["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik})

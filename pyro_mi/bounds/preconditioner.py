@@ -275,17 +275,24 @@ class PerPointDensity:
 
     def __init__(self, density: ModelDensity, written: ModelDensity, chosen: torch.Tensor):
         self.density, self.written, self.chosen = density, written, chosen
-        self.parts = [(d, torch.nonzero(c).squeeze(-1)) for d, c in ((density, ~chosen), (written, chosen)) if c.any()]
+        self._parts = {}  # n -> [(the density of those of the first n points it scores, their indices)]
+
+    def parts(self, n: int) -> list:
+        """Each parameterisation's density for its points among the first n, and their indices (read once
+        per n: the sampler's loop does not wait on the device)."""
+        if n not in self._parts:
+            chosen = self.chosen[:n]
+            self._parts[n] = [(d.for_points(i), i) for d, i in ((self.density, torch.nonzero(~chosen).squeeze(-1)),
+                                                                 (self.written, torch.nonzero(chosen).squeeze(-1)))
+                              if i.numel()]
+        return self._parts[n]
 
     def log_terms(self, x: Data, z: torch.Tensor, likelihood: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(z), log p(x | z)), each (..., n), for z (..., n, D) of the first n points, nats."""
-        n = z.shape[-2]
         lp, ll = z.new_zeros(z.shape[:-1]), z.new_zeros(z.shape[:-1])
-        for d, index in self.parts:
-            index = index[index < n]
-            if index.numel():
-                terms = d.for_points(index).log_terms({k: v[index] for k, v in x.items()}, z[..., index, :], likelihood)
-                lp, ll = lp.index_copy(-1, index, terms[0]), ll.index_copy(-1, index, terms[1])
+        for d, index in self.parts(z.shape[-2]):
+            terms = d.log_terms({k: v[index] for k, v in x.items()}, z[..., index, :], likelihood)
+            lp, ll = lp.index_copy(-1, index, terms[0]), ll.index_copy(-1, index, terms[1])
         return lp, ll
 
     def constrained(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
