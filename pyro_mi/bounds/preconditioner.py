@@ -160,7 +160,9 @@ def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, r
     if written is None:
         wd = WhitenedDensity(density, loc, tril)
         return wd, WhitenedProposal(wd, proposal), wd.w_of(z), torch.zeros(0, dtype=torch.long)
-    w_loc, w_tril = fit_point_gaussians(written, x, start_of(density.written_z(written, draws)), **fit)
+    # as written, no rounds past ``rounds``: a fit still moving then is not near exact, and would not be chosen
+    w_loc, w_tril = fit_point_gaussians(written, x, start_of(density.written_z(written, draws)),
+                                        **dict(fit, max_rounds=rounds))
     lw, lw_written = log_weights(density, x, loc, tril), log_weights(written, x, w_loc, w_tril)
     good = torch.isfinite(lw_written).all(0) & (lw_written.std(0) < WRITTEN_MAX_SPREAD)
     chosen = good & ~(lw_written.mean(0) <= lw.mean(0))  # (N,): as written (NaN ELBO of the other: not chosen over)
