@@ -436,10 +436,10 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
 
     written = []  # the points whose fit chose the model as written
 
-    def whitened(d, q, xs, zs, name="precondition", index=None):
+    def whitened(d, q, xs, zs, index=None):
         """The path's density, proposal and simulated z in the whitened coordinates of a per-point
         Gaussian fit (:func:`~pyro_mi.bounds.preconditioner.precondition`), its random numbers its own."""
-        with seeded_global_rng(block_seed(seed, name), zs.device):
+        with seeded_global_rng(block_seed(seed, "precondition"), zs.device):
             wd, wq, wz, as_written = precondition(d, q, xs, zs, rounds=PRECONDITION_ROUNDS, steps=PRECONDITION_STEPS,
                                                   max_rounds=PRECONDITION_MAX_ROUNDS, progress=run.progress)
         written.extend((as_written if index is None else index[as_written]).tolist())
