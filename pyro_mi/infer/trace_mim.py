@@ -24,6 +24,11 @@ same expected gradient (both draws have the law q_θ(z|x)), with more variance a
 of one more encoder and decoder pass. In the decoding half z̃ comes from the prior, so the
 z' of q̂(x̃) is a fresh draw from q_θ(z'|x̃) (Alg. 2 line 4); with K > 1, all K are fresh.
 
+Alg. 1 draws half of the N samples of a batch from each half of M_S. Where every site is in
+one data plate (a VAE), so does :class:`Trace_MIM`: at random, half the points of the batch are
+decoding samples (x̃_n generated in x_n's place) and half encoding samples, all in one run of the
+guide and the model; else each half runs on the whole batch.
+
 A-MIM (eq. 12-13, ``asymmetric=True``) samples from the encoding distribution
 M_S^q = q_θ(z|x) P(x) only.
 """
@@ -66,11 +71,37 @@ class _Half(NamedTuple):
     marginal_guide_trace: poutine.Trace
 
 
-class _MIMTraces(NamedTuple):
-    """One particle: the encoding half and the decoding halves (none for A-MIM)."""
+class _Split(NamedTuple):
+    """One particle of MIM as Alg. 1 draws it: each point of the batch (along the data plate, batch
+    dim ``dim``) is an encoding sample (x_n, z'_n ~ q(z|x_n)) or, where ``decoding`` (a bool tensor
+    of the plate's size) is true, a decoding sample (z̃_n ~ p(z), x̃_n ~ p(x|z̃_n) in x_n's place).
 
-    encoding: _Half
+    ``generated`` is the model run under :func:`~pyro.poutine.uncondition` (log p(x̃, z̃));
+    ``guide_trace`` the guide at the mixed batch, replayed at z̃ (log q(z̃|x̃)); ``draw`` the
+    guide's z' at the mixed batch (log q(z'|x)); ``model_trace`` the model replayed at z'
+    (log p(x, z')). Rows of a trace that its points do not use are ignored.
+    """
+
+    generated: poutine.Trace
+    guide_trace: poutine.Trace
+    draw: poutine.Trace
+    model_trace: poutine.Trace
+    decoding: torch.Tensor
+    dim: int
+
+
+class _MIMTraces(NamedTuple):
+    """One particle: the encoding half and the decoding halves (none for A-MIM), or, where Alg. 1's
+    split applies, the split particles alone."""
+
+    encoding: Optional[_Half]
     decoding: tuple
+    splits: tuple = ()
+
+    def traces(self):
+        """Every poutine trace the particle holds."""
+        halves = ((self.encoding,) if self.encoding is not None else ()) + self.decoding
+        yield from (t for part in halves + self.splits for t in part if isinstance(t, poutine.Trace))
 
 
 def _check_int(name, value, minimum):
@@ -175,6 +206,7 @@ class Trace_MIM(ELBO):
         self.asymmetric = asymmetric
         self.num_steps = 0
         self._observed_slots: dict = {}  # where a model reads each observed site, by argument shapes
+        self._data_plates: dict = {}  # Alg. 1's split: the data plate's (dim, size), by model, guide, shapes
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -196,14 +228,21 @@ class Trace_MIM(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """One particle: the traces of the encoding half and, for MIM, the decoding half."""
         self._ensure_plate_nesting(model, guide, args, kwargs)
+        plate = self._data_plate(model, guide, args, kwargs)
+        if plate is not None:
+            return _MIMTraces(None, (), (self._split(model, guide, args, kwargs, *plate),))
         encoding = self._encoding_half(model, guide, args, kwargs)
         decoding = () if self.asymmetric else (self._decoding_half(model, guide, args, kwargs),)
         return _MIMTraces(encoding, decoding)
 
     def _get_vectorized_trace(self, model, guide, args, kwargs):
         """All particles at once: the encoding half in Pyro's particle plate; the
-        decoding half once per particle (its guide takes one generated data set)."""
+        decoding half (or Alg. 1's split) once per particle (its guide takes one generated data set)."""
         self._ensure_plate_nesting(model, guide, args, kwargs)
+        plate = self._data_plate(model, guide, args, kwargs)
+        if plate is not None:
+            return _MIMTraces(None, (), tuple(self._split(model, guide, args, kwargs, *plate)
+                                              for _ in range(self.num_particles)))
         encoding = self._encoding_half(
             self._vectorized_num_particles(model), self._vectorized_num_particles(guide), args, kwargs
         )
@@ -223,14 +262,8 @@ class Trace_MIM(ELBO):
     def _encoding_half(self, model, guide, args, kwargs) -> _Half:
         # (x, z) ~ P(x) q(z|x): z from the guide at the data, the model replayed on it.
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-        try:
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(
-                *args, **kwargs
-            )
-        except Exception as e:  # a guide value of the wrong shape fails deep in the model: say which
-            _check_event_shapes(_model_alone(model, args, kwargs), guide_trace, e)
-            raise
-        guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+        model_trace = _replayed(model, guide_trace, args, kwargs)
+        guide_trace = prune_subsample_sites(guide_trace)
         _check_event_shapes(model_trace, guide_trace)
         self._check_traces(model_trace, guide_trace)
         model_trace.compute_log_prob()
@@ -242,17 +275,8 @@ class Trace_MIM(ELBO):
 
     def _decoding_half(self, model, guide, args, kwargs) -> _Half:
         # (x, z) ~ p(x|z) P(z): the model with its observed sites sampled (reparameterised).
-        model_trace = poutine.trace(poutine.uncondition(model), graph_type="flat").get_trace(*args, **kwargs)
-        model_trace = prune_subsample_sites(model_trace)
-        for site in sample_sites(model_trace):
-            # an observed site without rsample (Bernoulli pixels) gets a score-function term
-            if not site["fn"].has_rsample and not site["infer"].get("was_observed"):
-                raise ValueError(
-                    f"Trace_MIM: latent site {site['name']!r} of the model ({type(site['fn']).__name__}) "
-                    "cannot be sampled with reparameterisation, which the decoding half of MIM needs "
-                    "(Livne et al. 2019, App. D.2); use Trace_MIM(asymmetric=True) (A-MIM, encoding "
-                    "samples only)"
-                )
+        model_trace = _generated(model, args, kwargs)
+        _check_generated(model_trace)
         dec_args, dec_kwargs = self._substitute_data(model, model_trace, args, kwargs)
         # log q(z|x̃) of the prior's z at the generated x̃ (Alg. 2 line 5): replay the guide.
         guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace), graph_type="flat").get_trace(
@@ -264,13 +288,60 @@ class Trace_MIM(ELBO):
         marginal = self._marginal_traces(model, guide, dec_args, dec_kwargs)
         return _Half(model_trace, guide_trace, *marginal)
 
-    def _substitute_data(self, model, model_trace, args, kwargs):
+    def _data_plate(self, model, guide, args, kwargs):
+        """``(dim, size)`` of the plate that holds every sample site of the model and the guide, where
+        Alg. 1's split applies (MIM, K = 1, one such plate, not subsampled, of size ≥ 2), else None.
+        Found once per model, guide and argument shapes, from a run of each that draws nothing from
+        the user's random stream (a model or guide that fails there, a guide that does not sample the
+        model's latent sites or data of another shape than the model generates run both halves,
+        which name the failure)."""
+        if self.asymmetric or self.marginal_particles > 1:
+            return None
+        key = (model, guide, tuple((slot, tuple(v.shape)) for slot, v in ModelArguments(args, kwargs).tensor_slots()))
+        if key not in self._data_plates:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    generated = _generated(model, args, kwargs)
+                    guide_trace = poutine.trace(poutine.replay(guide, trace=generated), graph_type="flat").get_trace(
+                        *args, **kwargs)
+                latents = {s["name"] for s in sample_sites(generated) if not s["infer"].get("was_observed")}
+                matched = latents == {s["name"] for s in sample_sites(guide_trace)} and all(
+                    s["value"].shape == s["infer"]["obs"].shape
+                    for s in sample_sites(generated) if s["infer"].get("was_observed"))
+                self._data_plates[key] = (_common_plate(sample_sites(generated) + sample_sites(guide_trace))
+                                          if matched else None)
+            except Exception:
+                self._data_plates[key] = None
+        return self._data_plates[key]
+
+    def _split(self, model, guide, args, kwargs, dim: int, size: int) -> _Split:
+        # Alg. 1: ⌊B/2⌋ points at random are decoding samples, the rest encoding samples.
+        generated = _generated(model, args, kwargs)
+        decoding = torch.zeros(size, dtype=torch.bool)
+        decoding[torch.randperm(size)[: size // 2]] = True
+        decoding = decoding.to(next(iter(sample_sites(generated)))["value"].device)
+        mixed_args, mixed_kwargs = self._substitute_data(model, generated, args, kwargs, rows=(dim, decoding))
+        # log q(z̃|x̃) (Alg. 2 line 5) at every point; only the decoding points use it.
+        guide_trace = prune_subsample_sites(poutine.trace(poutine.replay(guide, trace=generated), graph_type="flat")
+                                            .get_trace(*mixed_args, **mixed_kwargs))
+        _check_reparameterised(guide_trace)
+        _check_generated(generated)
+        draw = _draw(guide, guide_trace, mixed_args, mixed_kwargs)
+        _check_event_shapes(generated, draw)
+        model_trace = _replayed(model, draw, mixed_args, mixed_kwargs)
+        self._check_traces(model_trace, draw)
+        for trace in (generated, guide_trace, draw, model_trace):
+            trace.compute_log_prob()
+        return _Split(generated, guide_trace, draw, model_trace, decoding, dim)
+
+    def _substitute_data(self, model, model_trace, args, kwargs, rows=None):
         """The model's arguments with each observed site's data replaced by the values the model
         generated there, written where the model reads them: the argument itself when the site
         observes it (``obs=x``), else the argument's elements the site's value is made of (``obs=
         x.reshape(-1, 784)``, a slice), found once per argument shapes by
         :func:`~pyro_mi.density.arguments.locate_observed` (Pyro's ``uncondition`` keeps the
-        observed value in ``site["infer"]["obs"]``)."""
+        observed value in ``site["infer"]["obs"]``). With ``rows = (dim, mask)`` only the points of
+        the data plate (batch dim ``dim``) where ``mask`` is true take the generated values."""
         arguments = ModelArguments(args, kwargs)
         values: dict = {}
         for site in sample_sites(model_trace):
@@ -283,12 +354,18 @@ class Trace_MIM(ELBO):
                     f"but its data have shape {tuple(obs.shape)}; the likelihood's batch shape must match "
                     "the data (use .to_event() for the event dims)"
                 )
+            if rows is not None:
+                dim, mask = rows
+                value = torch.where(mask.reshape((-1,) + (1,) * (site["fn"].event_dim - dim - 1)), value, obs)
             same = [slot for slot, a in arguments.slots() if a is obs]
             if same:
                 values.update({slot: value for slot in same})
                 continue
-            where = self._observed_slot(model, arguments, name)
+            where, whole = self._observed_slot(model, arguments, name)
             base = values.get(where.slot, arguments.get(where.slot))
+            if whole:  # obs=x.reshape(...): the argument is the value, reshaped
+                values[where.slot] = value.reshape(base.shape).to(base.dtype)
+                continue
             flat = base.reshape(-1).index_put((where.index.reshape(-1).to(base.device),),
                                               value.reshape(-1).to(base.dtype))
             values[where.slot] = flat.reshape(base.shape)
@@ -298,8 +375,12 @@ class Trace_MIM(ELBO):
         key = (model, name, tuple((slot, tuple(v.shape)) for slot, v in arguments.tensor_slots()))
         if key not in self._observed_slots:
             located, _ = locate_observed(model, arguments, [name])
-            self._observed_slots[key] = located.get(name)
-        where = self._observed_slots[key]
+            where = located.get(name)
+            # whole: the value's elements are the argument's, in order (a reshape of it)
+            whole = where is not None and where.index.numel() == arguments.get(where.slot).numel() and bool(
+                (where.index.reshape(-1).cpu() == torch.arange(where.index.numel())).all())
+            self._observed_slots[key] = where, whole
+        where, whole = self._observed_slots[key]
         if where is None:
             raise ValueError(
                 f"Trace_MIM: the observed value of site {name!r} is computed from the model's arguments (not "
@@ -307,7 +388,7 @@ class Trace_MIM(ELBO):
                 "re-runs the guide on data generated by the model and must write them where the model reads "
                 "its data; observe the data themselves, or use Trace_MIM(asymmetric=True)"
             )
-        return where
+        return where, whole
 
     def _marginal_traces(self, model, guide, args, kwargs):
         # Fresh z' ~ q(z'|x) for the importance estimate of log q_θ(x) (Alg. 2).
@@ -344,12 +425,7 @@ class Trace_MIM(ELBO):
                     f"Trace_MIM: the guide samples site {name!r}, which is not a latent site of the model "
                     f"(latent sites: {latents}, observed: {observed})"
                 )
-        for site in sample_sites(guide_trace):
-            if not site["fn"].has_rsample:
-                raise ValueError(
-                    f"Trace_MIM: guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
-                    "reparameterisable; MIM's gradients are pathwise (Livne et al. 2019, App. D.2)"
-                )
+        _check_reparameterised(guide_trace)
 
     # --------------------------------------------------------------- estimators
     def _log_marginal(self, model_trace, guide_trace) -> torch.Tensor:
@@ -386,16 +462,13 @@ class Trace_MIM(ELBO):
         log_p = sum(s["log_prob_sum"] for s in sample_sites(half.model_trace))
         log_qx = self._log_marginal(half.marginal_model_trace, half.marginal_guide_trace)
         loss = -(0.5 * (log_q + log_qx) + self.warmup_weight * log_p)
-        scored = [s for s in sample_sites(half.model_trace)
-                  if s["infer"].get("was_observed") and not s["is_observed"] and not s["fn"].has_rsample]
-        return loss + self._score_term(half, scored) if scored else loss
+        scored = _scored(half.model_trace)
+        return loss + self._half_score_term(half, scored) if scored else loss
 
-    def _score_term(self, half: _Half, scored: list) -> torch.Tensor:
-        """Σ_n sg(c_n - b_n) (log p(x̃_n|z_n) - sg(·)): zero in value, its gradient the score-function
-        part of the gradient of the half's loss Σ_n c_n with respect to the distribution x̃_n was
-        drawn from (REINFORCE, Livne et al. 2019, App. D.2, for discrete x). c_n is data point n's
-        share of the half's loss (each x̃_n enters its own terms only: q̂(x) factorises over the data
-        plate), b_n the mean of the others' (a baseline that keeps the estimate unbiased)."""
+    def _half_score_term(self, half: _Half, scored: list) -> torch.Tensor:
+        """The score-function term of a decoding half on the whole batch (see :meth:`_score_term`):
+        c_n is data point n's share of the half's loss (each x̃_n enters its own terms only: q̂(x)
+        factorises over the data plate)."""
         sites = [s for t in half for s in sample_sites(t)]
         frames = [{f for f in s["cond_indep_stack"] if f.vectorized and f.name != _MARGINAL_PLATE} for s in sites]
         common = set.intersection(*frames)
@@ -419,14 +492,41 @@ class Trace_MIM(ELBO):
         log_qx = log_mean_exp(log_w, marginal) if marginal is not None and torch.is_tensor(log_w) \
             and log_w.dim() >= -marginal else log_w
         cost = -(0.5 * (per_datum(half.guide_trace) + log_qx) + self.warmup_weight * per_datum(half.model_trace))
-        cost = cost.detach().reshape(-1)
+        return self._score_term(cost.reshape(-1), _log_likelihood(scored, dim))
+
+    @staticmethod
+    def _score_term(cost: torch.Tensor, log_lik: torch.Tensor) -> torch.Tensor:
+        """Σ_n sg(c_n - b_n) (log p(x̃_n|z̃_n) - sg(·)): zero in value, its gradient the score-function
+        part of the gradient of Σ_n c_n with respect to the distribution x̃_n was drawn from
+        (REINFORCE, Livne et al. 2019, App. D.2, for discrete x). ``cost`` (n,) holds each sampled
+        point's share c_n of the loss, ``log_lik`` (n,) its log p(x̃_n|z̃_n); b_n is the mean of the
+        others' costs (a baseline that keeps the estimate unbiased)."""
+        cost = cost.detach()
         n = cost.numel()
         baseline = (cost.sum() - cost) / (n - 1) if n > 1 else torch.zeros_like(cost)
-        log_lik = sum(_sum_except(scale_and_mask(s["unscaled_log_prob"], mask=s["mask"]), {dim}, -dim)
-                      for s in scored).reshape(-1)
         return ((cost - baseline) * (log_lik - log_lik.detach())).sum()
 
+    def _split_loss(self, split: _Split) -> torch.Tensor:
+        """Σ_n w_n c_n over the points of the batch (nats), c_n the share of L_enc or L_dec of point
+        n's half, w_n = B / (2 · its half's size), plus the score-function term of a discrete
+        likelihood over the decoding points."""
+        dim, decoding = split.dim, split.decoding
+        log_qz = _per_point(sample_sites(split.draw), dim)
+        log_pz = _per_point(sample_sites(split.model_trace), dim)
+        log_q = torch.where(decoding, _per_point(sample_sites(split.guide_trace), dim), log_qz)
+        log_p = torch.where(decoding, _per_point(sample_sites(split.generated), dim), log_pz)
+        # log q̂(x) = log p(x, z') - log q(z'|x) (Alg. 2, K = 1): at an encoding point z' is its own z.
+        cost = -(0.5 * (log_q + log_pz - log_qz) + self.warmup_weight * log_p)
+        size, num_decoding = decoding.numel(), decoding.numel() // 2
+        cost = cost * torch.where(decoding, size / (2 * num_decoding), size / (2 * (size - num_decoding)))
+        scored = _scored(split.generated)
+        if not scored:
+            return cost.sum()
+        return cost.sum() + self._score_term(cost[decoding], _log_likelihood(scored, dim)[decoding])
+
     def _differentiable_loss_particle(self, traces: _MIMTraces) -> torch.Tensor:
+        if traces.splits:
+            return sum(self._split_loss(s) for s in traces.splits)
         loss = self._half_loss(traces.encoding)
         if traces.decoding:
             dec = sum(self._half_loss(h) for h in traces.decoding)
@@ -467,17 +567,102 @@ class Trace_MIM(ELBO):
         for traces in self._get_traces(model, guide, args, kwargs):
             loss_particle = self._differentiable_loss_particle(traces) / self.num_particles
             loss += torch_item(loss_particle)
-            trainable = any(
-                site["type"] == "param"
-                for half in (traces.encoding, *traces.decoding)
-                for trace in half
-                for site in trace.nodes.values()
-            )
+            trainable = any(site["type"] == "param" for trace in traces.traces() for site in trace.nodes.values())
             if trainable and getattr(loss_particle, "requires_grad", False):
                 loss_particle.backward(retain_graph=self.retain_graph)
         warn_if_nan(loss, "loss")
         self.num_steps += 1
         return loss
+
+
+def _generated(model, args, kwargs) -> poutine.Trace:
+    """A trace of the model with its observed sites sampled (:func:`~pyro.poutine.uncondition`):
+    (z̃, x̃) ~ p(z) p(x|z), reparameterised where the distributions allow."""
+    return prune_subsample_sites(poutine.trace(poutine.uncondition(model), graph_type="flat").get_trace(*args, **kwargs))
+
+
+def _check_generated(trace) -> None:
+    """Raises ValueError naming a latent site of the model without ``rsample`` (an observed site
+    without it, Bernoulli pixels, gets a score-function term instead)."""
+    for site in sample_sites(trace):
+        if not site["fn"].has_rsample and not site["infer"].get("was_observed"):
+            raise ValueError(
+                f"Trace_MIM: latent site {site['name']!r} of the model ({type(site['fn']).__name__}) "
+                "cannot be sampled with reparameterisation, which the decoding half of MIM needs "
+                "(Livne et al. 2019, App. D.2); use Trace_MIM(asymmetric=True) (A-MIM, encoding "
+                "samples only)"
+            )
+
+
+def _check_reparameterised(guide_trace) -> None:
+    for site in sample_sites(guide_trace):
+        if not site["fn"].has_rsample:
+            raise ValueError(
+                f"Trace_MIM: guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
+                "reparameterisable; MIM's gradients are pathwise (Livne et al. 2019, App. D.2)"
+            )
+
+
+def _replayed(model, guide_trace, args, kwargs) -> poutine.Trace:
+    """The model's trace with its latent sites replayed from ``guide_trace``; a guide value of the
+    wrong shape that fails deep in the model is reported by site."""
+    try:
+        trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(*args, **kwargs)
+    except Exception as e:
+        _check_event_shapes(_model_alone(model, args, kwargs), guide_trace, e)
+        raise
+    return prune_subsample_sites(trace)
+
+
+def _draw(guide, guide_trace, args, kwargs) -> poutine.Trace:
+    """A trace of z' ~ q(z'|x) at the arguments of ``guide_trace`` (a run of the guide replayed at
+    other values): for a guide with one sample site, a draw from the distribution that run built
+    (it depends on x and the parameters alone); else a fresh run of the guide, since a site's
+    distribution may depend on the values of the sites before it."""
+    sites = sample_sites(guide_trace)
+    if len(sites) != 1:
+        return prune_subsample_sites(poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs))
+    site = sites[0]
+    draw = guide_trace.copy()
+    node = {k: v for k, v in site.items() if k not in ("log_prob", "unscaled_log_prob", "log_prob_sum")}
+    node["value"] = site["fn"].rsample()
+    draw.nodes[site["name"]] = node
+    return draw
+
+
+def _common_plate(sites):
+    """``(dim, size)`` of the one vectorised, not subsampled plate that holds every site, each with
+    that size at that batch dim, when its size is at least 2; else None."""
+    frames = [{(f.name, f.dim, f.size) for f in s["cond_indep_stack"] if f.vectorized
+               and f.full_size in (None, f.size)} for s in sites]
+    common = set.intersection(*frames) if frames else set()
+    if len(common) != 1:
+        return None
+    _, dim, size = next(iter(common))
+    for s in sites:
+        batch = s["fn"].batch_shape
+        if len(batch) < -dim or batch[dim] != size:
+            return None
+    return (dim, size) if size >= 2 else None
+
+
+def _scored(model_trace) -> list:
+    """The observed sites that a decoding sample drew without ``rsample`` (score-function terms)."""
+    return [s for s in sample_sites(model_trace)
+            if s["infer"].get("was_observed") and not s["is_observed"] and not s["fn"].has_rsample]
+
+
+def _per_point(sites, dim: int) -> torch.Tensor:
+    """Σ over ``sites`` of their log_prob (scaled and masked) summed over every batch dim but the
+    data plate's ``dim``: a (B,) tensor, nats."""
+    return sum(_sum_except(s["log_prob"], {dim}, s["log_prob"].dim()).reshape(-1) for s in sites)
+
+
+def _log_likelihood(scored, dim: int) -> torch.Tensor:
+    """log p(x̃_n|z̃_n) of the sampled observed sites per point (B,), unscaled: the density they
+    were drawn from, whose score the score-function term takes."""
+    return sum(_sum_except(lp, {dim}, lp.dim()).reshape(-1)
+               for lp in (scale_and_mask(s["unscaled_log_prob"], mask=s["mask"]) for s in scored))
 
 
 def _model_alone(model, args, kwargs):
