@@ -682,13 +682,6 @@ class ModelDensity(ModelProbe):
             ok &= ~bad
         return ok, why
 
-    def check_finite(self, x: Data, z: torch.Tensor, log_probs: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Raises ValueError naming the first site whose log density is not finite at (x, z).
-        ``log_probs``: those per-site log densities ``{site: (*S, N)}``, if already computed."""
-        ok, why = self.finite_points(x, z, log_probs)
-        if why is not None:
-            raise ValueError(f"{why}; check its distribution's parameters and support")
-
     def mi_ceiling(self) -> float | None:
         """The most MI the observations can carry, nats: with every observed site discrete and
         finitely supported, I(x; z) <= H(x) <= log (the number of values x can take), summed over
