@@ -276,6 +276,26 @@ def test_alg1_split_applies_where_every_site_is_in_one_data_plate():
         assert math.isfinite(Trace_MIM().loss(m, g, x))
 
 
+def test_pyros_vae_as_written_takes_the_split():
+    """Pyro's VAE (examples/vae/vae.py: Bernoulli pixels observed as obs=x.reshape(-1, 784), images
+    (B, 1, 28, 28) as the argument) trains by Alg. 1's split, its data written back by a reshape;
+    the cost goal of symmetric MIM rests on this (benchmarks/mi_losses_cost.py)."""
+    from pyro_mi.examples.zoo import VAE
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = VAE(z_dim=2, hidden_dim=8)
+    x = (torch.rand(8, 1, 28, 28) < 0.3).float()
+    mim = Trace_MIM()
+    assert mim._data_plate(vae.model, vae.guide, (x,), {}) == (-1, 8)
+    assert math.isfinite(SVI(vae.model, vae.guide, Adam({"lr": 1e-3}), loss=mim).step(x))
+    [(where, whole)] = mim._observed_slots.values()
+    assert whole and where.slot == ("arg", 0)
+    assert math.isfinite(mim.loss_and_grads(vae.model, vae.guide, x))
+    for net in (vae.encoder, vae.decoder):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
 def test_vectorized_particles_match_sequential_particles():
     init_params()
     x = data(20)
