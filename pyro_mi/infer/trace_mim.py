@@ -136,9 +136,17 @@ class Trace_MIM(ELBO):
     else fresh draws; and β is the warm-up
     weight. Decoding samples come from the model run under
     :func:`pyro.poutine.uncondition`; the guide then scores the prior's z̃ at x̃
-    (log q(z̃|x̃), Alg. 2 line 5) and draws the z' of q̂(x̃). Every half uses the
-    whole batch, so the mixture weights are ½ exactly, with lower variance than
-    Alg. 1's N/2 + N/2 split.
+    (log q(z̃|x̃), Alg. 2 line 5) and draws the z' of q̂(x̃).
+
+    **Alg. 1's split.** For MIM with K = 1, where every site of the model and guide is in one
+    data plate of B ≥ 2 points (not subsampled), the halves share the batch as Alg. 1 draws
+    them: ⌊B/2⌋ points chosen at random are decoding samples (x̃_n written where the model reads
+    x_n), the others encoding samples, and one run of the guide and one of the model at that
+    mixed batch serve both (a guide with one sample site also draws z' from the distribution it
+    builds to score z̃): three runs of the model or guide per particle (four for a guide with
+    several sample sites) instead of six. Each point's share of L_enc or L_dec is weighted
+    B / (2 · the size of its half), so the loss has the expectation above. Otherwise (K > 1, sites outside the data plate, a subsampled plate)
+    each half runs on the whole batch.
 
     **Discrete likelihoods.** An observed site without ``rsample`` (Bernoulli pixels) is sampled
     in the decoding half without a gradient path; its gradient takes the score-function term
@@ -492,7 +500,7 @@ class Trace_MIM(ELBO):
         log_qx = log_mean_exp(log_w, marginal) if marginal is not None and torch.is_tensor(log_w) \
             and log_w.dim() >= -marginal else log_w
         cost = -(0.5 * (per_datum(half.guide_trace) + log_qx) + self.warmup_weight * per_datum(half.model_trace))
-        return self._score_term(cost.reshape(-1), _log_likelihood(scored, dim))
+        return self._score_term(cost.reshape(-1), _per_point(scored, dim, scaled=False))
 
     @staticmethod
     def _score_term(cost: torch.Tensor, log_lik: torch.Tensor) -> torch.Tensor:
@@ -522,7 +530,7 @@ class Trace_MIM(ELBO):
         scored = _scored(split.generated)
         if not scored:
             return cost.sum()
-        return cost.sum() + self._score_term(cost[decoding], _log_likelihood(scored, dim)[decoding])
+        return cost.sum() + self._score_term(cost[decoding], _per_point(scored, dim, scaled=False)[decoding])
 
     def _differentiable_loss_particle(self, traces: _MIMTraces) -> torch.Tensor:
         if traces.splits:
@@ -652,17 +660,12 @@ def _scored(model_trace) -> list:
             if s["infer"].get("was_observed") and not s["is_observed"] and not s["fn"].has_rsample]
 
 
-def _per_point(sites, dim: int) -> torch.Tensor:
-    """Σ over ``sites`` of their log_prob (scaled and masked) summed over every batch dim but the
-    data plate's ``dim``: a (B,) tensor, nats."""
-    return sum(_sum_except(s["log_prob"], {dim}, s["log_prob"].dim()).reshape(-1) for s in sites)
-
-
-def _log_likelihood(scored, dim: int) -> torch.Tensor:
-    """log p(x̃_n|z̃_n) of the sampled observed sites per point (B,), unscaled: the density they
-    were drawn from, whose score the score-function term takes."""
-    return sum(_sum_except(lp, {dim}, lp.dim()).reshape(-1)
-               for lp in (scale_and_mask(s["unscaled_log_prob"], mask=s["mask"]) for s in scored))
+def _per_point(sites, dim: int, scaled: bool = True) -> torch.Tensor:
+    """Σ over ``sites`` of their log_prob summed over every batch dim but the data plate's ``dim``: a
+    (B,) tensor, nats. ``scaled=False``: unscaled (masked), the density a sampled site was drawn from,
+    whose score a score-function term takes."""
+    lps = (s["log_prob"] if scaled else scale_and_mask(s["unscaled_log_prob"], mask=s["mask"]) for s in sites)
+    return sum(_sum_except(lp, {dim}, lp.dim()).reshape(-1) for lp in lps)
 
 
 def _model_alone(model, args, kwargs):
