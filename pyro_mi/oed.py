@@ -11,9 +11,9 @@ design batch.
   method of :data:`pyro_mi.bounds.METHODS`. With the prior as proposal (the default
   here, as in ``nmc_eig``), IWAE's upper bound is the nested Monte Carlo (NMC)
   estimator and its lower bound is prior contrastive estimation: the inner sum
-  includes the θ that generated y (eq. 5, the EUBO). With ``share_particles`` its K prior
-  draws are shared by a design's experiments, as ``nmc_eig``'s inner samples are
-  (:func:`_shared_iwae`), with the jackknife variance over them in each standard error.
+  includes the θ that generated y (eq. 5, the EUBO). With ``share_particles`` (the option of
+  :class:`~pyro_mi.bounds.IWAE`) its K prior draws are shared by a design's experiments, as
+  ``nmc_eig``'s inner samples are, with the jackknife variance over them in each standard error.
 * **Nuisance latents ψ** (``target_labels`` a strict subset): log p(y|θ) =
   log p(y, θ) - log p(θ) is intractable too. Both terms are bounded by importance
   sampling over ψ with the model's own conditional prior r(ψ|θ) (ψ drawn by running
@@ -31,7 +31,6 @@ design batch.
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -41,10 +40,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from tqdm.auto import tqdm
 
 from .bounds import Bound
-from .bounds.importance import IWAE, evals_per_chunk, importance_warnings
 from .density import ModelDensity
 from .design_density import DesignDensity
 from .density.plates import sample_sites
@@ -52,8 +49,7 @@ from .density.plates import check_declared_batch_dims
 from .assessment import assess
 from .estimate import ADVICE, check_method_options, flatten_bound, seeded, simulate_and_bound
 from .result import MIResult, require_finite
-from .distributed import world
-from .weights import leave_one_out_log_ratio_sums, log_mean_exp, log_weight_sums
+from .weights import log_mean_exp
 
 #: methods whose results carry per-point log p(y) bounds, usable beside nuisance latents
 _LOG_PX_METHODS = ("iwae", "ais", "im-ais", "cr-ais", "bdmc")
@@ -235,9 +231,10 @@ def eig(
             graph, so that ``lower`` and ``upper`` are differentiable in the design and the
             model's parameters (pathwise gradients; every latent and observation site must
             have ``rsample``).
-        share_particles: ``iwae`` with the prior proposal only: draw a design's K particles
+        share_particles: ``iwae`` with the prior proposal only (shorthand for
+            ``bound=IWAE(num_particles=K, share_particles=True)``): draw a design's K particles
             once and share them by its N experiments, as ``nmc_eig`` shares its inner samples
-            (:func:`_shared_iwae`). The model then runs on K·B draws rather than K·N·B, which is
+            (:class:`~pyro_mi.bounds.IWAE`). The model then runs on K·B draws rather than K·N·B, which is
             faster where the model's own computation dominates, and each side stays a bound in
             expectation; but the variance over the shared draws does not fall with N, so at small
             K it is the less accurate choice (measurements: the docs' tuning page). Each standard
@@ -270,6 +267,7 @@ def eig(
     if bound is not None:  # the declaration as the shorthand's method and options
         method, options = flatten_bound(bound, method, options)
         differentiable = bool(options.pop("differentiable", False)) or differentiable
+        share_particles = bool(options.pop("share_particles", False)) or share_particles
     if not isinstance(design, torch.Tensor):
         raise TypeError(f"design must be a tensor or a list of tensors, got {type(design).__name__}")
     if design.numel() == 0:
@@ -282,10 +280,12 @@ def eig(
         if method not in ("iwae", "ba"):
             raise ValueError(f"differentiable=True supports methods 'iwae' and 'ba', not {method!r}")
         options["differentiable"] = True
+    if share_particles:
+        if method != "iwae" or proposal != "prior":
+            raise ValueError(f"share_particles=True needs method 'iwae' with the prior proposal, not {method!r} "
+                             f"with {proposal!r}")
+        options["share_particles"] = True
     check_method_options(method, num_data, options)
-    if share_particles and (method != "iwae" or proposal != "prior"):
-        raise ValueError(f"share_particles=True needs method 'iwae' with the prior proposal, not {method!r} with "
-                         f"{proposal!r}")
     if not isinstance(num_nuisance, int) or num_nuisance < 1:
         raise ValueError(f"num_nuisance must be a positive integer, got {num_nuisance!r}")
     obs = (observation_labels,) if isinstance(observation_labels, str) else tuple(observation_labels)
@@ -409,48 +409,22 @@ def _bound(make_density: Callable[[], ModelDensity], num_designs: int, target_la
                 raise ValueError(f"with nuisance latents {nuisance}, method must bound log p(y) per point: one "
                                  f"of {list(_LOG_PX_METHODS)}, not {method!r}")
             _check_order(density)
-        if share_particles:
-            why = _unshared_reason(density, nuisance, run_options)
-            if why is not None:
-                raise ValueError(f"share_particles=True, but the particles cannot be shared: {why}")
-            results = _shared_iwae(density, num_designs, num_data, run_options.get("num_particles", _IWAE_PARTICLES),
-                                   differentiable, progress)
-        else:
-            result = simulate_and_bound(density, method, proposal, None, num_data * num_designs, fit_steps, progress,
-                                        run_options, assessed=False)
-            if nuisance:
-                with torch.enable_grad() if differentiable else torch.no_grad():
-                    result = _with_nuisance(density, result, targets, nuisance, num_nuisance)
-            # design b's experiments are the points b, b + B, ...; each design's result is judged on its own
-            results = [result.select(slice(b, None, num_designs)) for b in range(num_designs)]
+        if share_particles and nuisance:
+            raise ValueError(f"share_particles=True, but the particles cannot be shared: the nuisance latents "
+                             f"{nuisance} are drawn per experiment")
+        result = simulate_and_bound(density, method, proposal, None, num_data * num_designs, fit_steps, progress,
+                                    run_options, assessed=False)
+        if nuisance:
+            with torch.enable_grad() if differentiable else torch.no_grad():
+                result = _with_nuisance(density, result, targets, nuisance, num_nuisance)
+        # design b's experiments are the points b, b + B, ...; each design's result is judged on its own
+        results = [result.select(slice(b, None, num_designs)) for b in range(num_designs)]
         for r in results:
             assess(r, density.mi_ceiling(), ADVICE.get(method, ""))
     for r in results:
         r.settings.update({"proposal": proposal, "seed": seed, "targets": list(targets),
                            "share_particles": share_particles})
     return results
-
-
-#: the fewest particles shared by a design's experiments: the jackknife over them has K - 2 degrees of freedom
-_SHARED_MIN_PARTICLES = 10
-#: IWAE's default K
-_IWAE_PARTICLES = IWAE().num_particles
-
-
-def _unshared_reason(density: DesignDensity, nuisance, options: dict) -> str | None:
-    """Why IWAE's K particles cannot be shared by a design's experiments (:func:`_shared_iwae`);
-    None when they can."""
-    K = options.get("num_particles", _IWAE_PARTICLES)
-    others = sorted(set(options) - {"num_particles", "differentiable"})
-    if nuisance:
-        return f"the nuisance latents {nuisance} are drawn per experiment"
-    if not isinstance(K, int) or isinstance(K, bool) or K < _SHARED_MIN_PARTICLES:
-        return f"num_particles must be at least {_SHARED_MIN_PARTICLES}, to estimate the variance over the shared draws"
-    if others:
-        return f"option {others[0]!r} applies to per-point draws"
-    if world()[1] > 1:
-        return "under torch.distributed the experiments are shared out in blocks"
-    return density.shared_prior_reason()
 
 
 def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -> MIResult:
@@ -477,77 +451,6 @@ def _with_nuisance(density, result: MIResult, targets, nuisance, num_nuisance) -
         x=result.x,
         z=result.z,
     )
-
-
-def _shared_iwae(density: DesignDensity, num_designs: int, num_data: int, num_particles: int,
-                 differentiable: bool, progress: bool) -> list[MIResult]:
-    """IWAE's EIG bounds per design with the K prior draws θ_k of a design shared by its N
-    simulated experiments (``nmc_eig``'s inner samples), one :class:`MIResult` per design.
-
-    With ℓ_k = log p(y_n|θ_k) and ℓ_0 = log p(y_n|θ_n) at the θ_n that simulated y_n, experiment
-    n's values are those of :func:`~pyro_mi.bounds.iwae_bounds` with the prior as proposal
-    (Brekelmans et al. 2022, eq. 5): upper (the ELBO side, nested Monte Carlo)
-    ℓ_0 - log (1/K) Σ_{k=1..K} e^{ℓ_k}; lower (the EUBO side, prior contrastive estimation)
-    ℓ_0 - log (1/K) (e^{ℓ_0} + Σ_{k=1..K-1} e^{ℓ_k}). Each has the expectation of its per-point
-    draw, so each side stays a bound in expectation. The model's computation runs on K·B draws,
-    not K·N·B.
-
-    The shared draws correlate the experiments, so each side's standard error adds to the
-    variance over experiments the jackknife variance over its m shared draws (Efron & Stein
-    1981): (m-1)/m Σ_j (T_(-j) - T_(·))², T_(-j) the side's mean without draw j
-    (``diagnostics["{side}_draws_variance"]``; conservative, where the delta method
-    under-covered the NMC side in a 200-seed check).
-
-    Args: the density of one design (a one-data-point model) or of ``num_designs`` designs as
-    data points (point i has design i % B); N per design; K >= 10.
-    """
-    B, N, K = num_designs, num_data, num_particles
-    x, z, log_lik = density.sample(N * B, differentiable=differentiable, log_likelihood=True)
-    log_lik = log_lik.reshape(N, B)  # ℓ_0, experiment-major: point n·B + b
-    with torch.enable_grad() if differentiable else torch.no_grad():
-        score, _ = density.shared_prior_likelihood(K)
-        per_chunk = max(1, evals_per_chunk(density) // (K * B))
-        sums, left_out = [], [0.0, 0.0]  # log-sums per experiment; Σ_n log(S_(-j) / S) (upper, lower)
-        for lo in tqdm(range(0, N, per_chunk), desc="IWAE", leave=False, disable=not progress or per_chunk >= N):
-            hi = min(N, lo + per_chunk)
-            ll = score({k: v[lo * B : hi * B] for k, v in x.items()}).reshape(K, hi - lo, B)
-            ll0 = log_lik[lo:hi]
-            head, total, total_sq = log_weight_sums(ll, K - 1)
-            with_true = torch.logaddexp(ll0, head)
-            sums.append((total, with_true, 2 * total - total_sq))
-            with torch.no_grad():
-                left_out[0] = left_out[0] + leave_one_out_log_ratio_sums(ll, total)  # (K, B)
-                left_out[1] = left_out[1] + leave_one_out_log_ratio_sums(ll[: K - 1], with_true, ll0)
-    total, with_true, log_ess = (torch.cat(t) for t in zip(*sums))  # (N, B) each
-    elbo, eubo = total - math.log(K), with_true - math.log(K)
-    require_finite("iwae", {"log p(y|θ) of the simulated experiments": log_lik,
-                            "the log p(y) lower bound (every prior draw has zero weight)": elbo,
-                            "the log p(y) upper bound": eubo})
-    # T_(-j) - T_(·) = -(mean_n log(S_(-j) / S) - its mean over j)
-    draws_var = {side: (m - 1) * (t / N).var(0, correction=0) for side, t, m in zip(("upper", "lower"), left_out, (K, K - 1))}
-    results = []
-    for b in range(B):
-        ess = log_ess[:, b].exp().detach()
-        r = MIResult(
-            "iwae",
-            lower_per_point=log_lik[:, b] - eubo[:, b],
-            upper_per_point=log_lik[:, b] - elbo[:, b],
-            settings={"num_particles": K, "vectorize": density.vectorize},
-            diagnostics={"ess": float(ess.mean()), "ess_per_point": ess, "log_p_x_lower": elbo[:, b],
-                         "log_p_x_upper": eubo[:, b],
-                         **{f"{side}_draws_variance": float(v[b]) for side, v in draws_var.items()}},
-            checks=(importance_warnings,),
-            notes=list(density.notices) + [
-                f"the K = {K} prior draws of this design are shared by its {N} experiments (as nmc_eig's inner "
-                "samples): each side is a bound in expectation, and its standard error adds the variance over "
-                "the shared draws (jackknife) to the variance over experiments"],
-            x={k: v[b::B] for k, v in x.items()},
-            z=z[b::B],
-        )
-        r.lower_stderr = math.sqrt(r.lower_stderr**2 + float(draws_var["lower"][b]))
-        r.upper_stderr = math.sqrt(r.upper_stderr**2 + float(draws_var["upper"][b]))
-        results.append(r)
-    return results
 
 
 def _eig_of_list(designs: list, run: Callable[[torch.Tensor], EIGResult]) -> EIGResult:

@@ -32,6 +32,14 @@ def mean_and_stderr(values: torch.Tensor | None) -> tuple[float | None, float | 
     return float(v.mean()), float(v.std() / math.sqrt(n))
 
 
+def jackknife_variance(left_out: torch.Tensor) -> float:
+    """The jackknife variance (Efron & Stein 1981) of a mean over N points that share m random
+    draws: (m-1)/m sum_j (T_(-j) - T_(.))^2, where T_(-j) is, up to a sign and a constant, the mean
+    over points of ``left_out`` (m, N): each point's change of its value when draw j is left out (nats)."""
+    t = left_out.detach().mean(-1).double()
+    return float((t.numel() - 1) * t.var(correction=0))
+
+
 def require_finite(method: str, parts: Mapping[str, torch.Tensor]) -> None:
     """Raises ValueError naming the first part (e.g. ``"log p(x|z) of the simulated points"``)
     that is not finite at some data point: a bound is never reported as inf or nan.
@@ -93,7 +101,10 @@ class MIResult:
         diagnostics: method-specific statistics (chain statistics, fitted-guide losses, ...); a
             per-point one is a tensor whose last axis is the points (N), or a list of point indices
             under a key of :data:`POINT_INDEX_KEYS`; a number ``k`` beside a per-point ``k_per_point``
-            is its mean.
+            is its mean. Under ``lower_jackknife`` / ``upper_jackknife``, a tensor (m, N) of each
+            point's change of its side's value when one of m draws shared by every point is left
+            out: that side's standard error then adds their :func:`jackknife_variance` (also in
+            ``diagnostics["{side}_draws_variance"]``), for this result and each selection of it.
         warnings: reasons why a number may be loose or wrong (divergent chains, low ESS,
             crossed sides, approximate modes); empty when there are none.
         notes: conditions under which a side is a bound, where it is not one unconditionally
@@ -140,6 +151,12 @@ class MIResult:
     def __post_init__(self):
         self.lower, self.lower_stderr = mean_and_stderr(self.lower_per_point)
         self.upper, self.upper_stderr = mean_and_stderr(self.upper_per_point)
+        for side in ("lower", "upper"):  # the variance over draws the points share (a shared-particle IWAE)
+            d = self.diagnostics.get(f"{side}_jackknife")
+            if d is not None and getattr(self, f"{side}_stderr") is not None:
+                var = jackknife_variance(d)
+                self.diagnostics[f"{side}_draws_variance"] = var
+                setattr(self, f"{side}_stderr", math.sqrt(getattr(self, f"{side}_stderr") ** 2 + var))
         pp = self.lower_per_point if self.lower_per_point is not None else self.upper_per_point
         self.num_data = 0 if pp is None else int(pp.numel())
         if self.gap is not None and self.gap < 0:

@@ -3,7 +3,7 @@
 The one place where pyro_mi averages weights given as logs: every bound, estimator
 and loss uses :func:`log_mean_exp` (nats in, nats out, by ``torch.logsumexp``), :func:`log_weight_sums`
 and :func:`importance_ess`; jackknife variances over draws shared by points use
-:func:`leave_one_out_log_ratio_sums`.
+:func:`leave_one_out_log_ratios`.
 """
 
 from __future__ import annotations
@@ -74,14 +74,13 @@ def importance_ess(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.nan_to_num(torch.exp(2 * log_sum - log_sum_sq), nan=0.0)
 
 
-def leave_one_out_log_ratio_sums(log_w: torch.Tensor, total: torch.Tensor, keep: torch.Tensor | None = None
-                                 ) -> torch.Tensor:
-    """sum_n log (S_{-j,n} / S_n) for each draw j: (k, n, ...) -> (k, ...), nats, where
-    S_n = e^keep_n + sum_k w_kn = e^total_n and S_{-j,n} leaves w_jn out; for jackknife
-    variances over draws shared by the points n.
+def leave_one_out_log_ratios(log_w: torch.Tensor, total: torch.Tensor, keep: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """log (S_{-j} / S) for each draw j: (k, ...) -> (k, ...), nats, where S = e^keep + sum_k w_k
+    = e^total and S_{-j} leaves w_j out; for jackknife variances over draws shared by data points.
 
     Args:
-        log_w: log weights (k, n, ...); total: log S (``log_w.shape[1:]``), as computed by the
+        log_w: log weights (k, ...); total: log S (``log_w.shape[1:]``), as computed by the
             caller; keep: a log weight never left out (``log_w.shape[1:]``), or None.
 
     log1p(-w_j / S) is exact where w_j <= S / 2 (every weight but a dominant one) and close for a
@@ -89,11 +88,11 @@ def leave_one_out_log_ratio_sums(log_w: torch.Tensor, total: torch.Tensor, keep:
     cancel to -inf), S_{-j} is summed afresh without it.
     """
     r = (log_w - total).exp()
-    out = torch.log1p(-r).sum(1)
+    out = torch.log1p(-r)
     if not bool(torch.isfinite(out).all()):
         top = r > 0.5
         rest = torch.logsumexp(log_w.masked_fill(top, -math.inf), 0)
         if keep is not None:
             rest = torch.logaddexp(rest, keep)
-        out = torch.where(top, rest - total, torch.log1p(-r)).sum(1)
+        out = torch.where(top, rest - total, out)
     return out

@@ -158,6 +158,35 @@ def test_shared_and_per_point_particles_agree():
             pyro_mi.eig(**args, share_particles=True)
 
 
+def test_shared_particles_are_an_iwae_option():
+    """``IWAE(share_particles=True)`` is what ``share_particles=True`` runs (the same numbers); each
+    design's standard errors add the jackknife variance of its own experiments' leave-one-draw-out
+    values; K < 10 is refused when declared, and estimate_mi's density, which draws per point, at run."""
+    X = designs()
+    short = pyro_mi.eig(linear_model(), X, "y", num_data=100, num_particles=20, share_particles=True, seed=4)
+    declared = pyro_mi.eig(linear_model(), X, "y", num_data=100, seed=4,
+                           bound=pyro_mi.bounds.IWAE(num_particles=20, share_particles=True))
+    for a, b in zip(short.results, declared.results):
+        torch.testing.assert_close(a.lower_per_point, b.lower_per_point, rtol=0, atol=0)
+        assert (a.lower_stderr, a.upper_stderr) == (b.lower_stderr, b.upper_stderr)
+        for side in ("lower", "upper"):
+            left_out = a.diagnostics[f"{side}_jackknife"]  # (m, 100): this design's experiments only
+            assert left_out.shape == (20 if side == "upper" else 19, 100)
+            t = left_out.double().mean(1)
+            points = getattr(a, f"{side}_per_point").double()
+            want = (points.var() / 100 + (len(t) - 1) * t.var(correction=0)) ** 0.5
+            assert math.isclose(getattr(a, f"{side}_stderr"), float(want), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="num_particles must be at least 10"):
+        pyro_mi.bounds.IWAE(num_particles=5, share_particles=True)
+
+    def model():
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(w, 1.0))
+
+    with pytest.raises(ValueError, match="estimate_mi's density draws particles per point"):
+        pyro_mi.estimate_mi(model, "y", num_data=20, proposal="prior", bound=pyro_mi.bounds.IWAE(num_particles=20, share_particles=True))
+
+
 def test_nuisance_latents_are_marginalised():
     """y = X θ + ψ 1 + ε with a nuisance offset ψ ~ N(0, s²): exact per-point EIG about θ."""
     X = designs(batch=1, n=6)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import Callable, Mapping, Sequence
 
 import pyro
@@ -149,6 +150,7 @@ class ModelDensity(ModelProbe):
         self._start, self._index = 0, None  # its points: numbers start, start + 1, ... (or index[...] of them)
         self.notices: list[str] = []
         self.warnings: list[str] = []
+        self._drawn = None  # (x, z) of the last sample, weakly, and log p(x|z) from its own trace
         ways = DATA_PLATE_WAYS + VECTORIZE
         if vectorize != "auto" and vectorize not in ways:
             raise ValueError(f"vectorize must be 'auto' or one of {ways}; got {vectorize!r}")
@@ -516,6 +518,8 @@ class ModelDensity(ModelProbe):
         if differentiable:
             self.check_reparameterized(self.obs_sites + self._latent_names)
         x, z, log_lik = self._sample(num_data, differentiable)
+        if log_lik is not None and not log_lik.requires_grad:
+            self._drawn = (weakref.ref(z), [weakref.ref(v) for v in x.values()], log_lik)
         if not log_likelihood:
             return x, z
         return x, z, log_lik if log_lik is not None else self.log_likelihood(x, z)
@@ -654,7 +658,12 @@ class ModelDensity(ModelProbe):
         return self.log_terms(x, z, likelihood=False)[0]
 
     def log_likelihood(self, x: Data, z: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) summed over observed sites: (*S, N, D) -> (*S, N), nats."""
+        """log p(x|z) summed over observed sites: (*S, N, D) -> (*S, N), nats. At the pairs the
+        last :meth:`sample` returned (the same tensors), from that draw's own trace: no model run."""
+        if self._drawn is not None:
+            z_drawn, x_drawn, log_lik = self._drawn
+            if z_drawn() is z and len(x_drawn) == len(x) and all(r() is v for r, v in zip(x_drawn, x.values())):
+                return log_lik
         return self.log_terms(x, z)[1]
 
     def log_joint(self, x: Data, z: torch.Tensor) -> torch.Tensor:
