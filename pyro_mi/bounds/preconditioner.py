@@ -65,8 +65,9 @@ MOVED = 1.0
 
 
 def _affine(loc: torch.Tensor, tril: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """loc + tril @ w for w (..., N, D) and per-point loc (N, D), tril (N, D, D)."""
-    return loc + (tril @ w.unsqueeze(-1)).squeeze(-1)
+    """loc + tril @ w for w (..., N, D) and per-point loc (N, D), tril (N, D, D) (one batched product of each
+    point's matrix with all its vectors: broadcasting tril over w's leading dims would copy it per vector)."""
+    return loc + torch.einsum("nij,...nj->...ni", tril, w)
 
 
 def start_of(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,16 +177,27 @@ def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, r
 
 def _log_joint_derivatives(density, x, z: torch.Tensor, hessian: bool):
     """log p(x, z) (N,), its gradient (N, D) and, with ``hessian``, its Hessian (N, D, D) at z (N, D), each
-    point's own (the points are independent, so one backward pass per latent dimension gives every
-    point's Hessian row)."""
+    point's own (the points are independent, so a backward pass per latent dimension gives every
+    point's Hessian row: the D passes batched in one, or one by one where an op of the model has no
+    batched backward)."""
     z = z.detach().unsqueeze(0).requires_grad_()
     with torch.enable_grad(), pyro.validation_enabled(False):
         lp, ll = density.log_terms(x, z)
         f = (lp + ll)[0]
         (g,) = torch.autograd.grad(f.sum(), z, create_graph=hessian)
-        rows = [torch.autograd.grad(g[0, :, j].sum(), z, retain_graph=True)[0][0] for j in range(z.shape[-1])] \
-            if hessian else []
-    return f.detach(), g[0].detach(), (torch.stack(rows, -2) if hessian else None)
+        h = _hessian_rows(g, z) if hessian else None
+    return f.detach(), g[0].detach(), h
+
+
+def _hessian_rows(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(N, D, D): row j of point n is the gradient in z (1, N, D) of g[0, n, j], g (1, N, D) its gradient."""
+    D = z.shape[-1]
+    try:
+        one_hot = torch.eye(D, dtype=g.dtype, device=g.device).reshape(D, 1, 1, D).expand((D,) + g.shape)
+        (h,) = torch.autograd.grad(g, z, grad_outputs=one_hot, is_grads_batched=True, retain_graph=True)
+        return h[:, 0].transpose(0, 1)
+    except RuntimeError:  # no batching rule for an op's backward
+        return torch.stack([torch.autograd.grad(g[0, :, j].sum(), z, retain_graph=True)[0][0] for j in range(D)], -2)
 
 
 def _newton(density, x, z, f, g, h, damping, steps: int):
