@@ -49,10 +49,11 @@ def importance_log_weights(density: ModelDensity, proposal, x: Data, z: torch.Te
 
     Also returns log q(z|x) - log p(z) (the BA lower bound per point).
     """
+    if isinstance(proposal, PriorProposal):  # log w = log p(x|z): at the simulated pairs, from their own draw
+        log_lik = density.log_likelihood(x, z)
+        return log_lik, log_lik, torch.zeros_like(log_lik)
     log_prior, log_lik = density.log_terms(x, z)
-    if isinstance(proposal, PriorProposal):
-        log_q = log_prior
-    elif isinstance(proposal, GaussianEncoder):
+    if isinstance(proposal, GaussianEncoder):
         log_q = proposal.log_prob(z, x, log_prior=log_prior)
     else:
         log_q = proposal.log_prob(z, x)
@@ -90,9 +91,10 @@ def _per_block(density, proposal, x, z, points_per_block, num_particles, differe
     seed = int(torch.randint(2**62, ()))
 
     def block(b, lo, hi):
+        whole = (lo, hi) == (0, z.shape[0])  # the simulated tensors themselves (see ModelDensity.log_likelihood)
+        xb, zb = (x, z) if whole else ({k: v[lo:hi] for k, v in x.items()}, z[lo:hi])
         with seeded_global_rng(block_seed(seed, b), z.device):
-            return terms(density.from_point(lo), proposal_from_point(proposal, lo), {k: v[lo:hi] for k, v in x.items()},
-                         z[lo:hi], bar)
+            return terms(density.from_point(lo), proposal_from_point(proposal, lo), xb, zb, bar)
 
     with _bar(z.shape[0] * num_particles, progress, desc) as bar:
         blocks = map_blocks(block, z.shape[0], points_per_block, device=z.device)
