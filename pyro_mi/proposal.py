@@ -30,7 +30,6 @@ from torch import nn
 from torch.distributions import constraints
 
 from .density import Data, ModelDensity, site_log_prob
-from .density.plates import sample_sites
 from .training import train
 
 
@@ -153,7 +152,7 @@ class GuideDensity:
     Args:
         density: the model's :class:`ModelDensity`.
         guide: a Pyro guide, taking the model's arguments, as ``SVI`` calls it
-            (:meth:`ModelDensity.guide_program`): the observed values are written into the
+            (:meth:`ModelDensity.trace_guide`): the observed values are written into the
             argument the model reads them from (``obs=x``, ``obs=x.reshape(-1, 784)``), or
             passed as keywords named after the observed sites where no argument carries them
             (``def model(x=None)``). A guide of a model without a data plate gets them with
@@ -183,7 +182,7 @@ class GuideDensity:
                     "arguments, the observed values written into the argument the model reads them from, or "
                     f"as keywords named after the observed sites {list(density.obs_sites)} where no argument "
                     "carries them") from e
-        names = [s["name"] for s in sample_sites(trace)]
+        names = [s["name"] for s in trace.sites]
         latents = [s.name for s in density.latent_sites]
         missing = [n for n in latents if n not in names]
         extra = [n for n in names if n not in latents]
@@ -194,10 +193,10 @@ class GuideDensity:
                 f"the guide samples site {extra[0]!r}, which is not a latent site of the model "
                 f"(latent sites: {latents})"
             )
-        guide_sites = {s["name"]: s for s in sample_sites(trace)}
+        guide_sites = {s["name"]: s for s in trace.sites}
         for site in density.latent_sites:
             g = guide_sites[site.name]
-            shape = density.point_shape(g["value"])
+            shape = trace.point_shape(site.name)
             if _strip_ones(shape) != _strip_ones(site.shape):
                 raise ValueError(
                     f"the guide's site {site.name!r} has shape {tuple(shape)} per data point, the model's "
@@ -224,15 +223,11 @@ class GuideDensity:
         return _for_points(self, index)
 
     def _trace(self, x: Data, num_samples: int, cond: dict):
-        x = self.density.check_data(x)
-        n = next(iter(x.values())).shape[0]
-        return self.density.trace_program(self.density.guide_program(self.guide, x), num_samples, n, "guide", cond)
+        return self.density.trace_guide(self.guide, x, num_samples, cond)
 
     def rsample(self, x: Data, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """z ~ q(z|x): returns z (K, N, D) and log q(z|x) (K, N), reparameterised where the guide is."""
-        trace = self._trace(x, num_samples, {})
-        n = next(iter(self.density.check_data(x).values())).shape[0]
-        z = self.density.pack(self.density.site_values(trace, num_samples, n))
+        z = self.density.pack(self._trace(x, num_samples, {}).values())
         return z, self.log_prob(z, x)
 
     def log_prob(self, z: torch.Tensor, x: Data) -> torch.Tensor:
@@ -242,7 +237,7 @@ class GuideDensity:
         zz = z.reshape(-1, N, d.latent_dim)
         values, ldj = d.unpack(zz, with_log_jacobian=True)
         trace = self._trace(x, zz.shape[0], values)
-        lq = d.per_point_log_prob(trace, [s.name for s in d.latent_sites], zz.shape[0], N) + ldj
+        lq = trace.log_prob([s.name for s in d.latent_sites]) + ldj
         return lq.reshape(lead + (N,))
 
     def log_prob_given(self, x: Data) -> Callable:

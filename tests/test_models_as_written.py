@@ -57,7 +57,7 @@ def test_observed_values_are_found_in_the_arguments():
 
     data = torch.stack([torch.zeros(8), torch.linspace(1.0, 2.0, 8)], -1)
     d = ModelDensity(svi_style, "obs", model_args=(data,))
-    assert d.has_data_plate and d.located_observed()["obs"].columns.tolist() == 0
+    assert d.has_data_plate and d._located_observed()["obs"].columns.tolist() == 0
     x, z = d.sample(16)
     args, _ = d.arguments.bind(torch.arange(16), observed=x)
     torch.testing.assert_close(args[0][:, 0], x["obs"])  # the values written where obs= reads them
@@ -73,7 +73,7 @@ def test_observed_values_are_found_in_the_arguments():
 
     counts = torch.tensor([[1, 2, 3], [4, 5, 0]])
     d = ModelDensity(transposed, "obs", model_args=(counts,))
-    assert not d.has_data_plate and d.located_observed()["obs"].index.tolist() == [[0, 3], [1, 4], [2, 5]]
+    assert not d.has_data_plate and d._located_observed()["obs"].index.tolist() == [[0, 3], [1, 4], [2, 5]]
     x, _ = d.sample(4)
     args, _ = d.arguments.bind(observed=x)
     assert args[0].shape == (4, 2, 3) and args[0].dtype == counts.dtype

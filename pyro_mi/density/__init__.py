@@ -27,8 +27,8 @@ Observed data travel as a dict ``{site: tensor of shape (num_data, *shape)}``.
 Modules, by job: :mod:`.normal` (the fast Normal log density),
 :mod:`.packing` (latent sites <-> one flat unconstrained vector, with the
 log-Jacobian), :mod:`.plates` (pyro_mi's chains and data plates, tracing inside
-them), :mod:`.model` (:class:`ModelDensity`). The guide side is in
-:mod:`pyro_mi.proposal`.
+them), :mod:`.model` (:class:`ModelDensity`), :mod:`.guide_trace` (a guide's run in the model's
+batch layout, :meth:`ModelDensity.trace_guide`). The guide as a proposal is in :mod:`pyro_mi.proposal`.
 """
 
 from .model import Data, ModelDensity

@@ -16,6 +16,7 @@ from . import enumeration, packing
 from .arguments import ModelArguments, slot_name
 from .plates import CHAINS_PLATE, DATA_PLATE, sample_sites
 from .pointwise import VECTORIZE
+from .guide_trace import GuideTrace
 from .probe import DATA_PLATE_WAYS, ModelProbe
 from .sites import describe, scaled_log_prob
 
@@ -23,6 +24,12 @@ Data = Mapping[str, torch.Tensor]
 
 #: the reparameterisations of :class:`ModelDensity`
 REPARAM = ("none", "auto")
+
+
+#: the fraction of simulated points whose log density is not finite at their own draw from which
+#: pyro_mi refuses the model (below it they are redrawn, up to MAX_REDRAWS times)
+NON_FINITE_FRACTION = 0.05
+MAX_REDRAWS = 10
 
 
 def _as_tuple(obs_sites) -> tuple[str, ...]:
@@ -185,19 +192,30 @@ class ModelDensity(ModelProbe):
 
         return program
 
-    def guide_program(self, guide: Callable, x: Data) -> Callable[[int], object]:
-        """``program(copies)``: ``guide`` called as the model is, on the rows of the data points
-        of ``x`` ``{site: (N, *shape)}`` (repeated ``copies`` times when folded), with each
-        observed site's values written where the model reads them (into the argument that
-        carries them, or as a keyword named after the site), for :meth:`trace_program`.
+    def trace_guide(self, guide: Callable, x: Data, num_samples: int, cond: Mapping | None = None) -> GuideTrace:
+        """Runs ``guide`` K = ``num_samples`` times on each data point of ``x`` ``{site: (N, *shape)}``,
+        called as the model is (on the rows of those points), each observed site's values written where
+        the model reads them (into the argument that carries them, or as a keyword named after the
+        site), inside pyro_mi's chains plate at the model's plate dims, so that guide and model see one
+        batch layout; latent sites in ``cond`` ``{site: (K, 1.., N, *shape)}`` are held there.
 
         Raises:
             ValueError: an observed site whose value the model computes from an argument in a way
-                that cannot be written back (not a reshape, slice or selection of it).
+                that cannot be written back (not a reshape, slice or selection of it);
+                :class:`~pyro_mi.density.plates.BatchingError` (a ValueError), naming the last site
+                reached, if the guide fails when batched.
         """
         x = self.check_data(x)
         N = next(iter(x.values())).shape[0]
-        located = self.located_observed()
+        trace = self._plates.trace(self._guide_program(guide, x), num_samples, N, "guide", cond)
+        return GuideTrace(trace, self._plates, num_samples, N)
+
+    def _guide_program(self, guide: Callable, x: Data) -> Callable[[int], object]:
+        """``program(copies)`` of :meth:`trace_guide`: the guide on the rows of the data points of ``x``
+        (repeated ``copies`` times when folded), the observed values written where the model reads them."""
+        x = self.check_data(x)
+        N = next(iter(x.values())).shape[0]
+        located = self._located_observed()
         for o in self.obs_sites:
             if self.has_data_plate and o in located and located[o].columns is None:
                 raise ValueError(
@@ -255,7 +273,7 @@ class ModelDensity(ModelProbe):
             return values, self._points.fns, lambda: self.site_log_probs(values, {}, C, N, self._no_density)
         trace = self._trace(C, N, cond, sample_obs=True)
         sites = sample_sites(trace)
-        values = self.site_values(trace, C, N)
+        values = self._site_values(trace, C, N)
         self._check_sites(values, "a simulation")
         if self.enumerated:
             def score():
@@ -284,7 +302,7 @@ class ModelDensity(ModelProbe):
                 "poutine.mask instead of skipping a site)")
 
     def _trace_log_probs(self, trace, num_chains: int, num_data: int, skip=frozenset()) -> dict:
-        """Per-site log densities ``{site: (C, N)}`` of a :meth:`trace_program` trace of the model
+        """Per-site log densities ``{site: (C, N)}`` of a trace of the model (:meth:`_trace`)
         (for an enumerated model, made under ``poutine.enum``: :data:`enumeration.LATENTS` and
         :data:`enumeration.OBSERVED` instead, its discrete sites summed out)."""
         C, N = num_chains, num_data
@@ -318,44 +336,18 @@ class ModelDensity(ModelProbe):
             return self._points.log_probs(both, scaled_log_prob, skip)
         cond = {**values, **{o: self._obs_layout(v) for o, v in shared.items()}}
         trace = self._trace(C, N, cond, sample_obs=False, enum=bool(self.enumerated))
-        self._check_sites(self.site_values(trace, C, N), "an evaluation")
+        self._check_sites(self._site_values(trace, C, N), "an evaluation")
         return self._trace_log_probs(trace, C, N, skip)
 
     def _obs_layout(self, value: torch.Tensor) -> torch.Tensor:
         """Observed values shared by every chain, (N, *shape), in pyro_mi's layout (1, 1.., N, *shape)."""
         return value.reshape((1,) * (1 + self._plates.pos) + value.shape)
 
-    def trace_program(self, program: Callable[[int], object], num_chains: int, num_data: int, what: str = "model",
-                      cond: Mapping | None = None):
-        """Traces ``program(copies)`` (e.g. :meth:`guide_program`), conditioned on ``cond``
-        ``{site: (C, 1.., N, *shape)}``, inside pyro_mi's chains plate (and, for a model without a
-        data plate, its data plate), at the plate dims of this model (see
-        :meth:`PlateLayout.trace`; read its values with :meth:`site_values`). Used for the model
-        and for guides, so that both see the same batch layout.
-
-        Raises :class:`BatchingError` (a ValueError), naming the last site reached, if the
-        program fails when batched (typically a one-data-point model whose sites do not
-        broadcast)."""
-        return self._plates.trace(program, num_chains, num_data, what, cond)
-
-    def site_values(self, trace, num_chains: int, num_data: int) -> dict[str, torch.Tensor]:
+    def _site_values(self, trace, num_chains: int, num_data: int) -> dict[str, torch.Tensor]:
         """``{site: value (C, 1.., N, *shape)}`` of the sample sites (but ``pyro.factor`` ones) of a
-        :meth:`trace_program` trace."""
+        trace of the model (:meth:`_trace`)."""
         return {s["name"]: self._plates.unfold(s["value"], num_chains, num_data)
                 for s in sample_sites(trace) if not isinstance(s["fn"], dist.Unit)}
-
-    def per_point_log_prob(self, trace, sites: Sequence[str], num_chains: int, num_data: int) -> torch.Tensor:
-        """Sums the log densities of the named sites of a :meth:`trace_program` trace to (C, N)."""
-        total = 0.0
-        for s in sample_sites(trace):
-            if s["name"] in sites:
-                total = total + self._plates.per_point(scaled_log_prob(s), num_chains, num_data)
-        return total
-
-    def point_shape(self, value: torch.Tensor) -> torch.Size:
-        """The shape of one data point of a site value from a :meth:`trace_program` trace:
-        (C, 1.., N, *shape) -> shape."""
-        return self._plates.point_shape(value)
 
     def _to_data(self, value: torch.Tensor) -> torch.Tensor:
         """(chains, 1.., num_data, *shape) value of the first chain -> (num_data, *shape)."""
@@ -508,15 +500,15 @@ class ModelDensity(ModelProbe):
         over- or underflowed: a Poisson count past int64, a rate that underflowed to 0) is not a
         draw of the model the dtype can hold: it is redrawn, and a warning gives the fraction.
 
-        Raises ValueError naming the site if :attr:`BOUNDARY_FRACTION` of a latent's simulated
-        values or more lie at the boundary of its support, if the log density is not finite at
-        :attr:`NON_FINITE_FRACTION` of the simulated points or more, or (``differentiable``) if a site's
-        distribution has no ``rsample`` (e.g. a discrete observation).
+        Raises ValueError naming the site if ``BOUNDARY_FRACTION`` (of :mod:`~pyro_mi.density.probe`)
+        of a latent's simulated values or more lie at the boundary of its support, if the log density
+        is not finite at ``NON_FINITE_FRACTION`` of the simulated points or more, or (``differentiable``)
+        if a site's distribution has no ``rsample`` (e.g. a discrete observation).
         """
         if not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
         if differentiable:
-            self.check_reparameterized(self.obs_sites + self._latent_names)
+            self._check_reparameterized(self.obs_sites + self._latent_names)
         x, z, log_lik = self._sample(num_data, differentiable)
         if log_lik is not None and not log_lik.requires_grad:
             self._drawn = (weakref.ref(z), [weakref.ref(v) for v in x.values()], log_lik)
@@ -524,14 +516,9 @@ class ModelDensity(ModelProbe):
             return x, z
         return x, z, log_lik if log_lik is not None else self.log_likelihood(x, z)
 
-    #: the fraction of simulated points whose log density is not finite at their own draw from
-    #: which pyro_mi refuses the model (below it they are redrawn, up to MAX_REDRAWS times)
-    NON_FINITE_FRACTION = 0.05
-    MAX_REDRAWS = 10
-
     def _sample(self, num_data: int, differentiable: bool, redraws: int = 0):
         """:meth:`sample`'s ``(x, z, log p(x|z) or None)``, points whose log density is not finite at
-        their own draw redrawn (see :meth:`finite_points`)."""
+        their own draw redrawn (see :meth:`_finite_points`)."""
         # Pyro's argument checks are off while drawing: a parameter that over- or underflows at a few
         # points (a rate of 0) is caught below, by the finiteness of the log densities, point by point
         with torch.enable_grad() if differentiable else torch.no_grad(), pyro.validation_enabled(False):
@@ -545,14 +532,14 @@ class ModelDensity(ModelProbe):
             log_probs = score() if not moved else None
             exact = log_probs is not None and all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
         with torch.no_grad(), pyro.validation_enabled(False):
-            ok, why = self.finite_points(x, z, log_probs)
+            ok, why = self._finite_points(x, z, log_probs)
         log_lik = None
         if exact and not self._no_density:
             log_lik = sum(v for k, v in log_probs.items() if k in self.obs_sites or k == enumeration.OBSERVED)[0]
         if bool(ok.all()):
             return x, z, log_lik
         bad = int((~ok).sum())
-        if (redraws == 0 and bad / num_data >= self.NON_FINITE_FRACTION) or redraws >= self.MAX_REDRAWS:
+        if (redraws == 0 and bad / num_data >= NON_FINITE_FRACTION) or redraws >= MAX_REDRAWS:
             raise ValueError(f"{why}; check its distribution's parameters and support")
         self.warnings.append(
             f"{bad} of {num_data} simulated points were not representable ({why}: the sampler or the density "
@@ -567,7 +554,7 @@ class ModelDensity(ModelProbe):
             log_lik = None
         return x, z, log_lik
 
-    def check_reparameterized(self, sites: Sequence[str]) -> None:
+    def _check_reparameterized(self, sites: Sequence[str]) -> None:
         """Raises ValueError naming the first of ``sites`` whose distribution has no
         ``rsample`` (its draws cannot carry pathwise gradients)."""
         for name in sites:
@@ -671,7 +658,7 @@ class ModelDensity(ModelProbe):
         lp, ll = self.log_terms(x, z)
         return lp + ll
 
-    def finite_points(self, x: Data, z: torch.Tensor, log_probs: Mapping[str, torch.Tensor] | None = None):
+    def _finite_points(self, x: Data, z: torch.Tensor, log_probs: Mapping[str, torch.Tensor] | None = None):
         """Which points of (x, z) (N of them) have finite log densities at every site: ``(ok (N,) bool,
         why)``, ``why`` naming the first site where some point does not (or None).
         ``log_probs``: those per-site log densities ``{site: (1, N)}``, if already computed."""

@@ -27,6 +27,9 @@ from .sites import check_joint, decentred, describe, has_density, is_discrete, i
 PROBE_CHAINS, PROBE_DATA = 2, 3
 #: the ways of running a data-plate model, in the order ``"auto"`` tries them
 DATA_PLATE_WAYS = ("plate", "fold")
+#: the fraction of simulated points with latents at the boundary of their support (draws that
+#: underflowed) from which pyro_mi refuses the model: most of its draws are not representable
+BOUNDARY_FRACTION = 0.5
 
 
 class ModelProbe:
@@ -179,7 +182,7 @@ class ModelProbe:
         frame = common_frame(sites)
         if frame is None or not any(v.dim() >= 1 and v.shape[0] == frame.size for _, v in self.arguments.tensor_slots()):
             return False
-        located = self.located_observed()
+        located = self._located_observed()
         rowwise = [o for o, where in located.items()
                    if where.columns is not None and self.arguments.get(where.slot).shape[0] == frame.size]
         if not rowwise:
@@ -199,7 +202,7 @@ class ModelProbe:
         except (TypeError, ValueError):
             return []
 
-    def located_observed(self) -> dict:
+    def _located_observed(self) -> dict:
         """``{site: ObservedSlot}``: where the model reads each observed site's values from (found
         once, see :func:`~pyro_mi.density.arguments.locate_observed`); the sites no argument carries
         are absent."""
@@ -263,10 +266,6 @@ class ModelProbe:
             "broadcast over leading batch dims (e.g. z @ A.T for A @ z) runs it batched"
         )
 
-    #: the fraction of simulated points with latents at the boundary of their support (draws that
-    #: underflowed) from which pyro_mi refuses the model: most of its draws are not representable
-    BOUNDARY_FRACTION = 0.5
-
     def _boundary(self, values: dict, fns: Mapping, num_chains: int, num_data: int, probe: bool = False) -> int:
         """Moves latent values at the boundary of their support (:func:`packing.boundary_points`:
         draws that underflowed in the dtype, which torch clamps to the boundary) to the nearest
@@ -274,7 +273,7 @@ class ModelProbe:
         naming each site.
 
         Raises:
-            ValueError: naming the site, when :attr:`BOUNDARY_FRACTION` of the points or more are
+            ValueError: naming the site, when :data:`BOUNDARY_FRACTION` of the points or more are
                 at the boundary: most draws of that site are not representable in the run's dtype.
         """
         moved = torch.zeros(num_chains, num_data, dtype=torch.bool)
@@ -283,7 +282,7 @@ class ModelProbe:
             bad = packing.boundary_points(support, value, num_chains, num_data)
             if not bad.any():
                 continue
-            if float(bad.float().mean()) >= self.BOUNDARY_FRACTION:
+            if float(bad.float().mean()) >= BOUNDARY_FRACTION:
                 dtype = value.dtype
                 advice = " or use float64 (torch.set_default_dtype(torch.float64))" if dtype != torch.float64 else ""
                 raise ValueError(
