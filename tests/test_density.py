@@ -251,3 +251,23 @@ def test_data_plate_model_that_does_not_broadcast_over_chains_runs_folded():
         runs.append((x["y"], z, *d.log_terms(x, zk), d.prior_log_likelihood(x, 5)))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b)
+
+
+def test_log_likelihood_at_the_sampled_pairs_comes_from_their_draw():
+    """At the (x, z) that sample() returned, log p(x|z) is the draw's own (no model run), equal to the
+    recomputed one within rounding; x or z changed in place, or other tensors, are scored afresh."""
+    def model():
+        w = pyro.sample("w", dist.LogNormal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(w, 1.0).expand([3]).to_event(1))
+
+    pyro.set_rng_seed(0)
+    d = ModelDensity(model, "y")
+    x, z = d.sample(50)
+    drawn = d.log_likelihood(x, z)
+    torch.testing.assert_close(drawn, d.log_terms(x, z)[1])
+    assert d.log_likelihood(x, z) is drawn
+    assert d.log_likelihood(x, z.clone()) is not drawn
+    z.add_(1.0)
+    fresh = d.log_likelihood(x, z)
+    assert fresh is not drawn and not torch.allclose(fresh, drawn)
+    torch.testing.assert_close(fresh, d.log_terms(x, z)[1])

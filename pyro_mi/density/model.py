@@ -157,7 +157,7 @@ class ModelDensity(ModelProbe):
         self._start, self._index = 0, None  # its points: numbers start, start + 1, ... (or index[...] of them)
         self.notices: list[str] = []
         self.warnings: list[str] = []
-        self._drawn = None  # (x, z) of the last sample, weakly, and log p(x|z) from its own trace
+        self._drawn = None  # log p(x|z) of the last sample (its own trace's), and its z, log p(x|z), x: (weakref, version)
         ways = DATA_PLATE_WAYS + VECTORIZE
         if vectorize != "auto" and vectorize not in ways:
             raise ValueError(f"vectorize must be 'auto' or one of {ways}; got {vectorize!r}")
@@ -510,8 +510,8 @@ class ModelDensity(ModelProbe):
         if differentiable:
             self._check_reparameterized(self.obs_sites + self._latent_names)
         x, z, log_lik = self._sample(num_data, differentiable)
-        if log_lik is not None and not log_lik.requires_grad:
-            self._drawn = (weakref.ref(z), [weakref.ref(v) for v in x.values()], log_lik)
+        if log_lik is not None and not log_lik.requires_grad:  # each tensor with its version: changed in place, it misses
+            self._drawn = (log_lik, [(weakref.ref(t), t._version) for t in (z, log_lik, *x.values())])
         if not log_likelihood:
             return x, z
         return x, z, log_lik if log_lik is not None else self.log_likelihood(x, z)
@@ -648,8 +648,9 @@ class ModelDensity(ModelProbe):
         """log p(x|z) summed over observed sites: (*S, N, D) -> (*S, N), nats. At the pairs the
         last :meth:`sample` returned (the same tensors), from that draw's own trace: no model run."""
         if self._drawn is not None:
-            z_drawn, x_drawn, log_lik = self._drawn
-            if z_drawn() is z and len(x_drawn) == len(x) and all(r() is v for r, v in zip(x_drawn, x.values())):
+            log_lik, drawn = self._drawn
+            tensors = (z, log_lik, *x.values())
+            if len(drawn) == len(tensors) and all(r() is t and t._version == v for (r, v), t in zip(drawn, tensors)):
                 return log_lik
         return self.log_terms(x, z)[1]
 
