@@ -92,7 +92,7 @@ class DesignDensity(ModelDensity):
         with pyro.validation_enabled(False):  # a draw where p(x|z) = 0 scores -inf, not an error (as in IWAE)
             trace = self._trace(K, R, {}, sample_obs=True)
         site = next(s for s in sample_sites(trace) if s["name"] == obs)
-        z = self.pack({k: v for k, v in self._site_values(trace, K, R).items() if k in self._latent_names})
+        z = self.pack({k: v for k, v in self._plates.values(trace, K, R).items() if k in self._latent_names})
 
         def log_lik(x: Data) -> torch.Tensor:
             v = self.check_data(x)[obs]

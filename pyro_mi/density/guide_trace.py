@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import pyro.distributions as dist
 import torch
 
 from .plates import PlateLayout, sample_sites
@@ -27,8 +26,7 @@ class GuideTrace:
 
     def values(self) -> dict[str, torch.Tensor]:
         """``{site: value (K, 1.., N, *shape)}`` of the sample sites but ``pyro.factor`` ones."""
-        return {s["name"]: self._plates.unfold(s["value"], self.num_samples, self.num_data)
-                for s in self.sites if not isinstance(s["fn"], dist.Unit)}
+        return self._plates.values(self.trace, self.num_samples, self.num_data)
 
     def point_shape(self, site: str) -> torch.Size:
         """The shape of one data point of ``site``'s value."""

@@ -273,7 +273,7 @@ class ModelDensity(ModelProbe):
             return values, self._points.fns, lambda: self.site_log_probs(values, {}, C, N, self._no_density)
         trace = self._trace(C, N, cond, sample_obs=True)
         sites = sample_sites(trace)
-        values = self._site_values(trace, C, N)
+        values = self._plates.values(trace, C, N)
         self._check_sites(values, "a simulation")
         if self.enumerated:
             def score():
@@ -336,18 +336,12 @@ class ModelDensity(ModelProbe):
             return self._points.log_probs(both, scaled_log_prob, skip)
         cond = {**values, **{o: self._obs_layout(v) for o, v in shared.items()}}
         trace = self._trace(C, N, cond, sample_obs=False, enum=bool(self.enumerated))
-        self._check_sites(self._site_values(trace, C, N), "an evaluation")
+        self._check_sites(self._plates.values(trace, C, N), "an evaluation")
         return self._trace_log_probs(trace, C, N, skip)
 
     def _obs_layout(self, value: torch.Tensor) -> torch.Tensor:
         """Observed values shared by every chain, (N, *shape), in pyro_mi's layout (1, 1.., N, *shape)."""
         return value.reshape((1,) * (1 + self._plates.pos) + value.shape)
-
-    def _site_values(self, trace, num_chains: int, num_data: int) -> dict[str, torch.Tensor]:
-        """``{site: value (C, 1.., N, *shape)}`` of the sample sites (but ``pyro.factor`` ones) of a
-        trace of the model (:meth:`_trace`)."""
-        return {s["name"]: self._plates.unfold(s["value"], num_chains, num_data)
-                for s in sample_sites(trace) if not isinstance(s["fn"], dist.Unit)}
 
     def _to_data(self, value: torch.Tensor) -> torch.Tensor:
         """(chains, 1.., num_data, *shape) value of the first chain -> (num_data, *shape)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -120,6 +121,11 @@ class PlateLayout:
     def unfold(self, value: torch.Tensor, num_chains: int, num_data: int) -> torch.Tensor:
         """A traced site value in pyro_mi's layout (C, 1.., N, *shape)."""
         return value.reshape((num_chains, num_data) + value.shape[1:]) if self.folded else value
+
+    def values(self, trace, num_chains: int, num_data: int) -> dict[str, torch.Tensor]:
+        """``{site: value (C, 1.., N, *shape)}`` of a trace's sample sites but ``pyro.factor`` ones."""
+        return {s["name"]: self.unfold(s["value"], num_chains, num_data)
+                for s in sample_sites(trace) if not isinstance(s["fn"], dist.Unit)}
 
     def per_point(self, t: torch.Tensor, num_chains: int, num_data: int) -> torch.Tensor:
         """A site's log density (num_chains, *batch) summed to (num_chains, num_data)."""
