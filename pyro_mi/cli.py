@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "report); flags given explicitly override them")
     est.add_argument("--reparam", default="auto", choices=("auto", "none"),
                      help="auto: non-centre hierarchical location-scale latents (Pyro's LocScaleReparam; the MI is "
-                          "unchanged); none: the model as written (default auto)")
+                          "unchanged), and let ais run each point centred or non-centred, whichever its fit suits "
+                          "(a latent non-centred by hand included); none: the model as written (default auto)")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--timeout", type=float,
                      help="under torchrun: seconds a process waits for the others before the run fails "

@@ -114,8 +114,10 @@ def estimate_mi(
             tries ``"plate"``, then ``"vmap"``, then ``"loop"``; the way taken, when it is
             not ``"plate"``, is in the result's notes).
         reparam: ``"auto"`` (default) non-centres the hierarchical location-scale latents
-            with Pyro's ``LocScaleReparam`` (see :class:`ModelDensity`), ``"none"`` runs the
-            model as written. With a ``guide`` the model runs as written (the guide samples
+            with Pyro's ``LocScaleReparam`` (see :class:`ModelDensity`), and lets ``ais`` run
+            each point in the parameterisation that suits it: the model as written or
+            non-centred, or, for a latent its author non-centred by hand, centred
+            (:mod:`pyro_mi.density.centring`); ``"none"`` runs the model as written. With a ``guide`` the model runs as written (the guide samples
             its sites).
         preset: ``"fast"``, ``"default"`` or ``"tight"``: the method's K, T and L from
             :data:`PRESETS` (options given explicitly override them); ``"tight"`` is what a paper

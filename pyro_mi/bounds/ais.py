@@ -434,15 +434,16 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
 
         return path_of
 
-    written = []  # the points whose fit chose the model as written
+    chosen, alternatives = [], []  # the points whose fit chose the alternative parameterisation, and it
 
     def whitened(d, q, xs, zs, index=None):
         """The path's density, proposal and simulated z in the whitened coordinates of a per-point
         Gaussian fit (:func:`~pyro_mi.bounds.preconditioner.precondition`), its random numbers its own."""
         with seeded_global_rng(block_seed(seed, "precondition"), zs.device):
-            wd, wq, wz, as_written = precondition(d, q, xs, zs, rounds=PRECONDITION_ROUNDS, steps=PRECONDITION_STEPS,
+            wd, wq, wz, other, alt = precondition(d, q, xs, zs, rounds=PRECONDITION_ROUNDS, steps=PRECONDITION_STEPS,
                                                   max_rounds=PRECONDITION_MAX_ROUNDS, progress=run.progress)
-        written.extend((as_written if index is None else index[as_written]).tolist())
+        chosen.extend((other if index is None else index[other]).tolist())
+        alternatives.append(alt)
         return wd, wq, wz
 
     with finishing(ckpt):
@@ -476,13 +477,13 @@ def _bounds(ais: "AIS", density: ModelDensity, proposal, x: Data, z: torch.Tenso
             if run.record:
                 out["notes"].append("the recorded chains of the refined points are those of their first run (dropped "
                                     "from the bounds); their per-point values are the rerun's")
-        if written:
-            out["diagnostics"]["points_as_written"] = written
+        if chosen:
+            alt = next(a for a in alternatives if a is not None)
+            out["diagnostics"][alt.key] = chosen
             out["notes"].append(
-                f"{len(written)} of {z.shape[0]} points ran the model as written, the others with "
-                f"{list(density.decentred_sites)} non-centred: the model as written where its Gaussian fit had the "
-                "higher ELBO and was near exact (a choice from x alone, so every bound holds); indices in "
-                "diagnostics['points_as_written']")
+                f"{len(chosen)} of {z.shape[0]} points ran {alt.described}: the former where its Gaussian fit had "
+                f"the higher ELBO and was near exact (a choice from x alone, so every bound holds); indices in "
+                f"diagnostics[{alt.key!r}]")
     elbo, eubo = out["lower"], out["upper"]
     require_finite(method, {"log p(x|z) of the simulated points": log_lik})
     advice = "use a proposal closer to the posterior, or more num_steps"

@@ -25,20 +25,23 @@ that the fit ends where the gradient noise lets it settle), each round in the fr
 ended in (a re-whitening: its parameters start at N(0, I) there), with more rounds for a point
 whose fit still moves.
 
-Where ``reparam="auto"`` non-centred some site, :func:`precondition` also chooses each point's
-parameterisation: it fits the model as written too, and a point runs it where that fit is the
-better and near exact (:class:`PerPointDensity`); the choice, like the fit, depends on x_i only.
+Where the model has a second parameterisation (:func:`alternative`: the model as written where
+``reparam="auto"`` non-centred some site, or a latent its author non-centred by hand, centred),
+:func:`precondition` also chooses each point's: it fits the other too, and a point runs it where that
+fit is the better and near exact (:class:`PerPointDensity`); the choice, like the fit, depends on x_i
+only.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pyro
 import torch
 from tqdm.auto import tqdm
 
 from ..density import Data, ModelDensity
+from ..density.centring import CentredDensity, find_centring
 from ..proposal import log_prob_given, proposal_for_points, proposal_from_point
 
 #: above this latent dimension the fit is diagonal (a full-rank one holds N D^2 numbers)
@@ -137,12 +140,12 @@ def log_weights(density, x: Data, loc: torch.Tensor, tril: torch.Tensor, draws: 
 
 def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, rounds: int, steps: int,
                  max_rounds: int | None = None, progress: bool = False):
-    """The whitened coordinates AIS runs in (see the module): each point's fit, and, where ``reparam="auto"``
-    non-centred some site, each point's parameterisation: the model as written where its fit is both
-    the better (a higher ELBO) and near exact (log weights spread by less than
-    :data:`WRITTEN_MAX_SPREAD`), else non-centred. Centring suits a point whose data pin its effects
-    down, non-centring one whose data leave them to the prior (Papaspiliopoulos, Roberts & Sköld 2007);
-    eight schools' simulated points are of both kinds. The choice is made from x_i and the fits' own
+    """The whitened coordinates AIS runs in (see the module): each point's fit, and, where the density has
+    an :func:`alternative` parameterisation, each point's: the alternative where its fit is both the
+    better (a higher ELBO) and near exact (log weights spread by less than :data:`WRITTEN_MAX_SPREAD`),
+    else the density's. Centring suits a point whose data pin its effects down, non-centring one whose
+    data leave them to the prior (Papaspiliopoulos, Roberts & Sköld 2007); eight schools' simulated
+    points are of both kinds. The choice is made from x_i and the fits' own
     random numbers only, so every bound holds.
 
     Args:
@@ -151,28 +154,68 @@ def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, r
 
     Returns:
         (the :class:`WhitenedDensity`, the :class:`WhitenedProposal` pi0, z in its coordinates (N, D),
-        the indices of the points that run the model as written (a long tensor, maybe empty)).
+        the indices of the points that run the :class:`Alternative` (a long tensor, maybe empty), the
+        alternative or None).
     """
     with torch.no_grad():
         draws = proposal.rsample(x, START_DRAWS)[0].detach()  # (S, N, D)
     fit = dict(rounds=rounds, steps=steps, max_rounds=max_rounds, progress=progress)
     loc, tril = fit_point_gaussians(density, x, start_of(draws), **fit)
-    written = density.as_written()
-    if written is None:
+    alt = alternative(density, x)
+    if alt is None:
         wd = WhitenedDensity(density, loc, tril)
-        return wd, WhitenedProposal(wd, proposal), wd.w_of(z), torch.zeros(0, dtype=torch.long)
-    # as written, no rounds past ``rounds``: a fit still moving then is not near exact, and would not be chosen
-    w_loc, w_tril = fit_point_gaussians(written, x, start_of(density.written_z(written, draws)),
-                                        **dict(fit, max_rounds=rounds))
-    lw, lw_written = log_weights(density, x, loc, tril), log_weights(written, x, w_loc, w_tril)
-    good = torch.isfinite(lw_written).all(0) & (lw_written.std(0) < WRITTEN_MAX_SPREAD)
-    chosen = good & ~(lw_written.mean(0) <= lw.mean(0))  # (N,): as written (NaN ELBO of the other: not chosen over)
-    loc, tril = torch.where(chosen[:, None], w_loc, loc), torch.where(chosen[:, None, None], w_tril, tril)
-    wd = WhitenedDensity(PerPointDensity(density, written, chosen), loc, tril)
-    z = torch.where(chosen[:, None], density.written_z(written, z), z)
-    # pi0's defensive component is the proposal's, of the non-centred latents: not mixed in as written
+        return wd, WhitenedProposal(wd, proposal), wd.w_of(z), torch.zeros(0, dtype=torch.long), None
+    # the other one is fitted from two starts, the proposal's draws and the first fit's (which found each
+    # point's scale where the proposal may not have: eight schools' tau ~ e^12), both mapped, all 2N fits in
+    # one batch, and keeps the one with the higher ELBO; no rounds past ``rounds``: a fit still moving then is
+    # not near exact, and would not be chosen
+    other, n = alt.density, z.shape[0]
+    with torch.no_grad():
+        fitted = _affine(loc, tril, torch.randn_like(draws))
+        start = tuple(torch.cat(p) for p in zip(*(start_of(alt.to(density, other, d)) for d in (draws, fitted))))
+    twice, x2 = torch.arange(n).repeat(2), {k: v.repeat((2,) + (1,) * (v.dim() - 1)) for k, v in x.items()}
+    o_loc, o_tril = fit_point_gaussians(other.for_points(twice), x2, start, **dict(fit, max_rounds=rounds))
+    lw_other = log_weights(other.for_points(twice), x2, o_loc, o_tril).unflatten(1, (2, n))  # (S, 2, N)
+    elbo = lw_other.mean(0)  # (2, N)
+    second = ((elbo[1] > elbo[0]) | (elbo[0].isnan() & ~elbo[1].isnan())).long()  # (N,): a NaN ELBO loses
+    lw_other = lw_other.gather(1, second.expand(lw_other.shape[0], 1, n)).squeeze(1)
+    o_loc, o_tril = (t.unflatten(0, (2, n))[second, torch.arange(n)] for t in (o_loc, o_tril))
+    lw = log_weights(density, x, loc, tril)
+    good = torch.isfinite(lw_other).all(0) & (lw_other.std(0) < WRITTEN_MAX_SPREAD)
+    chosen = good & ~(lw_other.mean(0) <= lw.mean(0))  # (N,): the other (NaN ELBO of the density's: not chosen over)
+    loc, tril = torch.where(chosen[:, None], o_loc, loc), torch.where(chosen[:, None, None], o_tril, tril)
+    wd = WhitenedDensity(PerPointDensity(density, other, chosen, alt.to), loc, tril)
+    z = torch.where(chosen[:, None], alt.to(density, other, z), z)
+    # pi0's defensive component is the proposal's, of the density's latents: not mixed in where the other runs
     weight = torch.where(chosen, 0.0, PROPOSAL_WEIGHT)
-    return wd, WhitenedProposal(wd, proposal, weight), wd.w_of(z), torch.nonzero(chosen).squeeze(-1).cpu()
+    return wd, WhitenedProposal(wd, proposal, weight), wd.w_of(z), torch.nonzero(chosen).squeeze(-1).cpu(), alt
+
+
+class Alternative(NamedTuple):
+    """A second parameterisation of a density's latents, which :func:`precondition` may choose point by
+    point: its ``density`` (same latent dimension, same p(x_i)), ``to(density, other, z)`` mapping z of
+    the first to the second (a bijection), the ``key`` of ``diagnostics`` that lists the points that
+    run it, and what they run, ``described`` for the result's note."""
+
+    density: object
+    to: Callable
+    key: str
+    described: str
+
+
+def alternative(density: ModelDensity, x: Data) -> Alternative | None:
+    """The model as written where ``reparam="auto"`` non-centred some site; else a latent the author
+    non-centred by hand, centred (:mod:`~pyro_mi.density.centring`); else None."""
+    written = density.as_written()
+    if written is not None:
+        return Alternative(written, lambda d, o, z: d.written_z(o, z), "points_as_written",
+                           f"the model as written, the others with {list(density.decentred_sites)} non-centred")
+    centring = find_centring(density)
+    if centring is None:
+        return None
+    return Alternative(CentredDensity(density, centring, x), lambda d, o, z: o.v_of(z), "points_centred",
+                       f"{centring.latent!r} centred (in its place {centring.observed!r}'s {centring.parameter}, "
+                       f"affine in it with a scale that depends on the other latents), the others as written")
 
 
 def _log_joint_derivatives(density, x, z: torch.Tensor, hessian: bool):
@@ -279,16 +322,17 @@ def _round(density, x, loc, tril, steps: int, particles: int):
 
 
 class PerPointDensity:
-    """Each point's density in the parameterisation chosen for it: ``written``'s (the model as written,
-    :meth:`ModelDensity.as_written`) where ``chosen``, else ``density``'s (the two have the same latent
-    dimension and the same p(x_i)). Everything but the log densities is ``density``'s.
+    """Each point's density in the parameterisation chosen for it: ``other``'s (an
+    :class:`Alternative`'s) where ``chosen``, else ``density``'s (the two have the same latent dimension
+    and the same p(x_i)). Everything but the log densities is ``density``'s.
 
     Args:
-        density: the :class:`ModelDensity`; written: its model as written; chosen (N,) bool.
+        density: the :class:`ModelDensity`; other: the alternative's density; chosen (N,) bool;
+            to: the alternative's map ``to(density, other, z)``.
     """
 
-    def __init__(self, density: ModelDensity, written: ModelDensity, chosen: torch.Tensor):
-        self.density, self.written, self.chosen = density, written, chosen
+    def __init__(self, density: ModelDensity, other, chosen: torch.Tensor, to: Callable):
+        self.density, self.other, self.chosen, self.to = density, other, chosen, to
         self._parts = {}  # n -> [(the density of those of the first n points it scores, their indices)]
 
     def parts(self, n: int) -> list:
@@ -297,7 +341,7 @@ class PerPointDensity:
         if n not in self._parts:
             chosen = self.chosen[:n]
             self._parts[n] = [(d.for_points(i), i) for d, i in ((self.density, torch.nonzero(~chosen).squeeze(-1)),
-                                                                 (self.written, torch.nonzero(chosen).squeeze(-1)))
+                                                                 (self.other, torch.nonzero(chosen).squeeze(-1)))
                               if i.numel()]
         return self._parts[n]
 
@@ -312,13 +356,15 @@ class PerPointDensity:
     def constrained(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """z (*S, n, D) -> the model's sites as written ``{site: (*S, n, *shape)}``, at every point."""
         chosen = self.chosen[: z.shape[-2]]
-        return self.written.constrained(torch.where(chosen[:, None], z, self.density.written_z(self.written, z)))
+        return self.other.constrained(torch.where(chosen[:, None], z, self.to(self.density, self.other, z)))
 
     def from_point(self, start: int) -> "PerPointDensity":
-        return PerPointDensity(self.density.from_point(start), self.written.from_point(start), self.chosen[start:])
+        return PerPointDensity(self.density.from_point(start), self.other.from_point(start), self.chosen[start:],
+                               self.to)
 
     def for_points(self, index: torch.Tensor) -> "PerPointDensity":
-        return PerPointDensity(self.density.for_points(index), self.written.for_points(index), self.chosen[index])
+        return PerPointDensity(self.density.for_points(index), self.other.for_points(index), self.chosen[index],
+                               self.to)
 
     def __getattr__(self, name):  # sizes, data checks and the model are the density's
         if name == "density":
