@@ -173,13 +173,14 @@ def precondition(density: ModelDensity, proposal, x: Data, z: torch.Tensor, *, r
     with torch.no_grad():
         fitted = _affine(loc, tril, torch.randn_like(draws))
         start = tuple(torch.cat(p) for p in zip(*(start_of(alt.to(density, other, d)) for d in (draws, fitted))))
-    twice, x2 = torch.arange(n).repeat(2), {k: v.repeat((2,) + (1,) * (v.dim() - 1)) for k, v in x.items()}
+    twice = torch.arange(n, device=z.device).repeat(2)
+    x2 = {k: v.repeat((2,) + (1,) * (v.dim() - 1)) for k, v in x.items()}
     o_loc, o_tril = fit_point_gaussians(other.for_points(twice), x2, start, **dict(fit, max_rounds=rounds))
     lw_other = log_weights(other.for_points(twice), x2, o_loc, o_tril).unflatten(1, (2, n))  # (S, 2, N)
     elbo = lw_other.mean(0)  # (2, N)
     second = ((elbo[1] > elbo[0]) | (elbo[0].isnan() & ~elbo[1].isnan())).long()  # (N,): a NaN ELBO loses
     lw_other = lw_other.gather(1, second.expand(lw_other.shape[0], 1, n)).squeeze(1)
-    o_loc, o_tril = (t.unflatten(0, (2, n))[second, torch.arange(n)] for t in (o_loc, o_tril))
+    o_loc, o_tril = (t.unflatten(0, (2, n))[second, twice[:n]] for t in (o_loc, o_tril))
     lw = log_weights(density, x, loc, tril)
     good = torch.isfinite(lw_other).all(0) & (lw_other.std(0) < WRITTEN_MAX_SPREAD)
     chosen = good & ~(lw_other.mean(0) <= lw.mean(0))  # (N,): the other (NaN ELBO of the density's: not chosen over)

@@ -80,7 +80,12 @@ def find_centring(density: ModelDensity) -> Centring | None:
     if not latents or not observed:
         return None
     with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
-        x, z = density.sample(PROBE_POINTS)
+        try:  # a draw of its own: no warnings, no memo of the density's last sample
+            values = density._draw(1, PROBE_POINTS)[0]
+        except Exception:  # noqa: BLE001 - a model the probe cannot simulate is left as written
+            return None
+        x = {o: density._to_data(values[o]) for o in density.obs_sites}
+        z = density.pack({s.name: values[s.name] for s in density.latent_sites})[0]
         for site in latents:
             block = slice(site.offset, site.offset + site.numel)
             u = torch.cat([torch.zeros(1, PROBE_POINTS, site.numel), torch.ones(1, PROBE_POINTS, site.numel),
