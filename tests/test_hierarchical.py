@@ -396,6 +396,14 @@ def test_a_lower_side_below_zero_and_an_upper_side_above_the_ceiling_are_useless
     assert any("below 0 by more than 2 standard errors" in w for w in r.warnings)
     assert any("above 1.5 nats, the most the observations can carry" in w for w in r.warnings)
     assert r.ceiling == 1.5 and r.interval[1] == 1.5 and json.loads(json.dumps(r.to_dict()))["ceiling"] == 1.5
+    assert not any("not a bound here" in w for w in r.warnings)
+    # a lower side above the ceiling cannot hold (the hmm zoo model's point whose chains left float32's range)
+    r = _result([3.0, 2.5, 3.5, 2.8], [3.2, 2.9, 3.6, 3.0])
+    assess(r, ceiling=1.5)
+    assert any("is above 1.5 nats" in w and "not a bound here" in w for w in r.warnings)
+    r = _result([1.4, 1.6, 1.5, 1.7], [1.8, 1.9, 1.7, 2.0])  # above by less than 2 standard errors: noise
+    assess(r, ceiling=1.5)
+    assert not any("not a bound here" in w for w in r.warnings)
 
 
 def test_the_zoo_ceilings_are_the_log_number_of_values():
