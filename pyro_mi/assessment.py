@@ -14,8 +14,8 @@ points concerned are named by index in ``diagnostics``. Run on every result of
 * **above the ceiling**: the upper side exceeds a ceiling known from the observations'
   support: discrete observations give I(x; z) <= H(x) <= the log of the number of values
   x can take (:meth:`~pyro_mi.density.ModelDensity.mi_ceiling`); the ceiling also caps the
-  interval for the model's MI. A lower side above it by more than 2 standard errors is not a
-  bound at all: the densities the chains saw were not the model's somewhere;
+  interval for the model's MI. A lower side above it says nothing, and by more than 2 standard
+  errors is not a bound at all: the densities the chains saw were not the model's somewhere;
 * **wide**: every sandwich wider than 1 nat gets a line saying why, if none of the above did.
 
 Crossed sides are judged in :class:`~pyro_mi.result.MIResult`: within two paired standard
@@ -57,14 +57,18 @@ def assess(result: MIResult, ceiling: float | None = None, advice: str = "") -> 
                 f"the upper side ({result.upper:.4g} nats) is above {ceiling:.4g} nats, the most the observations can "
                 "carry (their entropy is at most the log of the number of values they can take): it is valid but "
                 f"says nothing; the interval for the model's MI is capped there. Tighten it with {advice}")
-        if result.lower is not None and result.lower - 2 * result.lower_stderr > ceiling:
+        if result.lower is not None and result.lower > ceiling:
+            beyond = result.lower - 2 * result.lower_stderr > ceiling
             result.warnings.append(
                 f"the lower side ({result.lower:.4g} ± {result.lower_stderr:.2g} nats) is above {ceiling:.4g} nats, "
-                "the most the observations can carry, by more than 2 standard errors: it is not a bound here. At some "
-                "points the log densities the chains saw were not the model's (an over- or underflow in "
-                f"{result.lower_per_point.dtype if result.lower_per_point is not None else 'the dtype'} at the edge "
-                "of a prior's support, a chain that diverged far out). Run in "
-                "float64 (torch.set_default_dtype(torch.float64)), or with a smaller step_size (adapt='none')")
+                "the most the observations can carry, " + (
+                    "by more than 2 standard errors: it is not a bound here. At some points the log densities the "
+                    "chains saw were not the model's (an over- or underflow at the edge of a prior's support, a chain "
+                    "that diverged far out)" if beyond else
+                    "within 2 standard errors: it says nothing (a few points' values set its mean; if they are "
+                    "extreme, the log densities the chains saw there may not be the model's)")
+                + "; run in float64 (torch.set_default_dtype(torch.float64)), or with a smaller step_size "
+                  "(adapt='none')")
     if result.lower is not None and result.lower + 2 * result.lower_stderr < 0:
         result.warnings.append(
             f"the lower side ({result.lower:.4g} ± {result.lower_stderr:.2g} nats) is below 0 by more than 2 standard "

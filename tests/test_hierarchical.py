@@ -401,8 +401,9 @@ def test_a_lower_side_below_zero_and_an_upper_side_above_the_ceiling_are_useless
     r = _result([3.0, 2.5, 3.5, 2.8], [3.2, 2.9, 3.6, 3.0])
     assess(r, ceiling=1.5)
     assert any("is above 1.5 nats" in w and "not a bound here" in w for w in r.warnings)
-    r = _result([1.4, 1.6, 1.5, 1.7], [1.8, 1.9, 1.7, 2.0])  # above by less than 2 standard errors: noise
+    r = _result([1.4, 1.6, 1.5, 1.7], [1.8, 1.9, 1.7, 2.0])  # above by less than 2 standard errors: says nothing
     assess(r, ceiling=1.5)
+    assert any("within 2 standard errors: it says nothing" in w for w in r.warnings)
     assert not any("not a bound here" in w for w in r.warnings)
 
 
