@@ -52,8 +52,8 @@ PROPOSAL_WEIGHT = 0.1
 #: draws of the proposal whose mean and standard deviation start the fit
 START_DRAWS = 64
 #: draws of a fit that estimate its ELBO, which chooses a point's parameterisation (:func:`precondition`): the
-#: model as written where its fit's ELBO is the higher and its log weights spread by less than WRITTEN_MAX_SPREAD
-#: nats (standard deviation: a fit that close makes AIS exact; chosen on eight schools and baseball, the docs' tuning page)
+#: :func:`alternative` (the model as written, or centred) where its fit's ELBO is the higher and its log weights
+#: spread by less than WRITTEN_MAX_SPREAD nats (standard deviation: a fit that close makes AIS exact; chosen on eight schools and baseball, the docs' tuning page)
 ELBO_DRAWS = 64
 WRITTEN_MAX_SPREAD = 1.0
 #: Adam's learning rate, in the current round's whitened units
