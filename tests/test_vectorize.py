@@ -116,8 +116,11 @@ def test_same_bounds_on_the_same_draws(densities):
                          generator=torch.Generator().manual_seed(6))
         results[way] = torch.stack([iwae.lower_per_point, iwae.upper_per_point,
                                     ais.lower_per_point, ais.upper_per_point])
-    torch.testing.assert_close(results["vmap"], results["plate"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(results["loop"], results["plate"], rtol=1e-4, atol=1e-4)
+    for way in ("vmap", "loop"):
+        torch.testing.assert_close(results[way][:2], results["plate"][:2], rtol=1e-4, atol=1e-4)  # IWAE
+        # AIS: the pilot's step sizes differ between ways by rounding (2e-5 on some machines), and 20 steps of
+        # chains carry that to 1e-3 in a log weight; a different density would differ by far more
+        torch.testing.assert_close(results[way][2:], results["plate"][2:], rtol=1e-3, atol=1e-3)
 
 
 def test_prior_weights_agree_between_ways(densities):
