@@ -14,7 +14,7 @@ INTERVAL_WORDS = "95% interval for the model's MI"
 #: how the warning of crossed sides begins
 CROSSED = "the sides crossed"
 #: diagnostics that list point indices (renumbered by :meth:`MIResult.select`)
-POINT_INDEX_KEYS = ("refined_points", "dominant_points")
+POINT_INDEX_KEYS = ("refined_points", "dominant_points", "points_as_written", "points_centred")
 
 
 def mean_and_stderr(values: torch.Tensor | None) -> tuple[float | None, float | None]:

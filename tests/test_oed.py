@@ -426,11 +426,12 @@ def test_select_renumbers_points_and_judges_a_crossing_afresh():
     upper = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5])
     whole = pyro_mi.MIResult("iwae", lower_per_point=lower, upper_per_point=upper, warnings=["kept"],
                              diagnostics={"ess_per_point": torch.arange(6.0), "log_w": torch.zeros(3, 6),
-                                          "dominant_points": [1, 2], "ess": 2.0})
+                                          "dominant_points": [1, 2], "points_centred": [3, 4, 5], "ess": 2.0})
     assert whole.gap == 0 and not whole.derived
     odd = whole.select(torch.tensor([1, 3, 5]))  # lower 1 > upper 0 at points 1 and 3: a crossing of their own
     assert torch.equal(odd.diagnostics["ess_per_point"], torch.tensor([1.0, 3.0, 5.0])) and odd.diagnostics["ess"] == 3.0
     assert odd.diagnostics["log_w"].shape == (3, 3) and odd.diagnostics["dominant_points"] == [0]
+    assert odd.diagnostics["points_centred"] == [1, 2]
     assert odd.warnings[0] == "kept" and odd.derived and odd.derived[0] in odd.notes + odd.warnings
     again = odd.select(torch.tensor([1, 2]))  # points 3 and 5 of the whole: a crossing is not carried
     assert not any(d in again.warnings + again.notes for d in odd.derived)

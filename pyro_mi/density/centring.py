@@ -27,10 +27,13 @@ import torch
 from pyro.distributions import constraints
 
 from .model import Data, ModelDensity
+from .sites import base_distribution
 
-#: simulated points of the probe, and the relative error within which p(u) must be affine in u there
+#: simulated points of the probe, the relative error within which p(u) must be affine in u there, and the
+#: relative spread of its scale b(g) over those points that makes the map more than a linear one
 PROBE_POINTS = 8
 AFFINE_RTOL = 1e-4
+SCALE_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,6 @@ class Centring:
     parameter: str
 
 
-def _base(fn):
-    while hasattr(fn, "base_dist"):  # Independent, masked, expanded
-        fn = fn.base_dist
-    return fn
-
-
 def observed_parameter(density: ModelDensity, x: Data, z: torch.Tensor, centring: Centring) -> torch.Tensor:
     """The observed site's parameter at packed z (C, N, D) and observed x ``{site: (N, *shape)}``:
     (C, N, numel), differentiable in z (one model run)."""
@@ -56,7 +53,7 @@ def observed_parameter(density: ModelDensity, x: Data, z: torch.Tensor, centring
     cond = {**density.unpack(z), **{o: density._obs_layout(v) for o, v in x.items()}}
     with pyro.validation_enabled(False):
         fn = density._trace(C, N, cond, sample_obs=False).nodes[centring.observed]["fn"]
-    p = torch.broadcast_to(getattr(_base(fn), centring.parameter), fn.shape())
+    p = torch.broadcast_to(getattr(base_distribution(fn), centring.parameter), fn.shape())
     return density._plates.unfold(p, C, N).reshape(C, N, -1)
 
 
@@ -75,8 +72,9 @@ def find_centring(density: ModelDensity) -> Centring | None:
     if density.reparam != "auto" or density.decentred_sites or density._points is not None or density.enumerated:
         return None
     latents = [s for s in density.latent_sites if s.transform is None]
-    observed = [(o, k) for o in density.obs_sites for k, c in _base(density.site_fns[o]).arg_constraints.items()
-                if c is constraints.real and k in vars(_base(density.site_fns[o]))]
+    bases = {o: base_distribution(density.site_fns[o]) for o in density.obs_sites}
+    observed = [(o, k) for o, fn in bases.items() for k, c in fn.arg_constraints.items()
+                if c is constraints.real and k in vars(fn)]
     if not latents or not observed:
         return None
     with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
@@ -101,7 +99,7 @@ def find_centring(density: ModelDensity) -> Centring | None:
                     continue
                 a, b = p[0], p[1] - p[0]
                 affine = (p[2:] - (a + b * zs[2:, :, block])).abs() <= AFFINE_RTOL * (a.abs() + (b * zs[2:, :, block]).abs() + 1)
-                scaled = bool((b != 0).all()) and bool(((b - b[:1]).abs() > 1e-3 * b.abs().amax()).any())
+                scaled = bool((b != 0).all()) and bool(((b - b[:1]).abs() > SCALE_RTOL * b.abs().amax()).any())
                 if bool(affine.all()) and scaled:
                     return c
     return None

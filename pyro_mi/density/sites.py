@@ -35,6 +35,14 @@ def decentred(model: Callable, sites: Sequence[str]) -> Callable:
     return _Deterministic(sites)(poutine.reparam(model, config={k: LocScaleReparam(centered=0.0) for k in sites}))
 
 
+def base_distribution(fn):
+    """The distribution beneath a site's wrappers (``Independent``, masks, expands): what its parameters are
+    read from."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
 def is_loc_scale(fn) -> bool:
     """A location-scale family on the real line (after Independent), as Pyro's AutoReparam picks them."""
     while isinstance(fn, dist.Independent):
@@ -89,11 +97,9 @@ def scaled_log_prob(site: dict) -> torch.Tensor:
     try:
         lp = site_log_prob(site["fn"], site["value"])
     except NotImplementedError:
-        fn = site["fn"]
-        while isinstance(fn, dist.Independent):
-            fn = fn.base_dist
         raise MissingDensityError(
-            f"site {site['name']!r}: its distribution {type(fn).__name__} has no log_prob (a simulator). "
+            f"site {site['name']!r}: its distribution {type(base_distribution(site['fn'])).__name__} has no "
+            "log_prob (a simulator). "
             "Methods that evaluate p(x|z) (ba, iwae, ais, im-ais, cr-ais, bdmc) cannot run on it; giwae, "
             "infonce and mine-ais need only p(z) and simulation"
         ) from None
