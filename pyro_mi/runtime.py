@@ -60,8 +60,8 @@ class Runtime:
         compile: how the HMC kernels evaluate the densities (:mod:`pyro_mi.samplers.compile`):
             ``"none"`` (a Pyro trace per leapfrog step), ``"trace"`` (a graph recorded once and checked
             against the eager densities), ``"inductor"`` (that graph compiled by ``torch.compile``;
-            CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T x L >= 1500, where its one-off
-            cost (seconds) pays. The numbers are the same (bit for bit with ``"trace"``, to rounding
+            CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T x L >= 100, where its one-off
+            cost (a few eager evaluations) pays. The numbers are the same (bit for bit with ``"trace"``, to rounding
             with ``"inductor"``).
         points_per_block: the points are run in blocks of this many, each with random numbers of its
             own (:mod:`pyro_mi.distributed`); under ``torchrun`` the ranks share the blocks out, and the
@@ -85,7 +85,7 @@ class Runtime:
     compile: str = field(default="auto", metadata=cli(
         "how HMC evaluates the model: none (a Pyro trace per leapfrog step), trace (one recorded graph, same "
         "numbers), inductor (torch.compile; CUDA graphs on GPU), auto (trace when --num-steps x --num-leapfrog "
-        ">= 1500)", choices=("auto",) + COMPILE_MODES))
+        ">= 100)", choices=("auto",) + COMPILE_MODES))
     points_per_block: int | None = field(default=None, metadata=cli(
         "data points per block: the unit that torchrun's processes share out, each with random numbers of its own "
         "(default 1024; ba and iwae: as many as one chunk of log weights holds, at least 1024)", type=int))

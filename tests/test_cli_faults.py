@@ -181,9 +181,10 @@ def test_signal_stops_a_run_with_one_line(tmp_path, sig, status):
 
 def test_sigterm_saves_the_ais_checkpoint(tmp_path):
     ckpt = tmp_path / "ais.ckpt"
-    # without the per-point fit, whose model runs come first and are not checkpointed (they are redone, the same)
+    # without the per-point fit, whose model runs come first and are not checkpointed (they are redone, the same);
+    # eager, so the model runs at every step (a recorded graph would not call it)
     proc = start(tmp_path, 20, "--method", "ais", "--num-chains", "2", "--num-steps", "50", "--precondition", "none",
-                 "--checkpoint", ckpt)
+                 "--compile", "none", "--checkpoint", ckpt)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and out == ""

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -16,6 +18,7 @@ from pyro_mi.proposal import GaussianEncoder, PriorProposal
 from pyro_mi.samplers import anneal, get_schedule, hmc
 from pyro_mi.samplers.compile import (AUTO_TRACE_EVALUATIONS, WHOLE_TRANSITION_STEPS, Compiled, compile_components,
                                       resolve_mode)
+from pyro_mi.samplers.record import NotRecordable, record
 
 
 def _problem(name="linear-vae", N=6):
@@ -75,7 +78,21 @@ def test_control_flow_on_values_falls_back_to_eager_with_a_notice():
 
 
 def test_a_trace_that_disagrees_with_the_eager_densities_is_not_used():
-    def noisy(z):  # random numbers outside pyro.sample: the recorded graph cannot reproduce them
+    def through_numpy(z):  # a value read into Python without an aten operation: the recording cannot see it
+        lb = -0.5 * (z**2).sum(-1)
+        return lb, lb * float(z.detach().numpy().max())
+
+    c = Compiled(through_numpy)
+    z = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        out = c.evaluate(z)
+    assert len(out) == 4 and out[2].shape == z.shape
+    assert list(c._graphs.values()) == [None]  # caught at the perturbed z
+    assert "differ from the eager ones" in c.notices[0] and "output 1" in c.notices[0]
+
+
+def test_random_draws_in_the_densities_are_not_recorded():
+    def noisy(z):  # random numbers outside pyro.sample: a replay would draw others
         lb = -0.5 * (z**2).sum(-1)
         return lb, lb + 1e-2 * torch.randn(z.shape[:2])
 
@@ -83,10 +100,28 @@ def test_a_trace_that_disagrees_with_the_eager_densities_is_not_used():
     z = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
     with torch.random.fork_rng():
         for _ in range(4):
-            out = c.evaluate(z)
-    assert len(out) == 4 and out[2].shape == z.shape
+            c.evaluate(z)
     assert list(c._graphs.values()) == [None]
-    assert "differ from the eager ones" in c.notices[0] and "output 1" in c.notices[0]
+    assert "could not be traced" in c.notices[0] and "draws random numbers" in c.notices[0]
+
+
+def test_recording_neither_imports_the_compiler_nor_keeps_what_it_cannot_replay():
+    """The recorder runs without torch._dynamo (a second of start-up), and refuses a value read into
+    Python, a shape that depends on values, and a view it cannot name; integer indexing records."""
+    code = ("import sys, torch; from pyro_mi.samplers.record import record; "
+            "g = record(lambda z: (torch.autograd.grad((z.exp() * 2).sum(), z)[0],), (torch.ones(3, requires_grad=True),)); "
+            "assert torch.equal(g(torch.zeros(3))[0], torch.full((3,), 2.0)); print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    z = torch.randn(5)
+    with pytest.raises(NotRecordable, match="reads a value"):
+        record(lambda z: (z * 2 if z.sum() > 0 else z,), (z,))
+    with pytest.raises(NotRecordable, match="depends on values"):
+        record(lambda z: (z[z > 0].sum(),), (z,))
+    with pytest.raises(NotRecordable, match="shares memory"):
+        record(lambda z: (z * torch.from_numpy(z.numpy()),), (z,))
+    index = torch.tensor([4, 0, 0])
+    g = record(lambda z: (z[index] * 3,), (z,))
+    assert torch.equal(g(z + 1)[0], (z + 1)[index] * 3)
 
 
 def test_modes_and_auto():

@@ -4,9 +4,9 @@ Every leapfrog step needs ``(log pi0(z), log gamma(z))`` and both gradients. Com
 eagerly, that is one Pyro trace of the model (poutine handlers, plates, distribution
 objects, packing) plus two backward passes, and at small batches the Python of those
 layers costs more than the arithmetic. The model's structure does not change along a run,
-so :class:`Compiled` records the aten operations of one eager run with
-:func:`torch.fx.experimental.proxy_tensor.make_fx` and then replays that graph: tensors in,
-tensors out, no poutine and none of the model's Python. Two graphs are recorded:
+so :class:`Compiled` records the aten operations of one eager run
+(:func:`pyro_mi.samplers.record.record`) and then replays that graph: tensors in, tensors
+out, no poutine and none of the model's Python. Two graphs are recorded:
 
 * a whole HMC transition (:func:`hmc.transition`: L leapfrog steps, each evaluating the
   components and both gradients, and the Metropolis test), given its random numbers,
@@ -16,20 +16,20 @@ tensors out, no poutine and none of the model's Python. Two graphs are recorded:
 * one evaluation (:meth:`Compiled.evaluate`), for the step-size search, recorded at a
   shape's fourth use (``hmc.init`` evaluates once per chunk).
 
-The recording is made with fake tensors, so Python control flow on a value of z (an
-``if`` on a tensor, ``.item()``) fails the trace instead of freezing one branch; each
-recorded graph is then checked against the eager run (an evaluation at the first real z
-and at a perturbation of it, a transition at its first real inputs): equal accept
-decisions, and values and gradients within sqrt(eps) of the dtype relative to their
-magnitude. A trace that fails or disagrees falls back to the eager path for that shape and
+The recording refuses what a replay would not redo (Python control flow on a value of z:
+an ``if`` on a tensor, ``.item()``; shapes that depend on values; random draws) instead of
+freezing one branch; each recorded graph is then checked against the eager run at its first
+real inputs and at a perturbation of z: equal accept decisions, and values and gradients
+within sqrt(eps) of the dtype relative to their magnitude. A trace that fails or disagrees falls back to the eager path for that shape and
 says why in :attr:`Compiled.notices`. Graphs are kept per input shapes, dtype, device and
 L; a run of AIS uses a few (the chunks and the pilot).
 
 Modes (``benchmarks/ais_throughput.py`` and ``benchmarks/ais_gpu_scale.py`` measure them):
 
 * ``"none"``: eager, a Pyro trace per evaluation (no start-up cost);
-* ``"trace"``: the recorded graphs, replayed op by op: the same numbers bit for bit. The
-  first trace in a process imports ``torch._dynamo`` (seconds), so it pays for long runs;
+* ``"trace"``: the recorded graphs, replayed op by op: the same numbers bit for bit.
+  Recording and checking a graph costs a few eager evaluations, so it pays for runs of
+  more than a few hundred steps;
 * ``"inductor"``: the recorded graphs compiled by ``torch.compile`` into fused kernels
   (equal to rounding), on CUDA replayed as CUDA graphs. Compiling takes tens of seconds
   per shape (on CPU it needs a C++ compiler), so it pays on a GPU and for long runs.
@@ -45,12 +45,13 @@ from typing import Callable
 import torch
 
 from . import hmc
+from .record import record
 
 COMPILE_MODES = ("none", "trace", "inductor")
-#: ``"auto"`` traces a run of at least this many leapfrog steps per chain (T x L): the first trace in a
-#: process costs seconds (importing torch._dynamo, recording, checking), which the traced evaluations'
-#: saving repays only over a long run (``benchmarks/ais_equal_work.py``)
-AUTO_TRACE_EVALUATIONS = 1500
+#: ``"auto"`` traces a run of at least this many leapfrog steps per chain (T x L): recording and checking
+#: the graphs costs a few eager transitions, which the traced evaluations' saving repays only over a
+#: run this long (``benchmarks/ais_equal_work.py``)
+AUTO_TRACE_EVALUATIONS = 100
 #: a traced run of at least this many annealing steps records whole transitions (L leapfrog steps in
 #: one graph: the least Python per step, for L times the recording); a shorter one on CPU records one
 #: graph per evaluation and runs the leapfrog around it
@@ -102,9 +103,7 @@ class Compiled:
         self._seen[key] = self._seen.get(key, 0) + 1
         if self._seen[key] <= 3:  # hmc.init evaluates once per chunk: recording would not pay
             return evaluate(z)
-        gen = torch.Generator(device=z.device).manual_seed(0)
-        checks = ((z,), (z + 0.1 * torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device),))
-        graph = self._graph(("evaluate",), evaluate, (z,), checks)
+        graph = self._graph(("evaluate",), evaluate, (z,))
         return evaluate(z) if graph is None else graph(z)
 
     def transition(self, state, momentum, uniform, beta, step_size, num_leapfrog: int, max_energy_error: float):
@@ -117,27 +116,31 @@ class Compiled:
 
         inputs = (*state, momentum, uniform, beta, step_size)
         whole = self.whole_transitions or self.mode != "trace" or state.z.device.type != "cpu"
-        graph = self._graph(("transition", num_leapfrog, max_energy_error), transition, inputs, (inputs,)) \
-            if whole else None
+        graph = self._graph(("transition", num_leapfrog, max_energy_error), transition, inputs) if whole else None
         if graph is None:  # the leapfrog then evaluates through this object (a graph per evaluation)
             return hmc.transition(self, state, momentum, uniform, beta, step_size, num_leapfrog, max_energy_error)
         out = graph(*inputs)
         return hmc.HMCState(*out[:5]), hmc.HMCInfo(*out[5:])
 
-    def _graph(self, what: tuple, fn: Callable, inputs: tuple, checks: tuple):
+    def _graph(self, what: tuple, fn: Callable, inputs: tuple):
         """The checked graph of ``fn`` at the shapes of ``inputs`` (built on first use), or None
         (with a notice) where it must run eagerly."""
         key = what + tuple((tuple(t.shape), t.dtype) for t in inputs) + (inputs[0].device,)
         if key not in self._graphs:
-            self._graphs[key] = self._record(what[0], fn, inputs, checks)
+            self._graphs[key] = self._record(what[0], fn, inputs)
         return self._graphs[key]
 
-    def _record(self, what: str, fn: Callable, inputs: tuple, checks: tuple):
-        from torch.fx.experimental.proxy_tensor import make_fx  # imports torch._dynamo: only when used
-
-        shape = tuple(inputs[0].shape)
+    def _record(self, what: str, fn: Callable, inputs: tuple):
+        """The graph of ``fn``, checked against eager runs at ``inputs`` and at inputs whose first (z)
+        is perturbed: a value the recording could not see (Python reading a tensor without an aten
+        operation) would differ there."""
+        z = inputs[0]
+        gen = torch.Generator(device=z.device).manual_seed(0)
+        moved = z + 0.1 * torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device)
+        checks = (inputs, (moved, *inputs[1:]))
+        shape = tuple(z.shape)
         try:
-            graph = _simplify(_detach_constants(make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)))
+            graph = _simplify(record(fn, inputs))
             if self.mode == "inductor":
                 graph = _inductor(graph, inputs[0].device)
             where = next((w for w in (_mismatch(fn(*c), graph(*c)) for c in checks) if w is not None), None)
@@ -154,20 +157,6 @@ class Compiled:
                 "eagerly. The model likely branches on latent values or draws random numbers outside pyro.sample")
             return None
         return graph
-
-
-def _detach_constants(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The recorded graph with its captured tensors (a model's ``nn.Parameter`` weights) detached.
-    Its gradients in z are explicit ops of the graph, so a replay needs no autograd; with weights
-    that require grad, every replay would otherwise record an autograd graph that the chains'
-    states keep alive, step after step: memory growing with T."""
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and "." not in n.target:
-            value = getattr(gm, n.target)
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                gm._parameters.pop(n.target, None)  # recorded as a parameter: kept as a buffer instead
-                gm.register_buffer(n.target, value.detach())
-    return gm
 
 
 _aten = torch.ops.aten
@@ -206,7 +195,7 @@ def _simplify(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             meta = n.args[0].meta.get("val") if isinstance(n.args[0], torch.fx.Node) else None
             if meta is None:
                 continue
-            like = torch.empty(meta.shape, dtype=meta.dtype, device=meta.device)
+            like = torch.empty(meta.shape, dtype=meta.dtype, device=n.args[0].meta["device"])
             const[n] = n.target(like, *n.args[1:], **n.kwargs)
         elif all(a in const for a in n.all_input_nodes):
             const[n] = n.target(*torch.fx.node.map_arg(n.args, const.get), **torch.fx.node.map_arg(n.kwargs, const.get))
