@@ -134,7 +134,8 @@ def nuisance_log_bounds(density: ModelDensity, x, z: torch.Tensor, targets: Sequ
     # p(θ|ψ) = 0 has log weight -inf, not an error (as in IWAE's draws)
     with pyro.validation_enabled(False):
         a, b = weights(density.conditional_log_probs(x, M, fixed, scored))
-    a0, b0 = weights(density.site_log_probs(true, x, 1, z.shape[0]))
+    at_truth = density.drawn_log_probs(x, z)  # the simulation's own, or scored anew
+    a0, b0 = weights(at_truth if at_truth is not None else density.site_log_probs(true, x, 1, z.shape[0]))
 
     def eubo(w, w0):  # the simulated ψ in place of the last draw
         return log_mean_exp(torch.cat([w[: M - 1], w0]), 0)

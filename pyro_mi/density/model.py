@@ -157,7 +157,9 @@ class ModelDensity(ModelProbe):
         self._start, self._index = 0, None  # its points: numbers start, start + 1, ... (or index[...] of them)
         self.notices: list[str] = []
         self.warnings: list[str] = []
-        self._drawn = None  # log p(x|z) of the last sample (its own trace's), and its z, log p(x|z), x: (weakref, version)
+        # the last sample's per-site log densities and log p(x|z) (its own trace's), and its z, log p(x|z), x:
+        # (weakref, version)
+        self._drawn = None
         ways = DATA_PLATE_WAYS + VECTORIZE
         if vectorize != "auto" and vectorize not in ways:
             raise ValueError(f"vectorize must be 'auto' or one of {ways}; got {vectorize!r}")
@@ -503,16 +505,17 @@ class ModelDensity(ModelProbe):
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
         if differentiable:
             self._check_reparameterized(self.obs_sites + self._latent_names)
-        x, z, log_lik = self._sample(num_data, differentiable)
+        x, z, log_lik, log_probs = self._sample(num_data, differentiable)
         if log_lik is not None and not log_lik.requires_grad:  # each tensor with its version: changed in place, it misses
-            self._drawn = (log_lik, [(weakref.ref(t), t._version) for t in (z, log_lik, *x.values())])
+            self._drawn = (log_probs, log_lik, [(weakref.ref(t), t._version) for t in (z, log_lik, *x.values())])
         if not log_likelihood:
             return x, z
         return x, z, log_lik if log_lik is not None else self.log_likelihood(x, z)
 
     def _sample(self, num_data: int, differentiable: bool, redraws: int = 0):
-        """:meth:`sample`'s ``(x, z, log p(x|z) or None)``, points whose log density is not finite at
-        their own draw redrawn (see :meth:`_finite_points`)."""
+        """:meth:`sample`'s ``(x, z, log p(x|z) or None, {site: (1, N)} or None)``, the last two the draw's
+        own log densities (None where z does not unpack to the drawn values within rounding), points
+        whose log density is not finite at their own draw redrawn (see :meth:`_finite_points`)."""
         # Pyro's argument checks are off while drawing: a parameter that over- or underflows at a few
         # points (a rate of 0) is caught below, by the finiteness of the log densities, point by point
         with torch.enable_grad() if differentiable else torch.no_grad(), pyro.validation_enabled(False):
@@ -520,18 +523,20 @@ class ModelDensity(ModelProbe):
             moved = self._boundary(values, fns, 1, num_data)
             x = {o: self._to_data(values[o]) for o in self.obs_sites}
             z = self.pack({k: values[k] for k in self._latent_names})[0]
-            # the draw's own log densities: those at (x, z) where z unpacks to the drawn values bit for bit,
-            # and, for the finiteness check, where it unpacks to them within rounding (a constrained site's
-            # round trip through its unconstrained value); a value moved off its support's boundary is scored anew
+            # the draw's own log densities: those at (x, z) where z unpacks to the drawn values within rounding
+            # (a constrained site's round trip through its unconstrained value: the drawn value, not its round
+            # trip, is the one x was drawn given); a value moved off its support's boundary is scored anew
             log_probs = score() if not moved else None
-            exact = log_probs is not None and all(torch.equal(v, values[k]) for k, v in self.unpack(z[None]).items())
+            exact = log_probs is not None and all(_round_trip(v, values[k]) for k, v in self.unpack(z[None]).items())
         with torch.no_grad(), pyro.validation_enabled(False):
             ok, why = self._finite_points(x, z, log_probs)
         log_lik = None
         if exact and not self._no_density:
             log_lik = sum(v for k, v in log_probs.items() if k in self.obs_sites or k == enumeration.OBSERVED)[0]
+        else:
+            log_probs = None
         if bool(ok.all()):
-            return x, z, log_lik
+            return x, z, log_lik, log_probs
         bad = int((~ok).sum())
         if (redraws == 0 and bad / num_data >= NON_FINITE_FRACTION) or redraws >= MAX_REDRAWS:
             raise ValueError(f"{why}; check its distribution's parameters and support")
@@ -539,14 +544,15 @@ class ModelDensity(ModelProbe):
             f"{bad} of {num_data} simulated points were not representable ({why}: the sampler or the density "
             f"over- or underflowed in {z.dtype}); they were redrawn, so the points are draws of the model "
             f"conditioned on representable draws ({bad / num_data:.2%} of its mass left out)")
-        x2, z2, log_lik2 = self._sample(bad, differentiable, redraws + 1)
+        x2, z2, log_lik2, log_probs2 = self._sample(bad, differentiable, redraws + 1)
         x = {k: torch.cat([v[ok], x2[k]]) for k, v in x.items()}
         z = torch.cat([z[ok], z2])
         if log_lik is not None and log_lik2 is not None:
             log_lik = torch.cat([log_lik[ok], log_lik2])
+            log_probs = {k: torch.cat([v[:, ok], log_probs2[k]], 1) for k, v in log_probs.items()}
         else:
-            log_lik = None
-        return x, z, log_lik
+            log_lik = log_probs = None
+        return x, z, log_lik, log_probs
 
     def _check_reparameterized(self, sites: Sequence[str]) -> None:
         """Raises ValueError naming the first of ``sites`` whose distribution has no
@@ -641,12 +647,24 @@ class ModelDensity(ModelProbe):
     def log_likelihood(self, x: Data, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over observed sites: (*S, N, D) -> (*S, N), nats. At the pairs the
         last :meth:`sample` returned (the same tensors), from that draw's own trace: no model run."""
-        if self._drawn is not None:
-            log_lik, drawn = self._drawn
-            tensors = (z, log_lik, *x.values())
-            if len(drawn) == len(tensors) and all(r() is t and t._version == v for (r, v), t in zip(drawn, tensors)):
-                return log_lik
-        return self.log_terms(x, z)[1]
+        drawn = self._drawn_at(x, z)
+        return drawn[1] if drawn is not None else self.log_terms(x, z)[1]
+
+    def drawn_log_probs(self, x: Data, z: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The per-site log densities ``{site: (1, N)}`` (nats, as :meth:`site_log_probs` gives them) at
+        the pairs the last :meth:`sample` returned (the same tensors, unchanged), from that draw's own
+        trace; None at any other (x, z)."""
+        drawn = self._drawn_at(x, z)
+        return drawn[0] if drawn is not None else None
+
+    def _drawn_at(self, x: Data, z: torch.Tensor):
+        if self._drawn is None:
+            return None
+        log_probs, log_lik, drawn = self._drawn
+        tensors = (z, log_lik, *x.values())
+        if len(drawn) == len(tensors) and all(r() is t and t._version == v for (r, v), t in zip(drawn, tensors)):
+            return log_probs, log_lik
+        return None
 
     def log_joint(self, x: Data, z: torch.Tensor) -> torch.Tensor:
         """log p(x, z) = log p(z) + log p(x|z): (*S, N, D) -> (*S, N), nats."""
@@ -718,3 +736,12 @@ class ModelDensity(ModelProbe):
     def obs_dim(self) -> int:
         """Length of the flattened observed vector of one data point."""
         return sum(max(1, math.prod(s)) for s in self.obs_shapes.values())
+
+
+def _round_trip(value: torch.Tensor, drawn: torch.Tensor) -> bool:
+    """Whether ``value`` (a latent unpacked from its packed unconstrained value) is the ``drawn`` one to
+    within the rounding of the transform's round trip (a few ulps; exactly, for integer values)."""
+    if not value.is_floating_point():
+        return torch.equal(value, drawn)
+    eps = torch.finfo(value.dtype).eps
+    return value.shape == drawn.shape and bool(torch.isclose(value, drawn, rtol=64 * eps, atol=0.0).all())
