@@ -61,8 +61,8 @@ class Runtime:
             ``"none"`` (a Pyro trace per leapfrog step), ``"trace"`` (a graph recorded once and checked
             against the eager densities), ``"inductor"`` (that graph compiled by ``torch.compile``;
             CUDA graphs on CUDA), or ``"auto"``: ``"trace"`` when T x L >= 100, where its one-off
-            cost (a few eager evaluations) pays. The numbers are the same (bit for bit with ``"trace"``, to rounding
-            with ``"inductor"``).
+            cost (a few eager evaluations) pays. The numbers are the same (bit for bit with ``"trace"``,
+            to rounding with ``"inductor"``).
         points_per_block: the points are run in blocks of this many, each with random numbers of its
             own (:mod:`pyro_mi.distributed`); under ``torchrun`` the ranks share the blocks out, and the
             numbers are the same for any number of processes. None: the bound's default.

@@ -116,7 +116,7 @@ class ModelArguments:
             rows = (points % self.rows).repeat(copies)
             for s in self.per_point:
                 v = self.get(s)
-                values[s] = v[rows.to(v.device)]
+                values[s] = v.index_select(0, rows.to(v.device))  # v[rows], several times faster on CPU
         for site, x in (observed or {}).items():
             where = self.observed.get(site)
             if where is None:  # a keyword named after the site, below

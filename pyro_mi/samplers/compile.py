@@ -20,16 +20,18 @@ The recording refuses what a replay would not redo (Python control flow on a val
 an ``if`` on a tensor, ``.item()``; shapes that depend on values; random draws) instead of
 freezing one branch; each recorded graph is then checked against the eager run at its first
 real inputs and at a perturbation of z: equal accept decisions, and values and gradients
-within sqrt(eps) of the dtype relative to their magnitude. A trace that fails or disagrees falls back to the eager path for that shape and
-says why in :attr:`Compiled.notices`. Graphs are kept per input shapes, dtype, device and
-L; a run of AIS uses a few (the chunks and the pilot).
+within sqrt(eps) of the dtype relative to their magnitude. A trace that fails or disagrees
+falls back to the eager path for that shape and says why in :attr:`Compiled.notices`.
+Graphs are kept per input shapes, dtype, device and L; a run of AIS uses a few (the chunks
+and the pilot).
 
 Modes (``benchmarks/ais_throughput.py`` and ``benchmarks/ais_gpu_scale.py`` measure them):
 
 * ``"none"``: eager, a Pyro trace per evaluation (no start-up cost);
-* ``"trace"``: the recorded graphs, replayed op by op: the same numbers bit for bit.
-  Recording and checking a graph costs a few eager evaluations, so it pays for runs of
-  more than a few hundred steps;
+* ``"trace"``: the recorded graphs, replayed op by op, each operator called at its C++
+  entry point: the same numbers bit for bit. Recording and checking a graph costs a few
+  eager evaluations, so it pays from about a hundred leapfrog steps per chain
+  (:data:`AUTO_TRACE_EVALUATIONS`);
 * ``"inductor"``: the recorded graphs compiled by ``torch.compile`` into fused kernels
   (equal to rounding), on CUDA replayed as CUDA graphs. Compiling takes tens of seconds
   per shape (on CPU it needs a C++ compiler), so it pays on a GPU and for long runs.
@@ -40,6 +42,8 @@ being trained) must not be compiled: the graph keeps the tensors it saw.
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Callable
 
 import torch
@@ -141,8 +145,7 @@ class Compiled:
         shape = tuple(z.shape)
         try:
             graph = _simplify(record(fn, inputs))
-            if self.mode == "inductor":
-                graph = _inductor(graph, inputs[0].device)
+            graph = _inductor(graph, inputs[0].device) if self.mode == "inductor" else _direct(graph)
             where = next((w for w in (_mismatch(fn(*c), graph(*c)) for c in checks) if w is not None), None)
         except Exception as e:  # any failure to record or compile means: run eagerly
             self.notices.append(
@@ -208,6 +211,38 @@ def _simplify(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+class _Namespace:
+    """Attributes set on it; the others read from ``fallback``."""
+
+    def __init__(self, fallback):
+        self._fallback = fallback
+
+    def __getattr__(self, name):
+        return getattr(self._fallback, name)
+
+
+def _direct(gm: torch.fx.GraphModule) -> Callable:
+    """The graph's generated code, run with each ``torch.ops.<namespace>.<op>.<overload>`` it names
+    resolved to the operator's C++ entry point (``OpOverload._op``) rather than its Python wrapper,
+    which costs as much as a small CPU kernel, and its constants read as plain attributes. The same
+    kernels: the same numbers (the caller checks the replay against the eager run)."""
+    ops = _Namespace(torch.ops)  # a name it does not set resolves as before: slower, the same
+    for n in gm.graph.nodes:
+        op = n.target
+        if n.op == "call_function" and isinstance(op, torch._ops.OpOverload):
+            space = ops.__dict__.setdefault(op.namespace, _Namespace(getattr(torch.ops, op.namespace)))
+            name = op._schema.name.split("::")[-1]
+            packet = space.__dict__.setdefault(name, _Namespace(getattr(space._fallback, name)))
+            setattr(packet, op._overloadname, op._op)
+    names = _Namespace(torch)
+    names.ops = ops
+    forward = types.FunctionType(gm.forward.__code__, {**gm.forward.__globals__, "torch": names})
+    # the graph's constants, read as plain attributes (an nn.Module's lookup goes through its __getattr__)
+    constants = types.SimpleNamespace(**dict(gm.named_buffers(remove_duplicate=False)),
+                                      **dict(gm.named_parameters(remove_duplicate=False)))
+    return functools.partial(forward, constants)
 
 
 #: on CUDA, also replay the compiled kernels as CUDA graphs (``mode="reduce-overhead"``)

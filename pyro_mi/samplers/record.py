@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.weak import WeakTensorKeyDictionary
+from torch.utils.weak import WeakIdRef, WeakTensorKeyDictionary
 
 
 class NotRecordable(RuntimeError):
@@ -73,7 +73,7 @@ class _Recorder(TorchDispatchMode):
         self.nodes[t] = node
         _describe(node, t)
         if fresh and t.numel():
-            self.storages[_address(t)] = torch.utils.weak.WeakIdRef(t)
+            self.storages[_address(t)] = WeakIdRef(t)
 
     def node_of(self, t: torch.Tensor, func) -> torch.fx.Node:
         node = self.nodes.get(t)
