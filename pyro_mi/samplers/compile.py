@@ -219,7 +219,9 @@ class _Namespace:
     def __init__(self, fallback):
         self._fallback = fallback
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names not set on it
+        if name == "_fallback":  # not yet set (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self._fallback, name)
 
 
