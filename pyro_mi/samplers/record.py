@@ -5,7 +5,8 @@ sees every aten operation below autograd — the forward pass and the backward p
 ``torch.autograd.grad`` runs — and writes each as a node of a :class:`torch.fx.Graph`:
 tensors in, tensors out, none of the caller's Python. It replaces
 ``torch.fx.experimental.proxy_tensor.make_fx``, whose first use in a process imports the
-compiler stack (``torch._dynamo``, about a second), which a run of a few seconds cannot repay.
+compiler stack (``torch._dynamo``), a start-up cost that short runs do not repay
+(``docs/tuning.md``).
 
 What a replay at other input values would get wrong, the recording refuses (raises
 :class:`NotRecordable`), so the caller can run eagerly:
